@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: Apache-2.0
+// The PyTorch adapters: tensors -> params structs -> libdustin (CPU twin or CUDA kernel).
+// Each adapter checks every argument (csrc/torch/checks.h) before any launch.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace dustin::torch_ops {
+
+std::tuple<at::Tensor, at::Tensor> sparse_verify(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& kv_lens, const at::Tensor& block_ids,
+    const at::Tensor& block_counts, double sm_scale, const std::string& kv_layout);
+
+void sparse_verify_out(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& block_table, const at::Tensor& kv_lens,
+                       const at::Tensor& block_ids, const at::Tensor& block_counts,
+                       double sm_scale, const std::string& kv_layout, at::Tensor& out,
+                       at::Tensor& lse, const std::optional<at::Tensor>& workspace);
+
+int64_t sparse_verify_workspace_bytes(const at::Tensor& q, const at::Tensor& k_cache,
+                                      const at::Tensor& block_table, const at::Tensor& block_ids,
+                                      const std::string& kv_layout);
+
+void block_scores(const at::Tensor& q_srh, const at::Tensor& k_cache,
+                  const at::Tensor& block_table, const at::Tensor& kv_lens,
+                  const at::Tensor& head_map, double sm_scale, int64_t block_size,
+                  const std::string& kv_layout, at::Tensor& scores,
+                  const std::optional<at::Tensor>& workspace);
+
+std::tuple<at::Tensor, at::Tensor> select_blocks(
+    const at::Tensor& draft_scores, const std::optional<at::Tensor>& target_scores,
+    const at::Tensor& kv_lens, int64_t q_len, int64_t block_size, int64_t budget_blocks,
+    int64_t n_sink, int64_t n_recent, double draft_share);
+
+void select_blocks_out(const at::Tensor& draft_scores,
+                       const std::optional<at::Tensor>& target_scores, const at::Tensor& kv_lens,
+                       int64_t q_len, int64_t block_size, int64_t budget_blocks, int64_t n_sink,
+                       int64_t n_recent, double draft_share, at::Tensor& block_ids,
+                       at::Tensor& block_counts);
+
+// Meta (fake) implementations: shapes and dtypes only, for torch.compile.
+std::tuple<at::Tensor, at::Tensor> sparse_verify_meta(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& kv_lens, const at::Tensor& block_ids,
+    const at::Tensor& block_counts, double sm_scale, const std::string& kv_layout);
+
+std::tuple<at::Tensor, at::Tensor> select_blocks_meta(
+    const at::Tensor& draft_scores, const std::optional<at::Tensor>& target_scores,
+    const at::Tensor& kv_lens, int64_t q_len, int64_t block_size, int64_t budget_blocks,
+    int64_t n_sink, int64_t n_recent, double draft_share);
+
+}  // namespace dustin::torch_ops

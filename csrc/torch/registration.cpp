@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: Apache-2.0
+// The only TORCH_LIBRARY(dustin): schemas, CPU/CUDA/Meta registrations, and the pybind11 module.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "dustin/dispatch.h"
+#include "dustin/dustin.h"
+#include "torch/ops.h"
+
+namespace ops = dustin::torch_ops;
+
+TORCH_LIBRARY(dustin, m) {
+  m.def(
+      "sparse_verify(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+      "Tensor kv_lens, Tensor block_ids, Tensor block_counts, float sm_scale, "
+      "str kv_layout=\"HND\") -> (Tensor out, Tensor lse)");
+  m.def(
+      "sparse_verify_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+      "Tensor kv_lens, Tensor block_ids, Tensor block_counts, float sm_scale, str kv_layout, "
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? workspace=None) -> ()");
+  m.def(
+      "block_scores(Tensor q_srh, Tensor k_cache, Tensor block_table, Tensor kv_lens, "
+      "Tensor head_map, float sm_scale, int block_size, str kv_layout, Tensor(a!) scores, "
+      "Tensor(b!)? workspace=None) -> ()");
+  m.def(
+      "select_blocks(Tensor draft_scores, Tensor? target_scores, Tensor kv_lens, int q_len, "
+      "int block_size, int budget_blocks, int n_sink, int n_recent, float draft_share) "
+      "-> (Tensor block_ids, Tensor block_counts)");
+  m.def(
+      "select_blocks_out(Tensor draft_scores, Tensor? target_scores, Tensor kv_lens, "
+      "int q_len, int block_size, int budget_blocks, int n_sink, int n_recent, "
+      "float draft_share, Tensor(a!) block_ids, Tensor(b!) block_counts) -> ()");
+}
+
+// One adapter per op serves both devices: it checks arguments, fills the params struct and
+// calls the CPU twin or the CUDA kernel by the tensors' device.
+TORCH_LIBRARY_IMPL(dustin, CPU, m) {
+  m.impl("sparse_verify", &ops::sparse_verify);
+  m.impl("sparse_verify_out", &ops::sparse_verify_out);
+  m.impl("block_scores", &ops::block_scores);
+  m.impl("select_blocks", &ops::select_blocks);
+  m.impl("select_blocks_out", &ops::select_blocks_out);
+}
+
+TORCH_LIBRARY_IMPL(dustin, CUDA, m) {
+  m.impl("sparse_verify", &ops::sparse_verify);
+  m.impl("sparse_verify_out", &ops::sparse_verify_out);
+  m.impl("block_scores", &ops::block_scores);
+  m.impl("select_blocks", &ops::select_blocks);
+  m.impl("select_blocks_out", &ops::select_blocks_out);
+}
+
+TORCH_LIBRARY_IMPL(dustin, Meta, m) {
+  m.impl("sparse_verify", &ops::sparse_verify_meta);
+  m.impl("sparse_verify_out", [](const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, double, const std::string&, at::Tensor&,
+                                 at::Tensor&, const std::optional<at::Tensor>&) {});
+  m.impl("block_scores", [](const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, double, int64_t,
+                            const std::string&, at::Tensor&, const std::optional<at::Tensor>&) {});
+  m.impl("select_blocks", &ops::select_blocks_meta);
+  m.impl("select_blocks_out",
+         [](const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
+            int64_t, int64_t, int64_t, int64_t, double, at::Tensor&, at::Tensor&) {});
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dustin native extension: registers torch.ops.dustin.* and exports build facts";
+  m.def("built_with_cuda", &dustin::built_with_cuda,
+        "True when libdustin was built with its CUDA kernels");
+  m.def("sparse_verify_workspace_bytes", &ops::sparse_verify_workspace_bytes,
+        "Workspace bytes sparse_verify_out needs to split block lists on the current device");
+  pybind11::dict supported;
+  supported["head_dims"] = pybind11::make_tuple(dustin::kSupportedHeadDims[0],
+                                                dustin::kSupportedHeadDims[1]);
+  supported["max_group_size"] = dustin::kMaxGroupSize;
+  supported["max_query_len"] = dustin::kMaxQueryLen;
+  supported["page_sizes"] = pybind11::make_tuple(dustin::kMinPageSize, dustin::kMaxPageSize);
+  supported["cuda_dtypes"] = pybind11::make_tuple("float16", "bfloat16");
+  supported["cpu_dtypes"] = pybind11::make_tuple("float32", "float16", "bfloat16");
+  m.attr("SUPPORTED") = supported;
+}

@@ -1,0 +1,45 @@
+// SPDX-License-Identifier: Apache-2.0
+// The public C++ API of libdustin: one function per op over raw pointers, no PyTorch types.
+//
+// CUDA functions enqueue on `stream` and never synchronise or allocate, so they can be captured
+// in a CUDA graph. CPU functions (namespace dustin::cpu) compute the same contract on host
+// memory; they are the reference every kernel is tested against. All return a Status and never
+// throw; docs/ops.md gives the full contracts.
+#pragma once
+
+#include <cstddef>
+
+#include "dustin/block_scores_params.h"
+#include "dustin/select_blocks_params.h"
+#include "dustin/sparse_verify_params.h"
+#include "dustin/status.h"
+#include "dustin/types.h"
+
+namespace dustin {
+
+/// True when this build of libdustin contains the CUDA kernels.
+bool built_with_cuda();
+
+/// Fused gather-and-attend verification on the GPU (out, lse written; see SparseVerifyParams).
+Status sparse_verify(const SparseVerifyParams& params, cudaStream_t stream);
+/// Workspace bytes that let sparse_verify split long block lists across thread blocks on the
+/// current device; 0 when no split would be used. Reads device attributes, never device memory.
+size_t sparse_verify_workspace_bytes(const SparseVerifyParams& params);
+
+/// Block importance from retrieval heads on the GPU, accumulated into params.scores.
+Status block_scores(const BlockScoresParams& params, cudaStream_t stream);
+/// Workspace bytes block_scores needs for its softmax statistics (it fails without them).
+size_t block_scores_workspace_bytes(const BlockScoresParams& params);
+
+/// Budgeted block selection on the GPU, one launch.
+Status select_blocks(const SelectBlocksParams& params, cudaStream_t stream);
+
+namespace cpu {
+/// CPU twins: same params, host pointers, same results (up to float rounding for attention;
+/// bit-identical for select_blocks). Workspace fields are ignored.
+Status sparse_verify(const SparseVerifyParams& params);
+Status block_scores(const BlockScoresParams& params);
+Status select_blocks(const SelectBlocksParams& params);
+}  // namespace cpu
+
+}  // namespace dustin
