@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# One call on the GPU machine: build from source (carried nvidia-cutlass wheel, no network),
+# run the tests (CPU and CUDA), a compute-sanitizer pass, and the benchmarks.
+#   scripts/gpu_check.sh [stage ...]     stages: build test sanitize bench-verify bench-scores
+#                                        bench-select native (default: build test sanitize)
+# Carry the wheel folder: run(carry=[".whl"]). Logs and new bench/results files come back in
+# $OUT/run.tgz (the device tool returns at most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/dustin-out}
+LOGS=/tmp/dustin-logs
+mkdir -p "$OUT" "$LOGS"
+touch "$LOGS/.start"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize)
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export DUSTIN_CUDA=ON DUSTIN_CUDA_ARCHS=${DUSTIN_CUDA_ARCHS:-90a} DUSTIN_BUILD_JOBS=$(nproc)
+status=0
+
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    build)
+      step build
+      python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -n 30
+      python3 -c "import dustin; assert dustin.built_with_cuda(), 'no CUDA kernels'; print('built with CUDA')" || exit 1
+      ;;
+    test)
+      step tests
+      python3 -m pytest -q -ra -p no:cacheprovider tests -x --deselect tests/test_native.py \
+        --junitxml="$LOGS/junit.xml" 2>&1 | tee "$LOGS/test.log" | tail -n 60 || status=1
+      ;;
+    sanitize)
+      step compute-sanitizer
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
+          python3 scripts/sanitize_case.py 2>&1 | tail -n 15 || status=1
+      done
+      ;;
+    native)
+      step native
+      DUSTIN_NATIVE_CUDA=ON python3 -m pytest -q -p no:cacheprovider tests/test_native.py || status=1
+      ;;
+    bench-*)
+      name=${stage#bench-}
+      step "bench $name"
+      python3 "bench/bench_${name}.py" 2>&1 | tee "$LOGS/bench_${name}.log" || status=1
+      ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+find bench/results -newer "$LOGS/.start" -type f -print0 | xargs -0 -r cp --parents -t "$LOGS"
+tar czf "$OUT/run.tgz" -C "$LOGS" .
+echo "results: $(tar tzf "$OUT/run.tgz" | grep -c results/) files in run.tgz"
+exit $status
