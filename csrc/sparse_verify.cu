@@ -1,0 +1,214 @@
+// SPDX-License-Identifier: Apache-2.0
+// Launcher of the sparse_verify kernel: validation, tile and split-KV planning, dispatch.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+
+#include "dustin/dispatch.h"
+#include "dustin/dustin.h"
+#include "dustin/sparse_verify.cuh"
+
+namespace dustin {
+namespace {
+
+/// Most partial results one output row is split into; bounds the workspace and the merge.
+constexpr int kMaxSplits = 128;
+/// A split count is good enough once the last wave of CTAs fills this share of the GPU's
+/// CTA slots; the smallest such count is taken, since each split adds merge traffic.
+constexpr double kMinWaveEfficiency = 0.85;
+constexpr int kMaxDevices = 64;
+constexpr int kMergeWarps = 4;
+
+/// How one call is cut into CTAs.
+struct LaunchPlan {
+  int m_tiles = 1;           // 16-row MMA tiles of query rows per CTA
+  int row_chunks = 1;        // CTAs sharing one (b, h) when G * q exceeds 64 rows
+  int num_splits = 1;        // CTAs sharing one (b, h, row chunk)'s block list
+  size_t split_bytes = 0;    // workspace per split
+};
+
+int m_tiles_for(int rows) { return rows <= 16 ? 1 : rows <= 32 ? 2 : 4; }
+
+/// Most attended blocks any list can produce: K listed plus the window's blocks.
+int64_t max_attended_slots(const SparseVerifyParams& p) {
+  const int64_t page_size = p.kv.page_size;
+  const int64_t window_blocks = (p.q_len - 1 + page_size - 1) / page_size + 1;
+  return (static_cast<int64_t>(p.max_blocks) + window_blocks) * page_size;
+}
+
+/// Checks the contract; `need_data` also checks the pointers (workspace sizing needs none).
+Status validate(const SparseVerifyParams& p, bool need_data) {
+  const PagedKV& kv = p.kv;
+  if (p.batch_size < 0 || p.q_len < 1 || p.num_qo_heads < 1 || kv.num_kv_heads < 1 ||
+      p.num_qo_heads % kv.num_kv_heads != 0 || p.max_blocks < 0 || kv.page_size < 1 ||
+      kv.max_pages < 0 || kv.num_pages < 0 || !std::isfinite(p.sm_scale) ||
+      (p.num_lists != 1 && p.num_lists != kv.num_kv_heads)) {
+    return Status::kInvalidArgument;
+  }
+  const int group = p.num_qo_heads / kv.num_kv_heads;
+  if (kv.dtype == DType::kFloat32 || (kv.head_dim != 64 && kv.head_dim != 128) ||
+      group > kMaxGroupSize || p.q_len > kMaxQueryLen || kv.page_size > kMaxPageSize) {
+    return Status::kUnsupported;
+  }
+  // Tile slot indices are 32-bit in the kernel.
+  if (max_attended_slots(p) + 64 >= (int64_t{1} << 31)) return Status::kUnsupported;
+  if (p.batch_size == 0 || !need_data) return Status::kOk;
+  if (p.q == nullptr || p.out == nullptr || p.lse == nullptr || kv.k == nullptr ||
+      kv.v == nullptr || kv.block_table == nullptr || kv.kv_lens == nullptr ||
+      p.block_counts == nullptr || (p.max_blocks > 0 && p.block_ids == nullptr)) {
+    return Status::kInvalidArgument;
+  }
+  // KV tiles move in 16-byte cp.async chunks and out in 8-byte stores.
+  const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16; };
+  if (misaligned(kv.k) || misaligned(kv.v) || misaligned(p.out) ||
+      ((kv.page_stride | kv.head_stride | kv.token_stride) % 8) != 0) {
+    return Status::kUnsupported;
+  }
+  return Status::kOk;
+}
+
+/// Sets the kernel's shared-memory limit and returns how many of its CTAs fit on one SM, once
+/// per device (host-side queries only: nothing synchronises, so graph capture is safe).
+template <typename T, int kHeadDim, int kMTiles>
+cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
+  static std::mutex mutex;
+  static int cached[kMaxDevices] = {};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device < kMaxDevices && cached[device] > 0) {
+    *ctas_per_sm = cached[device];
+    return cudaSuccess;
+  }
+  using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
+  const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  int n = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices) cached[device] = std::max(n, 1);
+  *ctas_per_sm = std::max(n, 1);
+  return cudaSuccess;
+}
+
+/// SM count of `device`, looked up once.
+cudaError_t sm_count(int device, int* count) {
+  static std::mutex mutex;
+  static int cached[kMaxDevices] = {};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device < kMaxDevices && cached[device] > 0) {
+    *count = cached[device];
+    return cudaSuccess;
+  }
+  const cudaError_t err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess && device < kMaxDevices) cached[device] = *count;
+  return err;
+}
+
+/// Smallest split count whose last wave keeps kMinWaveEfficiency of the CTA slots busy, else
+/// the most efficient one; never more splits than KV tiles.
+int choose_splits(int64_t base_ctas, int64_t max_tiles, int64_t slots) {
+  const int limit = static_cast<int>(std::min<int64_t>(max_tiles, kMaxSplits));
+  int best = 1;
+  double best_efficiency = 0.0;
+  for (int s = 1; s <= limit; ++s) {
+    const int64_t ctas = base_ctas * s;
+    const int64_t waves = (ctas + slots - 1) / slots;
+    const double efficiency = static_cast<double>(ctas) / static_cast<double>(waves * slots);
+    if (efficiency >= kMinWaveEfficiency) return s;
+    if (efficiency > best_efficiency) {
+      best = s;
+      best_efficiency = efficiency;
+    }
+  }
+  return best;
+}
+
+template <typename T, int kHeadDim, int kMTiles>
+cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
+  using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  int sms = 0;
+  int ctas_per_sm = 0;
+  if ((err = sm_count(device, &sms)) != cudaSuccess) return err;
+  if ((err = prepare_kernel<T, kHeadDim, kMTiles>(device, &ctas_per_sm)) != cudaSuccess) {
+    return err;
+  }
+  const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
+  plan->m_tiles = kMTiles;
+  plan->row_chunks = (rows + Cfg::kRows - 1) / Cfg::kRows;
+  const int64_t base_ctas =
+      static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * plan->row_chunks;
+  const int64_t max_tiles = (max_attended_slots(p) + Cfg::kTileN - 1) / Cfg::kTileN;
+  plan->num_splits = choose_splits(base_ctas, max_tiles, static_cast<int64_t>(sms) * ctas_per_sm);
+  plan->split_bytes = static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads *
+                      (kHeadDim + 1) * sizeof(float);
+  return cudaSuccess;
+}
+
+template <typename T, int kHeadDim, int kMTiles>
+Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, size_t* workspace_bytes) {
+  using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
+  LaunchPlan plan;
+  if (make_plan<T, kHeadDim, kMTiles>(p, &plan) != cudaSuccess) return Status::kCudaError;
+  if (workspace_bytes != nullptr) {
+    *workspace_bytes = plan.num_splits > 1 ? plan.num_splits * plan.split_bytes : 0;
+    return Status::kOk;
+  }
+  // Split only as far as the caller's workspace allows.
+  const size_t affordable = p.workspace == nullptr ? 0 : p.workspace_bytes / plan.split_bytes;
+  int splits = static_cast<int>(std::min<size_t>(plan.num_splits, affordable));
+  if (splits < 2) splits = 1;
+
+  const int64_t ctas =
+      static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * splits * plan.row_chunks;
+  detail::sparse_verify_kernel<T, kHeadDim, kMTiles>
+      <<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, splits,
+                                                                                plan.row_chunks);
+  if (cudaPeekAtLastError() != cudaSuccess) return Status::kCudaError;
+  if (splits > 1) {
+    const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
+    const int64_t merge_ctas = (rows + kMergeWarps - 1) / kMergeWarps;
+    detail::sparse_verify_merge_kernel<T, kHeadDim>
+        <<<static_cast<unsigned>(merge_ctas), kMergeWarps * 32, 0, stream>>>(p, splits);
+    if (cudaPeekAtLastError() != cudaSuccess) return Status::kCudaError;
+  }
+  return Status::kOk;
+}
+
+/// Validates, then plans (workspace_bytes != null: reports the workspace and launches
+/// nothing) or plans and launches.
+Status dispatch(const SparseVerifyParams& p, cudaStream_t stream, size_t* workspace_bytes) {
+  const Status status = validate(p, /*need_data=*/workspace_bytes == nullptr);
+  if (status != Status::kOk || p.batch_size == 0) return status;
+  const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
+  const int m_tiles = m_tiles_for(rows);
+  return DUSTIN_DISPATCH_DTYPE16(p.kv.dtype, [&] {
+    return DUSTIN_DISPATCH_HEAD_DIM(p.kv.head_dim, [&] {
+      switch (m_tiles) {
+        case 1: return plan_and_launch<DTypeKV, kHeadDim, 1>(p, stream, workspace_bytes);
+        case 2: return plan_and_launch<DTypeKV, kHeadDim, 2>(p, stream, workspace_bytes);
+        default: return plan_and_launch<DTypeKV, kHeadDim, 4>(p, stream, workspace_bytes);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+Status sparse_verify(const SparseVerifyParams& params, cudaStream_t stream) {
+  return dispatch(params, stream, nullptr);
+}
+
+size_t sparse_verify_workspace_bytes(const SparseVerifyParams& params) {
+  size_t bytes = 0;
+  if (dispatch(params, nullptr, &bytes) != Status::kOk) return 0;
+  return bytes;
+}
+
+}  // namespace dustin

@@ -1,0 +1,525 @@
+// SPDX-License-Identifier: Apache-2.0
+// The fused gather-and-attend verification kernel: selected (page, head) KV tiles streamed once
+// through a cp.async pipeline into tensor-core attention for all G x q query rows of a KV head.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "dustin/sparse_verify_params.h"
+
+namespace dustin::detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -__builtin_huge_valf();
+/// Position stored for a tile slot that holds no attended token: larger than every query.
+constexpr int32_t kMaskedPos = 0x7fffffff;
+
+/// Tile shapes of one instantiation. A CTA of 4 warps owns the kRows = 16 * kMTiles query rows
+/// (G heads x q tokens, token-major) of one KV head; warps split those rows into 16-row MMA
+/// tiles and, when there are fewer than 4 row tiles, split each KV tile's tokens instead, so
+/// every warp has work and each KV byte is read from HBM once for all rows (design.md s. 4).
+template <int kHeadDim_, int kMTiles_>
+struct VerifyTileConfig {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kMTiles = kMTiles_;
+  static constexpr int kThreads = 128;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kRows = 16 * kMTiles;
+  static constexpr int kWarpsM = kMTiles;
+  static constexpr int kWarpsN = kWarps / kWarpsM;
+  /// KV tokens per pipeline stage: 64 x 256 B = 16 KB of K (and of V) at D = 128, large enough
+  /// that a few stages in flight per SM cover HBM latency at full bandwidth.
+  static constexpr int kTileN = 64;
+  static constexpr int kWarpN = kTileN / kWarpsN;  // tokens of a tile one warp attends
+  static constexpr int kStages = kHeadDim == 128 ? 3 : 4;
+  static constexpr int kChunks = kHeadDim * 2 / 16;  // 16-byte chunks per row
+  static constexpr int kLoadRowStep = kThreads / kChunks;
+  static constexpr int kLoadRowsPerThread = kTileN / kLoadRowStep;
+  static constexpr int kKvTileElems = kTileN * kHeadDim;
+  static constexpr int kStageElems = 2 * kKvTileElems;  // K tile then V tile
+  static constexpr int kQOffsetBytes = kStages * kStageElems * 2;
+  static constexpr int kPosOffsetBytes = kQOffsetBytes + kRows * kHeadDim * 2;
+  static constexpr int kSmemBytes = kPosOffsetBytes + kStages * kTileN * 4;
+  /// The epilogue reuses the stage buffers for per-warp partial outputs [kWarpsN, kRows, D]
+  /// plus their row max and sum.
+  static constexpr int kEpilogueBytes = (kWarpsN * kRows * (kHeadDim + 2)) * 4;
+
+  static_assert(kMTiles == 1 || kMTiles == 2 || kMTiles == 4, "row tiles per CTA: 1, 2 or 4");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
+  static_assert(kWarpN % 16 == 0, "each warp attends whole k16 steps of the tile");
+  static_assert(kTileN % kLoadRowStep == 0, "loads cover the tile exactly");
+  static_assert(kEpilogueBytes <= kQOffsetBytes, "epilogue scratch fits in the stage buffers");
+};
+
+/// Element offset of 16-byte chunk `chunk` of row `row` in a [rows, D] shared-memory tile. The
+/// XOR swizzle spreads the 8 rows an ldmatrix reads over all 32 banks.
+template <int kHeadDim>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+/// 16-byte global -> shared copy; zero-fills when `valid` is false (no global read happens).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+/// D += A * B on one m16n8k16 tile, fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+/// Two floats as one register of two 16-bit values (low half = x).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return __float2half_rn(x);
+  }
+}
+
+/// Where one (sequence, KV head) CTA reads from and what it attends; see SparseVerifyParams.
+struct SequenceView {
+  const int32_t* ids;    // this head's list
+  const int32_t* table;  // this sequence's block-table row
+  int32_t count;         // listed ids (clamped to [0, K])
+  int32_t kv_len;        // clamped to the block table
+  int32_t first_window;  // first block holding a query of the window
+  int32_t num_blocks;    // blocks holding the sequence
+  int64_t num_slots;     // tile slots: (count + window blocks) * P
+};
+
+__device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& p, int b, int h) {
+  const PagedKV& kv = p.kv;
+  SequenceView s;
+  const int list = p.num_lists == 1 ? 0 : h;
+  s.ids = p.block_ids + b * p.block_ids_stride_b + list * p.block_ids_stride_s;
+  s.table = kv.block_table + b * kv.block_table_stride;
+  s.count = min(max(__ldg(p.block_counts + b * p.block_counts_stride_b + list), 0), p.max_blocks);
+  // Never trust lengths past the block table: reads stay inside it whatever kv_lens holds.
+  s.kv_len = min(max(__ldg(kv.kv_lens + b), 0),
+                 static_cast<int32_t>(min(static_cast<int64_t>(kv.max_pages) * kv.page_size,
+                                          static_cast<int64_t>(0x7fffffff))));
+  s.first_window = max(s.kv_len - p.q_len, 0) / kv.page_size;
+  s.num_blocks = num_blocks_for(s.kv_len, kv.page_size);
+  s.num_slots = static_cast<int64_t>(s.count + max(s.num_blocks - s.first_window, 0)) *
+                kv.page_size;
+  return s;
+}
+
+/// Attention of the query rows [row_chunk * kRows, +kRows) of KV head h of sequence b over the
+/// tiles [split's share] of its attended slots. Grid: one CTA per (b, h, split, row chunk).
+/// With one split the CTA writes out and lse; otherwise fp32 partials (normalised output and
+/// log2-domain lse) for sparse_verify_merge_kernel.
+template <typename T, int kHeadDim, int kMTiles>
+__global__ void __launch_bounds__(128)
+    sparse_verify_kernel(const __grid_constant__ SparseVerifyParams p, int num_splits,
+                         int num_row_chunks) {
+  using Cfg = VerifyTileConfig<kHeadDim, kMTiles>;
+  constexpr int kRows = Cfg::kRows;
+  constexpr int kTileN = Cfg::kTileN;
+  constexpr int kWarpN = Cfg::kWarpN;
+  constexpr int kChunks = Cfg::kChunks;
+  constexpr int kStages = Cfg::kStages;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* stage_base = reinterpret_cast<T*>(smem);                       // [kStages][K|V][kTileN, D]
+  T* q_smem = reinterpret_cast<T*>(smem + Cfg::kQOffsetBytes);      // [kRows, D]
+  int32_t* pos_smem = reinterpret_cast<int32_t*>(smem + Cfg::kPosOffsetBytes);  // [kStages][kTileN]
+
+  const PagedKV& kv = p.kv;
+  const int num_kv_heads = kv.num_kv_heads;
+  int cta = blockIdx.x;
+  const int row_chunk = cta % num_row_chunks;
+  cta /= num_row_chunks;
+  const int split = cta % num_splits;
+  cta /= num_splits;
+  const int h = cta % num_kv_heads;
+  const int b = cta / num_kv_heads;
+
+  const int group = p.num_qo_heads / num_kv_heads;
+  const int rows_total = group * p.q_len;
+  const int row0 = row_chunk * kRows;
+  const SequenceView seq = sequence_view(p, b, h);
+  const int page_size = kv.page_size;
+
+  const int num_tiles = static_cast<int>((seq.num_slots + kTileN - 1) / kTileN);
+  const int tiles_per_split = (num_tiles + num_splits - 1) / num_splits;
+  const int tile_begin = min(split * tiles_per_split, num_tiles);
+  const int tile_end = min(tile_begin + tiles_per_split, num_tiles);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warp_m = warp % Cfg::kWarpsM;
+  const int warp_n = warp / Cfg::kWarpsM;
+
+  // ---- Q rows -> shared memory (zero for padding rows) ------------------------------------
+  {
+    const T* q = static_cast<const T*>(p.q);
+    const bool vec_ok = ((reinterpret_cast<uintptr_t>(q) & 15) | ((p.q_stride_b | p.q_stride_t |
+                                                                   p.q_stride_h) & 7)) == 0;
+    for (int i = tid; i < kRows * kChunks; i += Cfg::kThreads) {
+      const int r = i / kChunks;
+      const int c = i % kChunks;
+      const int gr = row0 + r;
+      const bool valid = gr < rows_total;
+      const int t = valid ? gr / group : 0;
+      const int hq = h * group + (valid ? gr % group : 0);
+      const T* src = q + b * p.q_stride_b + t * p.q_stride_t + hq * p.q_stride_h + c * 8;
+      T* dst = q_smem + swizzle<kHeadDim>(r, c);
+      if (vec_ok) {
+        cp_async_16(smem_addr(dst), valid ? src : q, valid);
+      } else {
+        for (int e = 0; e < 8; ++e) dst[e] = valid ? src[e] : from_float<T>(0.f);
+      }
+    }
+    cp_async_commit();
+  }
+
+  // ---- gather of one KV tile into a stage -------------------------------------------------
+  const T* k_base = static_cast<const T*>(kv.k);
+  const T* v_base = static_cast<const T*>(kv.v);
+  const int load_chunk = tid % kChunks;
+  const int load_row0 = tid / kChunks;
+  auto load_tile = [&](int tile, int stage) {
+    T* k_stage = stage_base + stage * Cfg::kStageElems;
+    T* v_stage = k_stage + Cfg::kKvTileElems;
+#pragma unroll
+    for (int i = 0; i < Cfg::kLoadRowsPerThread; ++i) {
+      const int r = load_row0 + i * Cfg::kLoadRowStep;
+      // Slot counts fit in int32 (the launcher checks), so the division is 32-bit.
+      const int slot = tile * kTileN + r;
+      const int vblock = slot / page_size;
+      const int offset = slot - vblock * page_size;
+      int block;
+      bool valid;
+      if (vblock < seq.count) {
+        // Listed ids at or past the window are attended as window blocks below; ids outside
+        // the sequence are skipped, never read.
+        block = __ldg(seq.ids + vblock);
+        valid = block >= 0 && block < seq.first_window;
+      } else {
+        block = seq.first_window + (vblock - seq.count);
+        valid = block < seq.num_blocks;
+      }
+      const int pos = block * page_size + offset;
+      valid = valid && pos < seq.kv_len;
+      const int page = valid ? __ldg(seq.table + block) : 0;
+      valid = valid && page >= 0 && page < kv.num_pages;
+      const int64_t src = static_cast<int64_t>(page) * kv.page_stride + h * kv.head_stride +
+                          offset * kv.token_stride + load_chunk * 8;
+      const int dst = swizzle<kHeadDim>(r, load_chunk);
+      cp_async_16(smem_addr(k_stage + dst), valid ? k_base + src : k_base, valid);
+      cp_async_16(smem_addr(v_stage + dst), valid ? v_base + src : v_base, valid);
+      if (load_chunk == 0) pos_smem[stage * kTileN + r] = valid ? pos : kMaskedPos;
+    }
+  };
+
+  // Prologue: kStages - 1 tiles in flight (empty groups keep the wait counts uniform).
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (tile_begin + s < tile_end) load_tile(tile_begin + s, s);
+    cp_async_commit();
+  }
+
+  // ---- Q fragments, kept in registers for the whole loop ----------------------------------
+  cp_async_wait<kStages - 1>();  // the Q group (committed first) has landed
+  __syncthreads();
+  uint32_t q_frag[kHeadDim / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+    const int r = warp_m * 16 + (lane & 15);
+    ldmatrix_x4(q_frag[ks], smem_addr(q_smem + swizzle<kHeadDim>(r, ks * 2 + (lane >> 4))));
+  }
+
+  // Absolute positions of this thread's two rows (lane / 4 and lane / 4 + 8 of its row tile);
+  // padding rows see nothing.
+  int row_pos[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int gr = row0 + warp_m * 16 + (lane >> 2) + hr * 8;
+    row_pos[hr] = gr < rows_total ? seq.kv_len - p.q_len + gr / group : -1;
+  }
+
+  const float scale_log2 = p.sm_scale * kLog2e;
+  float o[kHeadDim / 8][4];
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_max[2] = {kNegInf, kNegInf};
+  float row_sum[2] = {0.f, 0.f};
+
+  // ---- main loop: one KV tile per iteration -----------------------------------------------
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int it = tile - tile_begin;
+    const int stage = it % kStages;
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile `tile` visible to all; the stage refilled below is free
+    {
+      const int next = tile + kStages - 1;
+      if (next < tile_end) load_tile(next, (it + kStages - 1) % kStages);
+      cp_async_commit();
+    }
+
+    const T* k_stage = stage_base + stage * Cfg::kStageElems;
+    const T* v_stage = k_stage + Cfg::kKvTileElems;
+    const int32_t* pos_tile = pos_smem + stage * kTileN;
+    const int n0 = warp_n * kWarpN;
+
+    // S = Q K^T over this warp's kWarpN tokens.
+    float s[kWarpN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kWarpN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < kHeadDim / 32; ++kc) {
+#pragma unroll
+      for (int nt = 0; nt < kWarpN / 8; ++nt) {
+        uint32_t kb[4];
+        const int r = n0 + nt * 8 + (lane & 7);
+        ldmatrix_x4(kb, smem_addr(k_stage + swizzle<kHeadDim>(r, kc * 4 + (lane >> 3))));
+        mma_16816<T>(s[nt], q_frag[2 * kc], kb[0], kb[1]);
+        mma_16816<T>(s[nt], q_frag[2 * kc + 1], kb[2], kb[3]);
+      }
+    }
+
+    // Causal and slot masks, then the online softmax in the log2 domain.
+    float tile_max[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int nt = 0; nt < kWarpN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+        const bool visible = pos_tile[col] <= row_pos[e >> 1];
+        s[nt][e] = visible ? s[nt][e] * scale_log2 : kNegInf;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+      }
+    }
+    float alpha[2];
+    float base[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 1));
+      tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 2));
+      const float m_new = fmaxf(row_max[hr], tile_max[hr]);
+      base[hr] = m_new == kNegInf ? 0.f : m_new;  // a row with nothing visible yet stays at 0
+      alpha[hr] = exp2f(row_max[hr] - base[hr]);
+      row_max[hr] = m_new;
+      row_sum[hr] *= alpha[hr];
+    }
+#pragma unroll
+    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kWarpN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
+        row_sum[e >> 1] += s[nt][e];
+      }
+    }
+
+    // O += P V: the score accumulators are already laid out as the A operand.
+#pragma unroll
+    for (int kt = 0; kt < kWarpN / 16; ++kt) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
+      pa[1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
+      pa[2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+      pa[3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+      const int r = n0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, smem_addr(v_stage + swizzle<kHeadDim>(r, dp * 2 + (lane >> 4))));
+        mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
+        mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
+  }
+
+  // ---- epilogue: combine the warps that split the tokens, normalise, store ----------------
+  cp_async_wait<0>();
+  __syncthreads();  // stage buffers are free for the scratch below
+  float* o_scratch = reinterpret_cast<float*>(smem);                   // [kWarpsN, kRows, D]
+  float* m_scratch = o_scratch + Cfg::kWarpsN * kRows * kHeadDim;      // [kWarpsN, kRows]
+  float* l_scratch = m_scratch + Cfg::kWarpsN * kRows;                 // [kWarpsN, kRows]
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
+    row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
+    const int r = warp_m * 16 + (lane >> 2) + hr * 8;
+    if ((lane & 3) == 0) {
+      m_scratch[warp_n * kRows + r] = row_max[hr];
+      l_scratch[warp_n * kRows + r] = row_sum[hr];
+    }
+  }
+  __syncthreads();
+  // Each warp rescales its partial output to the max over the warps sharing its rows.
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = warp_m * 16 + (lane >> 2) + hr * 8;
+    float m_all = kNegInf;
+#pragma unroll
+    for (int w = 0; w < Cfg::kWarpsN; ++w) m_all = fmaxf(m_all, m_scratch[w * kRows + r]);
+    const float scale = row_max[hr] == kNegInf ? 0.f : exp2f(row_max[hr] - m_all);
+    float* dst = o_scratch + (warp_n * kRows + r) * kHeadDim + (lane & 3) * 2;
+#pragma unroll
+    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+      *reinterpret_cast<float2*>(dst + dt * 8) =
+          make_float2(o[dt][2 * hr] * scale, o[dt][2 * hr + 1] * scale);
+    }
+  }
+  __syncthreads();
+
+  const bool write_partial = num_splits > 1;
+  const int64_t rows_per_split = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
+  float* ws_out = static_cast<float*>(p.workspace);      // [splits, B*q*Hq, D]
+  float* ws_lse = ws_out + num_splits * rows_per_split * kHeadDim;  // [splits, B*q*Hq]
+  constexpr int kVec = 4;  // floats per thread per step
+  for (int i = tid; i < kRows * (kHeadDim / kVec); i += Cfg::kThreads) {
+    const int r = i / (kHeadDim / kVec);
+    const int d = (i % (kHeadDim / kVec)) * kVec;
+    const int gr = row0 + r;
+    if (gr >= rows_total) continue;
+    float m_all = kNegInf;
+#pragma unroll
+    for (int w = 0; w < Cfg::kWarpsN; ++w) m_all = fmaxf(m_all, m_scratch[w * kRows + r]);
+    float l_all = 0.f;
+    float acc[kVec] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < Cfg::kWarpsN; ++w) {
+      const float m_w = m_scratch[w * kRows + r];
+      if (m_w != kNegInf) l_all += l_scratch[w * kRows + r] * exp2f(m_w - m_all);
+      const float4 v = *reinterpret_cast<const float4*>(o_scratch + (w * kRows + r) * kHeadDim + d);
+      acc[0] += v.x;
+      acc[1] += v.y;
+      acc[2] += v.z;
+      acc[3] += v.w;
+    }
+    const float inv_l = l_all > 0.f ? 1.f / l_all : 0.f;
+    const float lse_log2 = l_all > 0.f ? m_all + __log2f(l_all) : kNegInf;
+    const int t = gr / group;
+    const int hq = h * group + gr % group;
+    const int64_t out_row = (static_cast<int64_t>(b) * p.q_len + t) * p.num_qo_heads + hq;
+    if (write_partial) {
+      const int64_t ws_row = split * rows_per_split + out_row;
+      *reinterpret_cast<float4*>(ws_out + ws_row * kHeadDim + d) =
+          make_float4(acc[0] * inv_l, acc[1] * inv_l, acc[2] * inv_l, acc[3] * inv_l);
+      if (d == 0) ws_lse[ws_row] = lse_log2;
+    } else {
+      uint2 packed;
+      packed.x = pack2<T>(acc[0] * inv_l, acc[1] * inv_l);
+      packed.y = pack2<T>(acc[2] * inv_l, acc[3] * inv_l);
+      *reinterpret_cast<uint2*>(static_cast<T*>(p.out) + out_row * kHeadDim + d) = packed;
+      if (d == 0) p.lse[out_row] = lse_log2 * kLn2;
+    }
+  }
+}
+
+/// Merges the split partials of each output row (flash-decoding): one warp per row.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(128)
+    sparse_verify_merge_kernel(const __grid_constant__ SparseVerifyParams p, int num_splits) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const float* ws_out = static_cast<const float*>(p.workspace);
+  const float* ws_lse = ws_out + num_splits * rows * kHeadDim;
+
+  float lse_max = kNegInf;
+  for (int s = 0; s < num_splits; ++s) lse_max = fmaxf(lse_max, ws_lse[s * rows + row]);
+  float acc[kPerLane] = {};
+  float weight_sum = 0.f;
+  if (lse_max != kNegInf) {
+    for (int s = 0; s < num_splits; ++s) {
+      const float lse_s = ws_lse[s * rows + row];
+      if (lse_s == kNegInf) continue;
+      const float w = exp2f(lse_s - lse_max);
+      weight_sum += w;
+      const float* src = ws_out + (s * rows + row) * kHeadDim + lane * kPerLane;
+      if constexpr (kPerLane == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(src);
+        acc[0] += w * v.x;
+        acc[1] += w * v.y;
+        acc[2] += w * v.z;
+        acc[3] += w * v.w;
+      } else {
+        const float2 v = *reinterpret_cast<const float2*>(src);
+        acc[0] += w * v.x;
+        acc[1] += w * v.y;
+      }
+    }
+  }
+  const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
+  T* dst = static_cast<T*>(p.out) + row * kHeadDim + lane * kPerLane;
+  if constexpr (kPerLane == 4) {
+    uint2 packed;
+    packed.x = pack2<T>(acc[0] * inv, acc[1] * inv);
+    packed.y = pack2<T>(acc[2] * inv, acc[3] * inv);
+    *reinterpret_cast<uint2*>(dst) = packed;
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc[0] * inv, acc[1] * inv);
+  }
+  if (lane == 0) p.lse[row] = weight_sum > 0.f ? (lse_max + __log2f(weight_sum)) * kLn2 : kNegInf;
+}
+
+}  // namespace dustin::detail
