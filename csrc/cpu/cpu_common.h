@@ -1,0 +1,145 @@
+// SPDX-License-Identifier: Apache-2.0
+// Helpers shared by the CPU twins: 16-bit float conversion, typed element access, KV validation.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "dustin/paged_kv.h"
+#include "dustin/types.h"
+
+namespace dustin::cpu::detail {
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+/// bfloat16 is the top half of a float32.
+inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+/// IEEE half to float without branches on the common path, so tile conversion loops vectorise:
+/// shifting the exponent+mantissa into float position and multiplying by 2^112 rebiases normals
+/// and turns half subnormals into exact float values; Inf/NaN get the float exponent forced.
+inline float fp16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp_mant = h & 0x7fffu;
+  const float magnitude = bits_float(exp_mant << 13) * 0x1p112f;
+  const uint32_t inf_nan = (exp_mant << 13) | 0x7f800000u;
+  const uint32_t bits = exp_mant >= 0x7c00u ? inf_nan : float_bits(magnitude);
+  return bits_float(bits | sign);
+}
+
+/// float to bfloat16, round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  const uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>((u + rounding) >> 16);
+}
+
+/// float to IEEE half, round to nearest even (F. Giesen's float_to_half_fast3_rtne).
+inline uint16_t float_to_fp16(float f) {
+  constexpr uint32_t kF32Inf = 255u << 23;
+  constexpr uint32_t kF16Overflow = (127u + 16u) << 23;  // 65536.f: rounds to Inf
+  constexpr uint32_t kF16MinNormal = 113u << 23;         // 2^-14
+  const float denorm_magic = 0.5f;  // aligns the 10 subnormal mantissa bits at the bottom
+  uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  u &= 0x7fffffffu;
+  uint32_t out;
+  if (u >= kF16Overflow) {
+    out = u > kF32Inf ? 0x7e00u : 0x7c00u;
+  } else if (u < kF16MinNormal) {
+    out = float_bits(bits_float(u) + denorm_magic) - float_bits(denorm_magic);
+  } else {
+    const uint32_t mant_odd = (u >> 13) & 1u;
+    u += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + mant_odd;
+    out = u >> 13;
+  }
+  return static_cast<uint16_t>(out | sign);
+}
+
+/// Converts n elements of dtype `t` starting at `src` to float.
+inline void load_row(const void* src, DType t, int32_t n, float* dst) {
+  switch (t) {
+    case DType::kFloat32:
+      std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+      return;
+    case DType::kBFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int32_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+      return;
+    }
+    case DType::kFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int32_t i = 0; i < n; ++i) dst[i] = fp16_to_float(s[i]);
+      return;
+    }
+  }
+}
+
+/// Writes n floats as dtype `t` at `dst`.
+inline void store_row(const float* src, DType t, int32_t n, void* dst) {
+  switch (t) {
+    case DType::kFloat32:
+      std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+      return;
+    case DType::kBFloat16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int32_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+      return;
+    }
+    case DType::kFloat16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int32_t i = 0; i < n; ++i) d[i] = float_to_fp16(src[i]);
+      return;
+    }
+  }
+}
+
+inline size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+inline bool valid_dtype(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
+}
+
+/// Address of element 0 of token `token` of physical page `page`, KV head `head`.
+inline const void* kv_row(const void* base, const PagedKV& kv, int32_t page, int32_t head,
+                          int32_t token) {
+  const int64_t offset = page * kv.page_stride + head * kv.head_stride + token * kv.token_stride;
+  return static_cast<const char*>(base) + offset * static_cast<int64_t>(dtype_size(kv.dtype));
+}
+
+/// Checks the cache description and, for each of the batch_size sequences, that
+/// min_len <= kv_lens[b] <= max_pages * P and that every page it uses is in the pool.
+inline bool valid_paged_kv(const PagedKV& kv, bool needs_v, int32_t batch_size,
+                           int32_t min_len) {
+  if (kv.k == nullptr || (needs_v && kv.v == nullptr) || kv.block_table == nullptr ||
+      kv.kv_lens == nullptr || !valid_dtype(kv.dtype) || kv.page_size < 1 ||
+      kv.num_kv_heads < 1 || kv.head_dim < 1 || kv.max_pages < 0 || kv.num_pages < 0 ||
+      kv.block_table_stride < 0) {
+    return false;
+  }
+  for (int32_t b = 0; b < batch_size; ++b) {
+    const int32_t len = kv.kv_lens[b];
+    if (len < min_len || static_cast<int64_t>(len) > static_cast<int64_t>(kv.max_pages) * kv.page_size) {
+      return false;
+    }
+    const int32_t* row = kv.block_table + b * kv.block_table_stride;
+    for (int32_t i = 0, n = num_blocks_for(len, kv.page_size); i < n; ++i) {
+      if (row[i] < 0 || row[i] >= kv.num_pages) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace dustin::cpu::detail
