@@ -43,6 +43,25 @@ void select_blocks_out(const at::Tensor& draft_scores,
                        int64_t n_recent, double draft_share, at::Tensor& block_ids,
                        at::Tensor& block_counts);
 
+// Checks of every argument including tensor values (copied to the host), without running the
+// op: dustin.ops runs them for CUDA tensors when validate=True.
+void validate_sparse_verify(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_table,
+                            const at::Tensor& kv_lens, const at::Tensor& block_ids,
+                            const at::Tensor& block_counts, double sm_scale,
+                            const std::string& kv_layout);
+
+void validate_block_scores(const at::Tensor& q_srh, const at::Tensor& k_cache,
+                           const at::Tensor& block_table, const at::Tensor& kv_lens,
+                           const at::Tensor& head_map, double sm_scale, int64_t block_size,
+                           const std::string& kv_layout, const at::Tensor& scores);
+
+void validate_select_blocks(const at::Tensor& draft_scores,
+                            const std::optional<at::Tensor>& target_scores,
+                            const at::Tensor& kv_lens, int64_t q_len, int64_t block_size,
+                            int64_t budget_blocks, int64_t n_sink, int64_t n_recent,
+                            double draft_share);
+
 // Meta (fake) implementations: shapes and dtypes only, for torch.compile.
 std::tuple<at::Tensor, at::Tensor> sparse_verify_meta(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -71,6 +71,16 @@ PYBIND11_MODULE(_C, m) {
         "True when libdustin was built with its CUDA kernels");
   m.def("sparse_verify_workspace_bytes", &ops::sparse_verify_workspace_bytes,
         "Workspace bytes sparse_verify_out needs to split block lists on the current device");
+  m.def("select_capacity", &dustin::select_capacity, pybind11::arg("num_blocks"),
+        pybind11::arg("budget_blocks"), pybind11::arg("n_sink"), pybind11::arg("n_recent"),
+        pybind11::arg("q_len"), pybind11::arg("block_size"),
+        "Capacity K of each select_blocks list (docs/ops.md)");
+  m.def("validate_sparse_verify", &ops::validate_sparse_verify,
+        "Checks sparse_verify's arguments, values included (copied to the host)");
+  m.def("validate_block_scores", &ops::validate_block_scores,
+        "Checks block_scores' arguments, values included (copied to the host)");
+  m.def("validate_select_blocks", &ops::validate_select_blocks,
+        "Checks select_blocks' arguments, values included (copied to the host)");
   pybind11::dict supported;
   supported["head_dims"] = pybind11::make_tuple(dustin::kSupportedHeadDims[0],
                                                 dustin::kSupportedHeadDims[1]);

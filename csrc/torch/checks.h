@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: Apache-2.0
+// Argument checks shared by the adapters; every message reads "dustin.<op>: <arg> <rule>, got <actual>".
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <optional>
+#include <string>
+
+#include "dustin/dispatch.h"
+#include "dustin/dustin.h"
+
+namespace dustin::torch_ops {
+
+/// Builds the message prefix "dustin.<op>: " once per op; each check raises the Python error
+/// type of docs/ops.md (TypeError, IndexError, NotImplementedError, ValueError).
+class ArgCheck {
+ public:
+  explicit ArgCheck(const char* op) : op_(op) {}
+
+  const char* op() const { return op_; }
+
+  template <typename... Args>
+  void value(bool cond, const Args&... msg) const {
+    TORCH_CHECK_VALUE(cond, "dustin.", op_, ": ", msg...);
+  }
+  template <typename... Args>
+  void index(bool cond, const Args&... msg) const {
+    TORCH_CHECK_INDEX(cond, "dustin.", op_, ": ", msg...);
+  }
+  template <typename... Args>
+  void type(bool cond, const Args&... msg) const {
+    TORCH_CHECK_TYPE(cond, "dustin.", op_, ": ", msg...);
+  }
+  template <typename... Args>
+  void not_implemented(bool cond, const Args&... msg) const {
+    TORCH_CHECK_NOT_IMPLEMENTED(cond, "dustin.", op_, ": ", msg...);
+  }
+
+  void dtype(const char* name, const at::Tensor& t, at::ScalarType expected) const {
+    type(t.scalar_type() == expected, name, " must be ", dtype_name(expected), ", got ",
+         t.scalar_type());
+  }
+
+  /// dtype of `t` equals the dtype of `ref` (named ref_name).
+  void same_dtype(const char* name, const at::Tensor& t, const char* ref_name,
+                  const at::Tensor& ref) const {
+    type(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+         ref.scalar_type(), "), got ", t.scalar_type());
+  }
+
+  void dims(const char* name, const at::Tensor& t, int64_t ndim, const char* shape) const {
+    value(t.dim() == ndim, name, " must have ", ndim, " dims ", shape, ", got shape ", t.sizes());
+  }
+
+  void size(const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
+            const char* what) const {
+    value(t.size(dim) == expected, name, ".size(", dim, ") must equal ", what, " = ", expected,
+          ", got ", t.size(dim), " (shape ", t.sizes(), ")");
+  }
+
+  void same_shape(const char* name, const at::Tensor& t, at::IntArrayRef expected) const {
+    value(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+  }
+
+  /// The innermost dim is contiguous (other strides are free).
+  void inner_stride(const char* name, const at::Tensor& t) const {
+    value(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
+          " must have innermost stride 1, got strides ", t.strides());
+  }
+
+  void contiguous(const char* name, const at::Tensor& t) const {
+    value(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides(), " for shape ",
+          t.sizes());
+  }
+
+  void same_device(const char* name, const at::Tensor& t, const char* ref_name,
+                   const at::Tensor& ref) const {
+    value(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
+          ref.device(), "), got ", t.device());
+  }
+
+  void fits_int32(const char* name, int64_t v) const {
+    value(v >= 0 && v <= std::numeric_limits<int32_t>::max(), name, " must be in [0, 2^31), got ",
+          v);
+  }
+
+  void finite(const char* name, double v) const {
+    value(std::isfinite(v), name, " must be finite, got ", v);
+  }
+
+  /// Turns a non-Ok Status of libdustin into the matching Python error.
+  void status(Status s) const {
+    if (s == Status::kOk) return;
+    const std::string why = std::string("libdustin returned \"") + status_string(s) + "\"";
+    not_implemented(s != Status::kUnsupported, why,
+                    " (no kernel for this configuration; see dustin.ops.SUPPORTED)");
+    value(s != Status::kInvalidArgument && s != Status::kWorkspaceTooSmall, why,
+          " for arguments that passed the adapter's checks");
+    TORCH_CHECK(false, "dustin.", op_, ": ", why, cuda_error_string());
+  }
+
+  static const char* dtype_name(at::ScalarType t) {
+    switch (t) {
+      case at::kFloat: return "float32";
+      case at::kHalf: return "float16";
+      case at::kBFloat16: return "bfloat16";
+      case at::kInt: return "int32";
+      case at::kByte: return "uint8";
+      default: return c10::toString(t);
+    }
+  }
+
+ private:
+  static std::string cuda_error_string();
+
+  const char* op_;
+};
+
+/// DType of a supported float tensor (q, caches, outputs).
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return DType::kFloat32;
+  }
+}
+
+/// q-like tensors: bfloat16 | float16, and float32 on CPU only (TypeError otherwise).
+inline void check_float_dtype(const ArgCheck& check, const char* name, const at::Tensor& t) {
+  const at::ScalarType s = t.scalar_type();
+  check.type(s == at::kBFloat16 || s == at::kHalf || s == at::kFloat, name,
+             " must be bfloat16, float16 or float32, got ", s);
+}
+
+/// The checks only the CUDA kernels need: 16-bit dtype and an instantiated head dim.
+inline void check_cuda_dtype_and_head_dim(const ArgCheck& check, const char* name,
+                                          const at::Tensor& t, int64_t head_dim) {
+  if (!t.is_cuda()) return;
+  check.not_implemented(t.scalar_type() != at::kFloat, name,
+                        " must be bfloat16 or float16 on CUDA, got ", t.scalar_type());
+  bool supported = false;
+  for (int32_t d : kSupportedHeadDims) supported = supported || d == head_dim;
+  check.not_implemented(supported, "head dim D must be in {", kSupportedHeadDims[0], ", ",
+                        kSupportedHeadDims[1], "} on CUDA, got ", head_dim);
+}
+
+/// Parses kv_layout ("NHD" or "HND").
+inline KvLayout parse_kv_layout(const ArgCheck& check, const std::string& kv_layout) {
+  check.value(kv_layout == "NHD" || kv_layout == "HND",
+              "kv_layout must be \"NHD\" or \"HND\", got \"", kv_layout, "\"");
+  return kv_layout == "NHD" ? KvLayout::kNHD : KvLayout::kHND;
+}
+
+/// Checks k_cache (and v_cache when given), block_table and kv_lens against the query tensor
+/// `ref` (named ref_name: dtype, device, B = ref.size(0), D = ref.size(3)) and describes them.
+/// Reads no tensor values.
+PagedKV check_paged_kv(const ArgCheck& check, const char* ref_name, const at::Tensor& ref,
+                       const at::Tensor& k_cache, const std::optional<at::Tensor>& v_cache,
+                       const at::Tensor& block_table, const at::Tensor& kv_lens,
+                       const std::string& kv_layout);
+
+/// Value checks of the cache arguments (CPU tensors): min_len <= kv_lens[b] <= max_pages * P
+/// (min_len named min_name) and block_table[b, i] in [0, num_pages) for every used page.
+void check_paged_kv_values(const ArgCheck& check, const PagedKV& kv, const at::Tensor& block_table,
+                           const at::Tensor& kv_lens, const char* min_name, int64_t min_len);
+
+/// Checks an optional workspace: uint8, 1-D, contiguous, on `device`, at least `bytes` long.
+void check_workspace(const ArgCheck& check, const std::optional<at::Tensor>& workspace,
+                     const at::Device& device, size_t bytes);
+
+}  // namespace dustin::torch_ops
