@@ -49,6 +49,15 @@ class CMakeBuild(build_ext):
             ["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True
         )
 
+    def copy_extensions_to_source(self) -> None:
+        # Editable installs copy only _C into python/dustin; libdustin must sit beside it.
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            for lib in Path(regular_file).parent.glob("libdustin.so*"):
+                self.copy_file(str(lib), str(Path(inplace_file).parent / lib.name))
+
 
 setup(
     ext_modules=[CMakeExtension("dustin._C")],
