@@ -1,0 +1,390 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Llama/Qwen2 decoder whose attention reads a paged KV cache through ``dustin.ops.sparse_verify``.
+
+Two ways through the model:
+
+- ``forward``: a window of up to 16 new tokens per sequence (decoding, drafting, verification).
+  Every layer appends the window's keys/values to the cache and attends with ``sparse_verify``
+  over the listed blocks (``BlockSelection``) plus the window; no selection lists every block,
+  which is dense attention through the same kernel.
+- ``prefill``: a long prompt of one sequence. Attention runs dense and causal with PyTorch's
+  ``scaled_dot_product_attention`` over the cached prefix plus the new chunk: the ops are built
+  for short windows (q <= 16), and a prompt is read once, so a dense prefill costs what it must.
+
+Both can record the post-RoPE queries of chosen (layer, query head) pairs, the retrieval heads
+whose attention gives Dustin its scoring signals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dustin import ops
+from dustin.cache import PagedKVCache
+from dustin.config import ModelConfig
+
+__all__ = ["BlockSelection", "Transformer", "rope_inv_freq"]
+
+MAX_WINDOW = 16  # longest window forward() takes: the ops' q limit on CUDA
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """Blocks every layer of one verification attends to (besides the window's own blocks).
+
+    ``block_ids`` ``[B, K]`` or ``[B, Hkv, K]`` int32 ascending ids, ``block_counts`` ``[B]`` or
+    ``[B, Hkv]`` int32: the ``sparse_verify`` arguments.
+    """
+
+    block_ids: torch.Tensor
+    block_counts: torch.Tensor
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of RoPE (float32 ``[D / 2]``), with the checkpoint's scaling applied.
+
+    Supports no scaling, ``"linear"`` and ``"llama3"`` (Llama 3.1+); other kinds raise.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise NotImplementedError(
+        f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)"
+    )
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference implementations do, then cast back.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of hidden states ``x [B, n, H]``."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """A Llama/Qwen2-family decoder. Parameter names follow Hugging Face without ``model.``.
+
+    Build it with ``Transformer.from_state_dict``; ``forward`` and ``prefill`` read and extend a
+    ``PagedKVCache`` made by ``new_cache``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.arch not in ("llama", "qwen2"):
+            raise ValueError(f"Transformer: arch must be 'llama' or 'qwen2', got {config.arch!r}")
+        if config.num_heads % config.num_kv_heads:
+            raise ValueError(
+                f"Transformer: num_heads ({config.num_heads}) must be a multiple of num_kv_heads "
+                f"({config.num_kv_heads})"
+            )
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.sm_scale = config.head_dim**-0.5
+        self.inv_freq = rope_inv_freq(config)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: ModelConfig,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Transformer:
+        """The model with Hugging Face-named weights (``model.layers.0.self_attn.q_proj.weight``,
+        ..., ``lm_head.weight`` unless embeddings are tied), cast to ``dtype`` on ``device``.
+
+        Raises:
+            ValueError: weights are missing, unexpected or of the wrong shape.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        weights = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        if config.tie_word_embeddings:
+            if "lm_head.weight" in weights:
+                raise ValueError("Transformer: tied embeddings, yet the checkpoint has lm_head.weight")
+            weights["lm_head.weight"] = weights.get("embed_tokens.weight")
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Transformer: checkpoint does not match the {config.arch} config: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        for name, tensor in weights.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ValueError(
+                    f"Transformer: {name} has shape {tuple(tensor.shape)}, the config implies "
+                    f"{tuple(expected[name].shape)}"
+                )
+        cast = {}
+        for name, tensor in weights.items():  # tied weights stay one tensor after the cast
+            cast.setdefault(id(tensor), tensor.to(device=device, dtype=dtype))
+        model.load_state_dict({k: cast[id(v)] for k, v in weights.items()}, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(config).to(device)
+        return model.eval().requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        *,
+        token_budget: int | None = None,
+        page_size: int = 16,
+        layout: str = "HND",
+    ) -> PagedKVCache:
+        """An empty paged cache shaped for this model (its dtype and device)."""
+        c = self.config
+        if max_seq_len > c.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len ({max_seq_len}) is longer than the model's context "
+                f"({c.max_position_embeddings} tokens)"
+            )
+        return PagedKVCache(
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            batch_size,
+            max_seq_len,
+            token_budget=token_budget,
+            page_size=page_size,
+            layout=layout,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[B, n, 1, D]`` for integer positions ``[B, n]``."""
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h)).float()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: PagedKVCache,
+        selection: BlockSelection | None = None,
+        record_heads: Mapping[int, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Appends a window of tokens to every sequence of the cache and returns its logits.
+
+        Args:
+            tokens: ``[B, n]`` int64 new tokens, ``n <= 16``, B = the cache's batch size.
+            cache: the model's cache; the window is appended at each sequence's end.
+            selection: blocks to attend besides the window; None attends every block (dense).
+            record_heads: layer -> ``[Hs]`` int64 query heads whose queries to return.
+
+        Returns:
+            ``(logits [B, n, V] float32, queries)`` with ``queries[layer]`` ``[B, n, Hs, D]``
+            post-RoPE, in the cache's dtype.
+        """
+        batch, n = tokens.shape
+        if batch != cache.batch_size:
+            raise ValueError(f"forward: tokens has {batch} sequences, the cache {cache.batch_size}")
+        if not 1 <= n <= MAX_WINDOW:
+            raise ValueError(f"forward: windows hold 1..{MAX_WINDOW} tokens, got {n}; use prefill()")
+        starts = cache.append(n)
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device)
+        if selection is None:
+            ids, counts = ops.dense_block_lists(cache.kv_lens, cache.page_size, cache.max_pages_per_seq)
+            selection = BlockSelection(ids, counts)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.write(layer, k, v)
+            out, _ = ops.sparse_verify(
+                q.contiguous(),
+                cache.k(layer),
+                cache.v(layer),
+                cache.block_table,
+                cache.kv_lens,
+                selection.block_ids,
+                selection.block_counts,
+                self.sm_scale,
+                cache.layout,
+            )
+            return out
+
+        h, queries = self._run_layers(tokens, positions, attend, record_heads)
+        return self._logits(h), queries
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        cache: PagedKVCache,
+        seq: int,
+        *,
+        chunk_size: int = 4096,
+        record_heads: Mapping[int, torch.Tensor] | None = None,
+        record_last: int = 0,
+        progress=None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Appends a prompt to one sequence, in chunks, with dense causal attention (SDPA).
+
+        Args:
+            tokens: ``[n]`` int64 prompt tokens.
+            cache: the model's cache; sequence ``seq`` grows by n tokens.
+            seq: which sequence of the cache.
+            chunk_size: tokens per forward pass (bounds activation memory).
+            record_heads: layer -> ``[Hs]`` query heads whose queries to return.
+            record_last: how many of the last positions' queries to return.
+            progress: optional callable receiving the number of tokens done after each chunk.
+
+        Returns:
+            ``(logits [V] float32 of the last token, queries)``, ``queries[layer]``
+            ``[record_last, Hs, D]``.
+        """
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(f"prefill: tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+        if not 0 <= record_last <= min(chunk_size, tokens.numel()):
+            raise ValueError(
+                f"prefill: record_last must be in [0, min(chunk_size, prompt length)] = "
+                f"[0, {min(chunk_size, tokens.numel())}], got {record_last}"
+            )
+        kept: dict[int, list[torch.Tensor]] = {}
+        for begin in range(0, tokens.numel(), chunk_size):
+            chunk = tokens[begin : begin + chunk_size].to(self.device)[None]
+            (start,) = cache.append(chunk.shape[1], [seq])
+            positions = start + torch.arange(chunk.shape[1], device=self.device)[None]
+
+            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                cache.write(layer, k, v)
+                keys, values = cache.gather(layer, seq)  # [Hkv, start + n, D]
+                mask = None
+                if start:  # query i at start + i sees keys 0..start + i
+                    mask = torch.ones(q.shape[1], keys.shape[1], dtype=torch.bool, device=q.device)
+                    mask = mask.tril(diagonal=start)
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2),
+                    keys[None],
+                    values[None],
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=self.sm_scale,
+                    enable_gqa=True,
+                )
+                return out.transpose(1, 2)
+
+            h, queries = self._run_layers(chunk, positions, attend, record_heads, record_last)
+            for layer, q in queries.items():
+                kept[layer] = (kept.get(layer, []) + [q[0]])[-2:]  # two chunks cover record_last
+            if progress is not None:
+                progress(chunk.shape[1])
+        queries = {}
+        for layer, parts in kept.items():
+            recent = torch.cat(parts)
+            queries[layer] = recent[recent.shape[0] - record_last :]
+        return self._logits(h[0, -1]), queries
+
+    def _run_layers(self, tokens, positions, attend, record_heads, record_last=None):
+        """Embedding and decoder layers; ``attend(layer, q, k, v)`` supplies the attention.
+
+        Records the queries of ``record_heads`` at the last ``record_last`` positions (all when
+        None), so a long prefill keeps only what scoring needs.
+        """
+        first = 0 if record_last is None else max(0, tokens.shape[1] - record_last)
+        cos, sin = self._rope(positions)
+        h = self.embed_tokens(tokens)
+        queries = {}
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
+            if record_heads and index in record_heads:
+                queries[index] = q[:, first:, record_heads[index]].to(self.dtype)
+            out = attend(index, q, k, v)
+            h = h + attn.o_proj(out.reshape(*h.shape[:2], -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, queries
