@@ -1,0 +1,88 @@
+// SPDX-License-Identifier: Apache-2.0
+// dustin::block_scores: checks the params, plans the splits and workspace, launches both passes.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dustin/block_scores.cuh"
+#include "dustin/dispatch.h"
+#include "dustin/dustin.h"
+
+namespace dustin {
+namespace {
+
+/// Metadata rules (no device memory is read: kv_lens, block_table and head_map are clamped or
+/// skipped by the kernels instead).
+bool valid_params(const BlockScoresParams& p) {
+  const PagedKV& kv = p.kv;
+  if (p.batch_size < 0 || p.num_queries < 1 || p.num_heads < 0 || p.num_blocks < 0 ||
+      p.block_size < 1 || p.scores_stride_b < 0 || !(p.sm_scale == p.sm_scale)) {
+    return false;
+  }
+  if (p.batch_size == 0 || p.num_heads == 0) return true;
+  return p.q != nullptr && p.head_map != nullptr && p.scores != nullptr && kv.k != nullptr &&
+         kv.block_table != nullptr && kv.kv_lens != nullptr && kv.page_size >= 1 &&
+         kv.num_kv_heads >= 1 && kv.max_pages >= 0 && kv.num_pages >= 0 &&
+         kv.block_table_stride >= 0;
+}
+
+/// The key tiles are copied 16 bytes at a time, so every key row must start 16-byte aligned.
+bool keys_aligned(const PagedKV& kv) {
+  constexpr int64_t kElemsPer16B = 8;
+  return reinterpret_cast<uintptr_t>(kv.k) % 16 == 0 && kv.page_stride % kElemsPer16B == 0 &&
+         kv.head_stride % kElemsPer16B == 0 && kv.token_stride % kElemsPer16B == 0;
+}
+
+template <typename T, int kHeadDim>
+Status launch(const BlockScoresParams& p, const detail::BlockScoresPlan& plan,
+              cudaStream_t stream) {
+  using Tile = detail::ScoreTile<kHeadDim>;
+  const int rows_pad = (plan.rows + 15) / 16 * 16;
+  const size_t smem = Tile::smem_bytes(rows_pad);
+  auto partial = detail::block_scores_partial_kernel<T, kHeadDim>;
+  if (cudaFuncSetAttribute(partial, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess) {
+    return Status::kCudaError;
+  }
+  const dim3 partial_grid(static_cast<unsigned>(plan.num_splits),
+                          static_cast<unsigned>(p.num_heads),
+                          static_cast<unsigned>(p.batch_size));
+  partial<<<partial_grid, Tile::kThreads, smem, stream>>>(p, plan, rows_pad);
+  if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
+
+  const int32_t max_blocks =
+      static_cast<int32_t>(num_blocks_for(static_cast<int32_t>(detail::block_scores_max_len(p)),
+                                          p.block_size));
+  const dim3 sum_grid(static_cast<unsigned>((max_blocks + detail::kScoreSumThreads - 1) /
+                                            detail::kScoreSumThreads),
+                      static_cast<unsigned>(p.batch_size));
+  detail::block_scores_sum_kernel<<<sum_grid, detail::kScoreSumThreads,
+                                    sizeof(float) * 2 * plan.rows, stream>>>(p, plan);
+  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
+}
+
+}  // namespace
+
+size_t block_scores_workspace_bytes(const BlockScoresParams& params) {
+  return detail::plan_block_scores(params).workspace_bytes;
+}
+
+Status block_scores(const BlockScoresParams& params, cudaStream_t stream) {
+  if (!valid_params(params)) return Status::kInvalidArgument;
+  const detail::BlockScoresPlan plan = detail::plan_block_scores(params);
+  if (plan.num_splits == 0) return Status::kOk;  // no sequence, head or context to score
+  if (params.workspace == nullptr || params.workspace_bytes < plan.workspace_bytes) {
+    return Status::kWorkspaceTooSmall;
+  }
+  if (reinterpret_cast<uintptr_t>(params.workspace) % alignof(float2) != 0) {
+    return Status::kInvalidArgument;
+  }
+  if (plan.rows > detail::kMaxScoreRows || !keys_aligned(params.kv)) return Status::kUnsupported;
+  return DUSTIN_DISPATCH_DTYPE16(params.kv.dtype, [&] {
+    return DUSTIN_DISPATCH_HEAD_DIM(params.kv.head_dim, [&] {
+      return launch<DTypeKV, kHeadDim>(params, plan, stream);
+    });
+  });
+}
+
+}  // namespace dustin

@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: Apache-2.0
+// dustin::select_blocks: checks the params, picks the shared-memory or global-key path, launches.
+#include <cuda_runtime.h>
+
+#include "dustin/dustin.h"
+#include "dustin/select_blocks.cuh"
+
+namespace dustin {
+namespace {
+
+bool valid_params(const SelectBlocksParams& p) {
+  // Same rules as the CPU twin's, less the ones that read kv_lens (device memory): the kernel
+  // clamps lengths to NB * block_size and never writes past `capacity` slots.
+  if (p.batch_size < 0 || p.num_lists < 1 || p.num_blocks < 0 || p.capacity < 0 ||
+      p.q_len < 1 || p.block_size < 1 || p.budget_blocks < 0 || p.n_sink < 0 ||
+      p.n_recent < 0 || !(p.draft_share >= 0.0 && p.draft_share <= 1.0)) {
+    return false;
+  }
+  return p.batch_size == 0 || (p.draft_scores != nullptr && p.kv_lens != nullptr &&
+                               p.block_ids != nullptr && p.block_counts != nullptr);
+}
+
+template <bool kKeysInSmem>
+Status launch(const SelectBlocksParams& p, cudaStream_t stream) {
+  const size_t smem = detail::select_blocks_smem_bytes(p.num_blocks, kKeysInSmem);
+  int device = 0;
+  int smem_optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess) {
+    return Status::kCudaError;
+  }
+  const size_t static_smem = sizeof(detail::SelectShared);
+  if (smem + static_smem > static_cast<size_t>(smem_optin)) return Status::kUnsupported;
+  auto kernel = detail::select_blocks_kernel<kKeysInSmem>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess) {
+    return Status::kCudaError;
+  }
+  const unsigned lists = static_cast<unsigned>(p.batch_size) * static_cast<unsigned>(p.num_lists);
+  kernel<<<lists, detail::kSelectThreads, smem, stream>>>(p);
+  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
+}
+
+}  // namespace
+
+Status select_blocks(const SelectBlocksParams& params, cudaStream_t stream) {
+  if (!valid_params(params)) return Status::kInvalidArgument;
+  if (params.batch_size == 0) return Status::kOk;
+  if (static_cast<int64_t>(params.batch_size) * params.num_lists > INT32_MAX) {
+    return Status::kUnsupported;
+  }
+  return params.num_blocks <= detail::kSelectSmemKeyBlocks ? launch<true>(params, stream)
+                                                           : launch<false>(params, stream);
+}
+
+}  // namespace dustin

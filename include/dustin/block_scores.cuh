@@ -1,0 +1,438 @@
+// SPDX-License-Identifier: Apache-2.0
+// block_scores kernels: a split-K pass of tensor-core logits into per-block softmax partials,
+// then a pass that normalises them exactly and sums them into the score blocks.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "dustin/block_scores_params.h"
+
+namespace dustin::detail {
+
+// ---- plan: split lengths and workspace layout, shared by the host and both kernels ----------
+
+/// Query rows (heads x queries) one CTA can hold; bounded by shared memory on sm_80.
+inline constexpr int32_t kMaxScoreRows = 128;
+/// Target CTAs per sequence for the split-K pass (about four per SM of an H200).
+inline constexpr int32_t kScoreCtasPerSequenceTarget = 528;
+/// Shortest split worth a CTA: a few 64-key tiles amortise loading the queries.
+inline constexpr int32_t kMinScoreSplit = 256;
+
+/// How block_scores cuts the context into splits, and where its workspace keeps:
+///   block partials [B, Hs * n, NB] float2 (sum of exp2(logit - ref), ref) and
+///   split partials [B, Hs * n, num_splits] float2 (running max, sum of exp2(logit - max)).
+struct BlockScoresPlan {
+  int32_t split_len = 0;   ///< tokens per split, a multiple of block_size
+  int32_t num_splits = 0;  ///< splits covering the longest possible context
+  int32_t rows = 0;        ///< Hs * n
+  size_t block_partials_offset = 0;
+  size_t split_partials_offset = 0;
+  size_t workspace_bytes = 0;
+};
+
+/// Longest context the kernels will read: the block table's capacity and the score row's.
+__host__ __device__ inline int64_t block_scores_max_len(const BlockScoresParams& p) {
+  const int64_t by_table = static_cast<int64_t>(p.kv.max_pages) * p.kv.page_size;
+  const int64_t by_scores = static_cast<int64_t>(p.num_blocks) * p.block_size;
+  return by_table < by_scores ? by_table : by_scores;
+}
+
+inline BlockScoresPlan plan_block_scores(const BlockScoresParams& p) {
+  BlockScoresPlan plan;
+  const int64_t max_len = block_scores_max_len(p);
+  if (p.batch_size <= 0 || p.num_heads <= 0 || p.num_queries <= 0 || max_len <= 0) return plan;
+  const int64_t want_splits =
+      (kScoreCtasPerSequenceTarget + p.batch_size - 1) / static_cast<int64_t>(p.batch_size);
+  int64_t split = (max_len + want_splits - 1) / want_splits;
+  split = split < kMinScoreSplit ? kMinScoreSplit : split;
+  split = (split + p.block_size - 1) / p.block_size * p.block_size;  // blocks never straddle
+  plan.split_len = static_cast<int32_t>(split);
+  plan.num_splits = static_cast<int32_t>((max_len + split - 1) / split);
+  plan.rows = p.num_heads * p.num_queries;
+  const size_t per_row = sizeof(float) * 2;
+  const size_t rows_total = static_cast<size_t>(p.batch_size) * plan.rows;
+  plan.block_partials_offset = 0;
+  plan.split_partials_offset = rows_total * static_cast<size_t>(p.num_blocks) * per_row;
+  plan.workspace_bytes =
+      plan.split_partials_offset + rows_total * static_cast<size_t>(plan.num_splits) * per_row;
+  return plan;
+}
+
+/// Context length of sequence b as the kernels read it: clamped so that bad lengths never
+/// read past the block table or write past a score row.
+__device__ __forceinline__ int32_t clamped_kv_len(const BlockScoresParams& p, int32_t b,
+                                                  int64_t max_len) {
+  const int64_t len = p.kv.kv_lens[b];
+  return static_cast<int32_t>(len < 0 ? 0 : (len > max_len ? max_len : len));
+}
+
+// ---- tensor-core and async-copy primitives (sm_80+) -----------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+/// 16-byte global->shared copy; `valid` false writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_ptr)));
+}
+
+/// c += a * b for one m16n8k16 tile, 16-bit inputs, float32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+  return v;
+}
+
+// ---- pass 1: logits and per-block partials ---------------------------------------------------
+
+inline constexpr float kLog2e = 1.4426950408889634f;
+
+template <int kHeadDim>
+struct ScoreTile {
+  static constexpr int kKeys = 64;           // keys per pipeline stage; 16 per warp in the MMA
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kStages = 3;          // 2 tiles in flight while one is scored
+  static constexpr int kPitch = kHeadDim + 8;  // 16-bit elements; +16 B: ldmatrix conflict-free
+  static constexpr int kLogitPitch = kKeys + 4;  // floats
+  static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per key row
+  static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the MMA k of 16");
+
+  /// Dynamic shared memory for up to `rows_pad` query rows (a multiple of 16).
+  static size_t smem_bytes(int rows_pad) {
+    return sizeof(uint16_t) * (static_cast<size_t>(kStages) * kKeys * kPitch +
+                               static_cast<size_t>(rows_pad) * kPitch) +
+           sizeof(float) * static_cast<size_t>(rows_pad) * kLogitPitch +
+           (sizeof(int32_t) * 2 + sizeof(float) * (2 + 32)) * static_cast<size_t>(rows_pad);
+  }
+};
+
+/// Grid (num_splits, Hs, B). The CTA of head y works only when y is the first head reading
+/// its KV head; it then scores every head of that KV head, so each key is read once. Its rows
+/// are (head, query) pairs; per tile of 64 keys it computes their logits with mma.sync, then
+/// per row a running max (log2 domain) and, per score block, sum(exp2(logit - ref)) with ref
+/// the running max when the block closes. Splits are block-aligned, so each (row, block)
+/// partial is written by exactly one thread.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
+    block_scores_partial_kernel(const __grid_constant__ BlockScoresParams p,
+                                const BlockScoresPlan plan, int rows_pad) {
+  using Tile = ScoreTile<kHeadDim>;
+  constexpr int kKeys = Tile::kKeys;
+  constexpr int kPitch = Tile::kPitch;
+  constexpr int kLogitPitch = Tile::kLogitPitch;
+  const int split = blockIdx.x;
+  const int leader = blockIdx.y;
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+
+  const int32_t kv_head = p.head_map[leader];
+  if (kv_head < 0 || kv_head >= p.kv.num_kv_heads) return;
+  int group = 0;  // heads reading kv_head; this CTA only if `leader` is the first of them
+  for (int h = 0; h < p.num_heads; ++h) {
+    if (p.head_map[h] == kv_head) {
+      if (h < leader) return;
+      ++group;
+    }
+  }
+  const int32_t kv_len = clamped_kv_len(p, b, block_scores_max_len(p));
+  const int32_t split_begin = split * plan.split_len;
+  if (split_begin >= kv_len) return;
+  const int32_t split_end = min(split_begin + plan.split_len, kv_len);
+  const int n = p.num_queries;
+  const int rows = group * n;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_keys = reinterpret_cast<T*>(smem_raw);                  // [kStages][kKeys][kPitch]
+  T* s_q = s_keys + Tile::kStages * kKeys * kPitch;            // [rows_pad][kPitch]
+  float* s_logit = reinterpret_cast<float*>(s_q + rows_pad * kPitch);  // [rows_pad][kLogitPitch]
+  int32_t* s_row_out = reinterpret_cast<int32_t*>(s_logit + rows_pad * kLogitPitch);  // [rows_pad]
+  int32_t* s_row_pos = s_row_out + rows_pad;  // [rows_pad] position of the row's query
+  float* s_max = reinterpret_cast<float*>(s_row_pos + rows_pad);  // [rows_pad] running max
+  float* s_carry = s_max + rows_pad;  // [rows_pad] partial of the block still open
+  float* s_lane_sum = s_carry + rows_pad;  // [rows_pad][32] per-lane sums of exp2(logit - max)
+
+  // Rows: local r = g * n + i for the g-th head of the group and query i.
+  for (int r = tid; r < rows_pad; r += Tile::kThreads) {
+    int out_row = -1;
+    if (r < rows) {
+      const int g = r / n;
+      int seen = 0;
+      for (int h = 0; h < p.num_heads; ++h) {
+        if (p.head_map[h] == kv_head && seen++ == g) {
+          out_row = h * n + r % n;
+          break;
+        }
+      }
+    }
+    s_row_out[r] = out_row;
+    s_row_pos[r] = kv_len - n + r % n;
+    s_max[r] = -INFINITY;
+    s_carry[r] = 0.f;
+  }
+  for (int e = tid; e < rows_pad * 32; e += Tile::kThreads) s_lane_sum[e] = 0.f;
+  __syncthreads();
+  // Queries, zero-padded to rows_pad (element loads: a few KB once per CTA).
+  {
+    const T* q = static_cast<const T*>(p.q);
+    for (int e = tid; e < rows_pad * kHeadDim; e += Tile::kThreads) {
+      const int r = e / kHeadDim;
+      const int d = e % kHeadDim;
+      T value = T(0.f);
+      if (r < rows) {
+        const int head = s_row_out[r] / n;
+        value = q[b * p.q_stride_b + (r % n) * p.q_stride_t + head * p.q_stride_h + d];
+      }
+      s_q[r * kPitch + d] = value;
+    }
+  }
+
+  const T* k_base = static_cast<const T*>(p.kv.k) + kv_head * p.kv.head_stride;
+  const int32_t* table = p.kv.block_table + b * p.kv.block_table_stride;
+  const int num_tiles = (split_end - split_begin + kKeys - 1) / kKeys;
+
+  auto load_tile = [&](int tile, int stage) {
+    const int32_t tile_begin = split_begin + tile * kKeys;
+    T* dst_tile = s_keys + stage * kKeys * kPitch;
+    for (int c = tid; c < kKeys * Tile::kChunks; c += Tile::kThreads) {
+      const int key = c / Tile::kChunks;
+      const int chunk = c % Tile::kChunks;
+      const int32_t pos = tile_begin + key;
+      if (pos >= split_end) continue;  // masked below; its logits are never used
+      const int32_t page_index = pos / p.kv.page_size;
+      const int32_t page = table[page_index];
+      const bool in_pool = page >= 0 && page < p.kv.num_pages;  // bad pages read as zeros
+      const int32_t token = pos - page_index * p.kv.page_size;
+      const T* src = in_pool ? k_base + page * p.kv.page_stride + token * p.kv.token_stride +
+                                   chunk * 8
+                             : k_base;
+      cp_async_16(dst_tile + key * kPitch + chunk * 8, src, in_pool);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < Tile::kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  const float scale_log2 = p.sm_scale * kLog2e;
+  const int m_tiles = (rows + 15) / 16;
+  float2* block_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
+                                                     plan.block_partials_offset);
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<Tile::kStages - 2>();
+    __syncthreads();
+    {
+      const int next = tile + Tile::kStages - 1;
+      if (next < num_tiles) load_tile(next, next % Tile::kStages);
+      cp_async_commit();
+    }
+    const int32_t tile_begin = split_begin + tile * kKeys;
+    const T* k_tile = s_keys + (tile % Tile::kStages) * kKeys * kPitch;
+
+    // Logits of this warp's 16 keys for every row, log2-scaled and causally masked.
+    for (int mt = 0; mt < m_tiles; ++mt) {
+      float acc[2][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+        uint32_t a[4];
+        ldmatrix_x4(a, s_q + (mt * 16 + (lane & 15)) * kPitch + ks * 16 + (lane >> 4) * 8);
+        uint32_t bk[4];
+        const int j = lane >> 3;
+        ldmatrix_x4(bk, k_tile + (warp * 16 + (j >> 1) * 8 + (lane & 7)) * kPitch + ks * 16 +
+                            (j & 1) * 8);
+        mma_16816<T>(acc[0], a, bk[0], bk[1]);
+        mma_16816<T>(acc[1], a, bk[2], bk[3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mt * 16 + (lane >> 2) + (e >> 1) * 8;
+          const int key = warp * 16 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          const int32_t pos = tile_begin + key;
+          const bool visible = r < rows && pos < split_end && pos <= s_row_pos[r];
+          s_logit[r * kLogitPitch + key] = visible ? acc[nt][e] * scale_log2 : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();
+
+    // Where each lane's key of the two 32-key windows falls: the same for every row.
+    int32_t lane_block[2];
+    int lane_first[2];  // first lane of the lane's block inside the window
+    bool lane_in[2];
+    bool lane_closes[2];
+    bool lane_opened_before[2];  // its block began in an earlier window
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int32_t window = tile_begin + half * 32;
+      const int32_t pos = window + lane;
+      lane_block[half] = pos / p.block_size;
+      const int32_t block_first = lane_block[half] * p.block_size;
+      lane_first[half] = block_first > window ? block_first - window : 0;
+      lane_opened_before[half] = block_first < window;
+      lane_in[half] = pos < split_end;
+      lane_closes[half] = lane_in[half] && (pos + 1 == block_first + p.block_size ||
+                                            pos + 1 == split_end);
+    }
+
+    // Per row (one warp each): running max, per-lane running sums, and block partials by a
+    // segmented scan over each 32-key window; a block still open at a window's end carries.
+    for (int r = warp; r < rows; r += Tile::kWarps) {
+      const float* logit = s_logit + r * kLogitPitch;
+      const float l_lo = logit[lane];
+      const float l_hi = logit[lane + 32];
+      const float old_max = s_max[r];
+      const float new_max = fmaxf(old_max, warp_max(fmaxf(l_lo, l_hi)));
+      const float ref = new_max == -INFINITY ? 0.f : new_max;  // no valid key yet: all zero
+      const float rescale = old_max == -INFINITY ? 0.f : exp2f(old_max - ref);
+      float lane_sum = s_lane_sum[r * 32 + lane] * rescale;
+      float carry = s_carry[r] * rescale;
+      const int64_t out_base =
+          (static_cast<int64_t>(b) * plan.rows + s_row_out[r]) * p.num_blocks;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float e = lane_in[half] ? exp2f((half ? l_hi : l_lo) - ref) : 0.f;
+        lane_sum += e;
+        float v = e;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          const float up = __shfl_up_sync(0xffffffffu, v, d);
+          if (lane - d >= lane_first[half]) v += up;
+        }
+        if (lane_opened_before[half]) v += carry;
+        if (lane_closes[half]) block_partials[out_base + lane_block[half]] = make_float2(v, ref);
+        carry = __shfl_sync(0xffffffffu, lane_in[half] && !lane_closes[half] ? v : 0.f, 31);
+      }
+      s_lane_sum[r * 32 + lane] = lane_sum;
+      if (lane == 0) {
+        s_max[r] = new_max;
+        s_carry[r] = carry;
+      }
+    }
+  }
+
+  // Split partials: the row's max and its sum, reduced over lanes in a fixed tree.
+  float2* split_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
+                                                     plan.split_partials_offset);
+  __syncthreads();
+  for (int r = warp; r < rows; r += Tile::kWarps) {
+    const float sum = warp_sum(s_lane_sum[r * 32 + lane]);
+    if (lane == 0) {
+      const int64_t row = static_cast<int64_t>(b) * plan.rows + s_row_out[r];
+      split_partials[row * plan.num_splits + split] = make_float2(s_max[r], sum);
+    }
+  }
+}
+
+// ---- pass 2: exact normalisation and the sum over rows ---------------------------------------
+
+inline constexpr int kScoreSumThreads = 256;
+
+/// Grid (ceil(NB / 256), B). Each CTA merges the split partials of every row into (max,
+/// 1 / sum), then each thread adds, for one block, its probability mass over the rows in the
+/// fixed order (head, query) into scores: one writer per element, no atomics.
+__global__ void __launch_bounds__(kScoreSumThreads)
+    block_scores_sum_kernel(const __grid_constant__ BlockScoresParams p,
+                            const BlockScoresPlan plan) {
+  extern __shared__ float s_stats[];  // [rows] max, then [rows] 1 / sum
+  float* s_row_max = s_stats;
+  float* s_row_inv = s_stats + plan.rows;
+  const int b = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int32_t kv_len = clamped_kv_len(p, b, block_scores_max_len(p));
+  const int32_t nblk = num_blocks_for(kv_len, p.block_size);
+  const int32_t first_block = blockIdx.x * kScoreSumThreads;
+  if (first_block >= nblk) return;
+  const int32_t splits = (kv_len + plan.split_len - 1) / plan.split_len;
+
+  const float2* split_partials = reinterpret_cast<const float2*>(
+      static_cast<const char*>(p.workspace) + plan.split_partials_offset);
+  for (int r = warp; r < plan.rows; r += kScoreSumThreads / 32) {
+    const float2* parts = split_partials + (static_cast<int64_t>(b) * plan.rows + r) * plan.num_splits;
+    float m = -INFINITY;
+    for (int s = lane; s < splits; s += 32) m = fmaxf(m, parts[s].x);
+    m = warp_max(m);
+    float sum = 0.f;
+    if (m != -INFINITY) {
+      for (int s = lane; s < splits; s += 32) {
+        const float2 part = parts[s];
+        if (part.y > 0.f) sum += part.y * exp2f(part.x - m);
+      }
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      s_row_max[r] = m;
+      s_row_inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+    }
+  }
+  __syncthreads();
+
+  const int32_t block = first_block + tid;
+  if (block >= nblk) return;
+  const float2* block_partials = reinterpret_cast<const float2*>(
+      static_cast<const char*>(p.workspace) + plan.block_partials_offset);
+  float total = 0.f;
+  for (int h = 0; h < p.num_heads; ++h) {
+    const int32_t kv_head = p.head_map[h];
+    if (kv_head < 0 || kv_head >= p.kv.num_kv_heads) continue;  // never computed
+    for (int i = 0; i < p.num_queries; ++i) {
+      const int r = h * p.num_queries + i;
+      const float2 part =
+          block_partials[(static_cast<int64_t>(b) * plan.rows + r) * p.num_blocks + block];
+      if (part.x > 0.f) total += part.x * exp2f(part.y - s_row_max[r]) * s_row_inv[r];
+    }
+  }
+  p.scores[b * p.scores_stride_b + block] += total;
+}
+
+}  // namespace dustin::detail
