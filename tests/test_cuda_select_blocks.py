@@ -7,16 +7,9 @@ import zlib
 import pytest
 import torch
 
-import dustin
 from dustin import ops
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and dustin.built_with_cuda()),
-        reason="needs a CUDA GPU and a libdustin built with CUDA",
-    ),
-]
+pytestmark = pytest.mark.cuda
 
 # Largest NB whose keys the kernel stages in shared memory (select_blocks.cuh).
 SMEM_KEY_BLOCKS = 16384
