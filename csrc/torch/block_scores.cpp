@@ -133,4 +133,22 @@ void validate_block_scores(const at::Tensor& q_srh, const at::Tensor& k_cache,
   check_values(check, p, block_table.cpu(), kv_lens.cpu(), head_map.cpu());
 }
 
+void block_scores_meta(const at::Tensor& q_srh, const at::Tensor& k_cache,
+                       const at::Tensor& block_table, const at::Tensor& kv_lens,
+                       const at::Tensor& head_map, double, int64_t, const std::string&,
+                       at::Tensor& scores, const std::optional<at::Tensor>& workspace) {
+  const ArgCheck check("block_scores");
+  check.dims("q_srh", q_srh, 4, "[B, n, Hs, D]");
+  check_float_dtype(check, "q_srh", q_srh);
+  check.same_dtype("k_cache", k_cache, "q_srh", q_srh);
+  check.dtype("block_table", block_table, at::kInt);
+  check.dtype("kv_lens", kv_lens, at::kInt);
+  check.dtype("head_map", head_map, at::kInt);
+  check.dtype("scores", scores, at::kFloat);
+  const at::Tensor ws = workspace.value_or(at::Tensor());
+  check_same_devices(check, "q_srh", q_srh,
+                     {{"k_cache", &k_cache}, {"block_table", &block_table}, {"kv_lens", &kv_lens},
+                      {"head_map", &head_map}, {"scores", &scores}, {"workspace", &ws}});
+}
+
 }  // namespace dustin::torch_ops

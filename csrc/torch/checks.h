@@ -11,6 +11,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "dustin/dispatch.h"
 #include "dustin/dustin.h"
@@ -121,6 +122,15 @@ class ArgCheck {
 
   const char* op_;
 };
+
+/// Every named tensor is on the device of `ref` (named ref_name); undefined tensors are skipped.
+inline void check_same_devices(
+    const ArgCheck& check, const char* ref_name, const at::Tensor& ref,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors) {
+    if (t->defined()) check.same_device(name, *t, ref_name, ref);
+  }
+}
 
 /// DType of a supported float tensor (q, caches, outputs).
 inline DType to_dtype(at::ScalarType t) {

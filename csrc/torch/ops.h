@@ -62,15 +62,35 @@ void validate_select_blocks(const at::Tensor& draft_scores,
                             int64_t budget_blocks, int64_t n_sink, int64_t n_recent,
                             double draft_share);
 
-// Meta (fake) implementations: shapes and dtypes only, for torch.compile.
+// Meta (fake) implementations for torch.compile: output shapes, and the checks that hold for
+// symbolic shapes (ranks, dtypes, scalar ranges, one device for every tensor).
 std::tuple<at::Tensor, at::Tensor> sparse_verify_meta(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_table, const at::Tensor& kv_lens, const at::Tensor& block_ids,
     const at::Tensor& block_counts, double sm_scale, const std::string& kv_layout);
 
+void sparse_verify_out_meta(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_table,
+                            const at::Tensor& kv_lens, const at::Tensor& block_ids,
+                            const at::Tensor& block_counts, double sm_scale,
+                            const std::string& kv_layout, at::Tensor& out, at::Tensor& lse,
+                            const std::optional<at::Tensor>& workspace);
+
+void block_scores_meta(const at::Tensor& q_srh, const at::Tensor& k_cache,
+                       const at::Tensor& block_table, const at::Tensor& kv_lens,
+                       const at::Tensor& head_map, double sm_scale, int64_t block_size,
+                       const std::string& kv_layout, at::Tensor& scores,
+                       const std::optional<at::Tensor>& workspace);
+
 std::tuple<at::Tensor, at::Tensor> select_blocks_meta(
     const at::Tensor& draft_scores, const std::optional<at::Tensor>& target_scores,
     const at::Tensor& kv_lens, int64_t q_len, int64_t block_size, int64_t budget_blocks,
     int64_t n_sink, int64_t n_recent, double draft_share);
+
+void select_blocks_out_meta(const at::Tensor& draft_scores,
+                            const std::optional<at::Tensor>& target_scores,
+                            const at::Tensor& kv_lens, int64_t q_len, int64_t block_size,
+                            int64_t budget_blocks, int64_t n_sink, int64_t n_recent,
+                            double draft_share, at::Tensor& block_ids, at::Tensor& block_counts);
 
 }  // namespace dustin::torch_ops

@@ -52,17 +52,10 @@ TORCH_LIBRARY_IMPL(dustin, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(dustin, Meta, m) {
   m.impl("sparse_verify", &ops::sparse_verify_meta);
-  m.impl("sparse_verify_out", [](const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&, double, const std::string&, at::Tensor&,
-                                 at::Tensor&, const std::optional<at::Tensor>&) {});
-  m.impl("block_scores", [](const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, double, int64_t,
-                            const std::string&, at::Tensor&, const std::optional<at::Tensor>&) {});
+  m.impl("sparse_verify_out", &ops::sparse_verify_out_meta);
+  m.impl("block_scores", &ops::block_scores_meta);
   m.impl("select_blocks", &ops::select_blocks_meta);
-  m.impl("select_blocks_out",
-         [](const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
-            int64_t, int64_t, int64_t, int64_t, double, at::Tensor&, at::Tensor&) {});
+  m.impl("select_blocks_out", &ops::select_blocks_out_meta);
 }
 
 PYBIND11_MODULE(_C, m) {

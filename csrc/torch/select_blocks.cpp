@@ -191,16 +191,31 @@ void validate_select_blocks(const at::Tensor& draft_scores,
   check_values(check, p, kv_lens.cpu());
 }
 
-std::tuple<at::Tensor, at::Tensor> select_blocks_meta(
-    const at::Tensor& draft_scores, const std::optional<at::Tensor>&, const at::Tensor&,
-    int64_t q_len, int64_t block_size, int64_t budget_blocks, int64_t n_sink, int64_t n_recent,
-    double draft_share) {
-  const ArgCheck check("select_blocks");
+/// Meta checks: what holds for symbolic shapes too (ranks, dtypes, scalars, one device).
+static void check_meta_inputs(const ArgCheck& check, const at::Tensor& draft_scores,
+                              const std::optional<at::Tensor>& target_scores,
+                              const at::Tensor& kv_lens, int64_t q_len, int64_t block_size,
+                              int64_t budget_blocks, int64_t n_sink, int64_t n_recent,
+                              double draft_share) {
   check.dtype("draft_scores", draft_scores, at::kFloat);
   check.value(draft_scores.dim() == 2 || draft_scores.dim() == 3,
               "draft_scores must have 2 dims [B, NB] or 3 dims [B, H, NB], got ",
               draft_scores.dim(), " dims");
+  const at::Tensor target = target_scores.value_or(at::Tensor());
+  if (target.defined()) check.dtype("target_scores", target, at::kFloat);
+  check.dtype("kv_lens", kv_lens, at::kInt);
+  check_same_devices(check, "draft_scores", draft_scores,
+                     {{"target_scores", &target}, {"kv_lens", &kv_lens}});
   check_scalars(check, q_len, block_size, budget_blocks, n_sink, n_recent, draft_share);
+}
+
+std::tuple<at::Tensor, at::Tensor> select_blocks_meta(
+    const at::Tensor& draft_scores, const std::optional<at::Tensor>& target_scores,
+    const at::Tensor& kv_lens, int64_t q_len, int64_t block_size, int64_t budget_blocks,
+    int64_t n_sink, int64_t n_recent, double draft_share) {
+  const ArgCheck check("select_blocks");
+  check_meta_inputs(check, draft_scores, target_scores, kv_lens, q_len, block_size, budget_blocks,
+                    n_sink, n_recent, draft_share);
   const c10::SymInt capacity = draft_scores.sym_size(-1).min(
       c10::SymInt(capacity_before_clamp(budget_blocks, n_sink, n_recent, q_len, block_size)));
   std::vector<c10::SymInt> shape(draft_scores.sym_sizes().begin(), draft_scores.sym_sizes().end());
@@ -208,6 +223,20 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_meta(
   std::vector<c10::SymInt> counts_shape(shape.begin(), shape.end() - 1);
   shape.back() = capacity;
   return {at::empty_symint(shape, int_options), at::empty_symint(counts_shape, int_options)};
+}
+
+void select_blocks_out_meta(const at::Tensor& draft_scores,
+                            const std::optional<at::Tensor>& target_scores,
+                            const at::Tensor& kv_lens, int64_t q_len, int64_t block_size,
+                            int64_t budget_blocks, int64_t n_sink, int64_t n_recent,
+                            double draft_share, at::Tensor& block_ids, at::Tensor& block_counts) {
+  const ArgCheck check("select_blocks_out");
+  check_meta_inputs(check, draft_scores, target_scores, kv_lens, q_len, block_size, budget_blocks,
+                    n_sink, n_recent, draft_share);
+  check.dtype("block_ids", block_ids, at::kInt);
+  check.dtype("block_counts", block_counts, at::kInt);
+  check_same_devices(check, "draft_scores", draft_scores,
+                     {{"block_ids", &block_ids}, {"block_counts", &block_counts}});
 }
 
 }  // namespace dustin::torch_ops

@@ -239,16 +239,49 @@ int64_t sparse_verify_workspace_bytes(const at::Tensor& q, const at::Tensor& k_c
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_verify_meta(
-    const at::Tensor& q, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const std::string&) {
-  const ArgCheck check("sparse_verify");
+/// Meta checks: what holds for symbolic shapes too (ranks, dtypes, one device for all).
+static void check_meta_inputs(const ArgCheck& check, const at::Tensor& q, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& block_table,
+                              const at::Tensor& kv_lens, const at::Tensor& block_ids,
+                              const at::Tensor& block_counts) {
   check.dims("q", q, 4, "[B, q, Hq, D]");
   check_float_dtype(check, "q", q);
+  check.same_dtype("k_cache", k_cache, "q", q);
+  check.same_dtype("v_cache", v_cache, "k_cache", k_cache);
+  check.dtype("block_table", block_table, at::kInt);
+  check.dtype("kv_lens", kv_lens, at::kInt);
+  check.dtype("block_ids", block_ids, at::kInt);
+  check.dtype("block_counts", block_counts, at::kInt);
+  check_same_devices(check, "q", q,
+                     {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"block_table", &block_table},
+                      {"kv_lens", &kv_lens}, {"block_ids", &block_ids},
+                      {"block_counts", &block_counts}});
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_verify_meta(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& kv_lens, const at::Tensor& block_ids,
+    const at::Tensor& block_counts, double, const std::string&) {
+  const ArgCheck check("sparse_verify");
+  check_meta_inputs(check, q, k_cache, v_cache, block_table, kv_lens, block_ids, block_counts);
   at::Tensor out = at::empty_symint(q.sym_sizes(), q.options());
   at::Tensor lse = at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2)},
                                     q.options().dtype(at::kFloat));
   return {out, lse};
+}
+
+void sparse_verify_out_meta(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_table,
+                            const at::Tensor& kv_lens, const at::Tensor& block_ids,
+                            const at::Tensor& block_counts, double, const std::string&,
+                            at::Tensor& out, at::Tensor& lse,
+                            const std::optional<at::Tensor>& workspace) {
+  const ArgCheck check("sparse_verify_out");
+  check_meta_inputs(check, q, k_cache, v_cache, block_table, kv_lens, block_ids, block_counts);
+  check.same_dtype("out", out, "q", q);
+  check.dtype("lse", lse, at::kFloat);
+  const at::Tensor ws = workspace.value_or(at::Tensor());
+  check_same_devices(check, "q", q, {{"out", &out}, {"lse", &lse}, {"workspace", &ws}});
 }
 
 }  // namespace dustin::torch_ops
