@@ -31,6 +31,7 @@ __all__ = [
     "HistoryOnly",
     "PairConfig",
     "Policy",
+    "Quest",
     "Streaming",
     "make_policy",
 ]
@@ -277,3 +278,78 @@ def make_policy(name: str, pair: PairConfig, budget_tokens: int | None = None) -
     if name == "dustin":
         kwargs["draft_share"] = pair.draft_share
     return POLICIES[name](**kwargs)
+
+
+@dataclass
+class Quest(_Budgeted):
+    """Quest-style query-aware selection (Tang et al., 2024), the strongest query-aware baseline.
+
+    In every layer each page's keys are bounded by their elementwise min and max; the
+    verification window's own queries give an upper bound of their attention logit on a page,
+    ``q+ . k_max + q- . k_min``; each KV head keeps sinks, recent and then the pages with the
+    highest bound over its query heads and window tokens. Because it selects per layer and per
+    KV head from the verification's own queries it cannot choose once before the forward pass
+    as the other policies do: it runs through ``select_layer`` inside the layer loop
+    (``dustin.evaluate.forward_per_layer``).
+    """
+
+    name = "quest"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.draft_heads = self.target_heads = ()
+
+    def select(self, signals, kv_lens, q_len, page_size):
+        raise NotImplementedError(
+            "Quest selects inside every layer from the verification's own queries; call "
+            "select_layer from the layer loop (dustin.evaluate.forward_per_layer)"
+        )
+
+    def select_layer(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        kv_lens: torch.Tensor,
+        page_size: int,
+        layout: str,
+    ) -> BlockSelection:
+        """Per-KV-head blocks for one layer.
+
+        Args:
+            q: ``[B, q, Hq, D]`` the window's queries in this layer (post-RoPE).
+            k_cache: this layer's key pages, ``[num_pages, Hkv, P, D]`` (HND) or
+                ``[num_pages, P, Hkv, D]`` (NHD), the window already written.
+            block_table: ``[B, NB]`` int32; kv_lens: ``[B]`` int32 counting the window.
+            page_size: P, the selection block; layout: ``"HND"`` or ``"NHD"``.
+
+        Returns:
+            ``BlockSelection`` with ``[B, Hkv, K]`` ids and ``[B, Hkv]`` counts.
+        """
+        page_axis = 2 if layout == "HND" else 1
+        # Bounds of whole pages: slots past a sequence's end lie only in the window's last
+        # page, which is always attended, so they never change a choice.
+        k_max = k_cache.amax(page_axis).float()  # [num_pages, Hkv, D]
+        k_min = k_cache.amin(page_axis).float()
+        pages = block_table.long()
+        k_max = k_max[pages].transpose(1, 2)  # [B, Hkv, NB, D]
+        k_min = k_min[pages].transpose(1, 2)
+        batch, q_len, num_heads, dim = q.shape
+        num_kv_heads = k_max.shape[1]
+        # [B, Hkv, G * q, D]: the query heads of one KV head and the window's tokens as rows.
+        rows = q.float().view(batch, q_len, num_kv_heads, num_heads // num_kv_heads, dim)
+        rows = rows.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, -1, dim)
+        bound = rows.clamp(min=0) @ k_max.transpose(-1, -2) + rows.clamp(max=0) @ k_min.transpose(-1, -2)
+        scores = bound.amax(2).contiguous()  # [B, Hkv, NB]: a page matters if any row may attend it
+        ids, counts = ops.select_blocks(
+            scores,
+            None,
+            kv_lens,
+            q_len,
+            page_size,
+            -(-self.budget_tokens // page_size),
+            self.n_sink,
+            self.n_recent,
+            1.0,
+        )
+        return BlockSelection(ids, counts)
