@@ -161,7 +161,8 @@ class PagedKVCache:
                     f"sequence {b} would hold {n} tokens, past the cache's max_seq_len "
                     f"{self.max_seq_len}; size the cache for prompt + new tokens + window"
                 )
-        wanted = sum(-(-n // self.page_size) - len(self._pages[b]) for b, n in zip(seqs, new_lens))
+        # Reserved pages (see reserve) count: a sequence may already hold more than it needs.
+        wanted = sum(max(0, -(-n // self.page_size) - len(self._pages[b])) for b, n in zip(seqs, new_lens))
         if wanted > len(self._free):
             raise CacheFullError(
                 f"the KV cache is out of pages: {wanted} more needed, {len(self._free)} free of "
@@ -197,12 +198,69 @@ class PagedKVCache:
             raise ValueError(
                 f"PagedKVCache.write: k holds {k.shape[0]} tokens, the window {self._write_pages.numel()}"
             )
+        self.store(layer, self._write_pages, self._write_slots, k, v)
+
+    def store(
+        self, layer: int, pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Writes tokens' keys and values at given (physical page, slot) places of one layer.
+
+        Nothing here reads back to the host, so a CUDA graph can capture it with ``pages`` and
+        ``slots`` computed on the device (from ``block_table`` and ``kv_lens``).
+
+        Args:
+            layer: layer index.
+            pages, slots: ``[N]`` int64 physical page and slot in the page of each token.
+            k, v: ``[N, Hkv, D]`` in the cache's dtype.
+        """
         if self.layout == "HND":
-            self.k(layer)[self._write_pages, :, self._write_slots] = k
-            self.v(layer)[self._write_pages, :, self._write_slots] = v
+            self.k(layer)[pages, :, slots] = k
+            self.v(layer)[pages, :, slots] = v
         else:
-            self.k(layer)[self._write_pages, self._write_slots] = k
-            self.v(layer)[self._write_pages, self._write_slots] = v
+            self.k(layer)[pages, slots] = k
+            self.v(layer)[pages, slots] = v
+
+    def reserve(self, lens: list[int]) -> None:
+        """Hands every sequence the pages for ``lens[b]`` tokens now, without changing its length.
+
+        Growth up to there then needs no host work: a CUDA-graph decoding step (``dustin.fast``)
+        appends by raising ``kv_lens`` on the device and writing through ``block_table``. The
+        pages stay with the sequence until ``truncate`` cuts below them.
+
+        Raises:
+            CacheFullError: a length passes ``max_seq_len`` or the pool is out of pages; nothing
+                is changed then.
+        """
+        if len(lens) != self.batch_size:
+            raise ValueError(
+                f"PagedKVCache.reserve: lens must have {self.batch_size} entries, got {len(lens)}"
+            )
+        for b, n in enumerate(lens):
+            if n > self.max_seq_len:
+                raise CacheFullError(
+                    f"sequence {b} would reserve {n} tokens, past the cache's max_seq_len "
+                    f"{self.max_seq_len}"
+                )
+        wanted = [max(0, -(-n // self.page_size) - len(self._pages[b])) for b, n in enumerate(lens)]
+        if sum(wanted) > len(self._free):
+            raise CacheFullError(
+                f"the KV cache is out of pages: {sum(wanted)} more needed to reserve, "
+                f"{len(self._free)} free of {self.num_pages}; raise its token_budget"
+            )
+        for b, count in enumerate(wanted):
+            self._pages[b] += [self._free.pop() for _ in range(count)]
+        self._sync(list(range(self.batch_size)))
+
+    def pull_lens(self) -> None:
+        """Takes the lengths back from ``kv_lens`` after steps that changed them on the device
+        (one host sync), so the host bookkeeping is the source of truth again."""
+        self.lens = [int(n) for n in self.kv_lens.tolist()]
+        for b, n in enumerate(self.lens):
+            if n > len(self._pages[b]) * self.page_size:
+                raise RuntimeError(
+                    f"PagedKVCache.pull_lens: sequence {b} has {n} tokens on the device but only "
+                    f"{len(self._pages[b])} pages; it grew past its reserved pages"
+                )
 
     def truncate(self, lens: list[int]) -> None:
         """Rolls sequences back to the given lengths, returning pages no longer needed.
