@@ -20,7 +20,7 @@ constexpr int kMaxSplits = 128;
 /// CTA slots; the smallest such count is taken, since each split adds merge traffic.
 constexpr double kMinWaveEfficiency = 0.85;
 constexpr int kMaxDevices = 64;
-constexpr int kMergeWarps = 4;
+constexpr int kMergeThreads = 128;
 
 /// How one call is cut into CTAs.
 struct LaunchPlan {
@@ -30,7 +30,7 @@ struct LaunchPlan {
   size_t split_bytes = 0;    // workspace per split
 };
 
-int m_tiles_for(int rows) { return rows <= 16 ? 1 : rows <= 32 ? 2 : 4; }
+int m_tiles_for(int rows) { return rows <= 48 ? (rows + 15) / 16 : 4; }
 
 /// Most attended blocks any list can produce: K listed plus the window's blocks.
 int64_t max_attended_slots(const SparseVerifyParams& p) {
@@ -173,9 +173,8 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, size_t*
   if (cudaPeekAtLastError() != cudaSuccess) return Status::kCudaError;
   if (splits > 1) {
     const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
-    const int64_t merge_ctas = (rows + kMergeWarps - 1) / kMergeWarps;
     detail::sparse_verify_merge_kernel<T, kHeadDim>
-        <<<static_cast<unsigned>(merge_ctas), kMergeWarps * 32, 0, stream>>>(p, splits);
+        <<<static_cast<unsigned>(rows), kMergeThreads, 0, stream>>>(p, splits);
     if (cudaPeekAtLastError() != cudaSuccess) return Status::kCudaError;
   }
   return Status::kOk;
@@ -193,6 +192,7 @@ Status dispatch(const SparseVerifyParams& p, cudaStream_t stream, size_t* worksp
       switch (m_tiles) {
         case 1: return plan_and_launch<DTypeKV, kHeadDim, 1>(p, stream, workspace_bytes);
         case 2: return plan_and_launch<DTypeKV, kHeadDim, 2>(p, stream, workspace_bytes);
+        case 3: return plan_and_launch<DTypeKV, kHeadDim, 3>(p, stream, workspace_bytes);
         default: return plan_and_launch<DTypeKV, kHeadDim, 4>(p, stream, workspace_bytes);
       }
     });

@@ -123,10 +123,13 @@ def poisoned_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def run_cuda(c: Case, workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """sparse_verify_out into poisoned buffers."""
+def run_cuda(
+    c: Case, workspace: torch.Tensor | None = None, validate: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparse_verify_out into poisoned buffers (value checks are test_errors.py's subject; the
+    last test here runs them on CUDA inputs once)."""
     out, lse = poisoned_outputs(c.q)
-    ops.sparse_verify_out(*c.args(), out, lse, workspace)
+    ops.sparse_verify_out(*c.args(), out, lse, workspace, validate=validate)
     return out, lse
 
 
@@ -237,7 +240,7 @@ def test_split_and_unsplit_paths_agree():
         workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         out, lse = run_cuda(c, workspace)
         assert_close(out, lse, ref_out, ref_lse, torch.bfloat16, f"seed {seed} B={batch}")
-        out2, lse2 = ops.sparse_verify(*c.args())
+        out2, lse2 = ops.sparse_verify(*c.args(), validate=False)
         assert_close(out2, lse2, ref_out, ref_lse, torch.bfloat16, f"seed {seed} B={batch} op")
 
 
@@ -341,3 +344,23 @@ def test_out_of_contract_values_are_skipped_not_read():
     args[4] = torch.full_like(c.cache.kv_lens, 10**7)
     torch.ops.dustin.sparse_verify_out(*args, out, lse, None)
     torch.cuda.synchronize()
+
+
+def test_wrapper_value_checks_accept_valid_cuda_inputs():
+    gen, seed = fresh_generator()
+    c = make_case(
+        gen,
+        batch=2,
+        q_len=5,
+        group=4,
+        num_kv_heads=2,
+        head_dim=128,
+        page=16,
+        dtype=torch.bfloat16,
+        layout="HND",
+        mode="random",
+        per_head=False,
+    )
+    out, lse = run_cuda(c, validate=True)
+    ref_out, ref_lse = reference.sparse_verify(*c.args())
+    assert_close(out, lse, ref_out, ref_lse, torch.bfloat16, f"seed {seed}")

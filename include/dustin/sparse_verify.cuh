@@ -22,8 +22,8 @@ constexpr int32_t kMaskedPos = 0x7fffffff;
 
 /// Tile shapes of one instantiation. A CTA of 4 warps owns the kRows = 16 * kMTiles query rows
 /// (G heads x q tokens, token-major) of one KV head; warps split those rows into 16-row MMA
-/// tiles and, when there are fewer than 4 row tiles, split each KV tile's tokens instead, so
-/// every warp has work and each KV byte is read from HBM once for all rows (design.md s. 4).
+/// tiles and, when there are fewer than 4 row tiles, split each KV tile's tokens too, so each
+/// KV byte is read from HBM once for all rows (design.md s. 4).
 template <int kHeadDim_, int kMTiles_>
 struct VerifyTileConfig {
   static constexpr int kHeadDim = kHeadDim_;
@@ -33,6 +33,9 @@ struct VerifyTileConfig {
   static constexpr int kRows = 16 * kMTiles;
   static constexpr int kWarpsM = kMTiles;
   static constexpr int kWarpsN = kWarps / kWarpsM;
+  /// With 3 row tiles the fourth warp only helps load (fewer shared-memory re-reads of each
+  /// KV tile than padding the rows to 4 tiles).
+  static constexpr int kComputeWarps = kWarpsM * kWarpsN;
   /// KV tokens per pipeline stage: 64 x 256 B = 16 KB of K (and of V) at D = 128, large enough
   /// that a few stages in flight per SM cover HBM latency at full bandwidth.
   static constexpr int kTileN = 64;
@@ -45,15 +48,21 @@ struct VerifyTileConfig {
   static constexpr int kStageElems = 2 * kKvTileElems;  // K tile then V tile
   static constexpr int kQOffsetBytes = kStages * kStageElems * 2;
   static constexpr int kPosOffsetBytes = kQOffsetBytes + kRows * kHeadDim * 2;
-  static constexpr int kSmemBytes = kPosOffsetBytes + kStages * kTileN * 4;
+  /// Attended blocks whose logical id and physical page are looked up together, ahead of the
+  /// tiles that read them: one pair of dependent global loads per chunk instead of per tile.
+  static constexpr int kChunkBlocks = 256;
+  static constexpr int kChunkOffsetBytes = kPosOffsetBytes + kStages * kTileN * 4;
+  static constexpr int kSmemBytes = kChunkOffsetBytes + 2 * kChunkBlocks * 4;
   /// The epilogue reuses the stage buffers for per-warp partial outputs [kWarpsN, kRows, D]
   /// plus their row max and sum.
   static constexpr int kEpilogueBytes = (kWarpsN * kRows * (kHeadDim + 2)) * 4;
 
-  static_assert(kMTiles == 1 || kMTiles == 2 || kMTiles == 4, "row tiles per CTA: 1, 2 or 4");
+  static_assert(kMTiles >= 1 && kMTiles <= 4, "row tiles per CTA: 1 to 4");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
   static_assert(kWarpN % 16 == 0, "each warp attends whole k16 steps of the tile");
   static_assert(kTileN % kLoadRowStep == 0, "loads cover the tile exactly");
+  static_assert(kChunkBlocks >= kTileN + 1 && kChunkBlocks % kThreads == 0,
+                "a chunk covers any tile's blocks (P = 1 included)");
   static_assert(kEpilogueBytes <= kQOffsetBytes, "epilogue scratch fits in the stage buffers");
 };
 
@@ -179,6 +188,9 @@ __global__ void __launch_bounds__(128)
   T* stage_base = reinterpret_cast<T*>(smem);                       // [kStages][K|V][kTileN, D]
   T* q_smem = reinterpret_cast<T*>(smem + Cfg::kQOffsetBytes);      // [kRows, D]
   int32_t* pos_smem = reinterpret_cast<int32_t*>(smem + Cfg::kPosOffsetBytes);  // [kStages][kTileN]
+  // [kChunkBlocks] logical block id (-1: skipped) and physical page of attended blocks.
+  int32_t* chunk_block = reinterpret_cast<int32_t*>(smem + Cfg::kChunkOffsetBytes);
+  int32_t* chunk_page = chunk_block + Cfg::kChunkBlocks;
 
   const PagedKV& kv = p.kv;
   const int num_kv_heads = kv.num_kv_heads;
@@ -206,6 +218,7 @@ __global__ void __launch_bounds__(128)
   const int warp = tid >> 5;
   const int warp_m = warp % Cfg::kWarpsM;
   const int warp_n = warp / Cfg::kWarpsM;
+  const bool computes = warp < Cfg::kComputeWarps;
 
   // ---- Q rows -> shared memory (zero for padding rows) ------------------------------------
   {
@@ -230,12 +243,49 @@ __global__ void __launch_bounds__(128)
     cp_async_commit();
   }
 
-  // ---- gather of one KV tile into a stage -------------------------------------------------
+  // Attended block `vblock` of this list: listed ids first (ids at or past the window, or
+  // outside the sequence, are skipped, never read), then every block of the window.
+  constexpr int kChunkPerThread = Cfg::kChunkBlocks / Cfg::kThreads;
+  int chunk_first = -Cfg::kChunkBlocks;  // first attended block held in chunk_*
+  auto fill_chunk = [&](int first) {
+    __syncthreads();  // the previous chunk has no readers left
+    int block[kChunkPerThread];
+    bool valid[kChunkPerThread];
+#pragma unroll
+    for (int j = 0; j < kChunkPerThread; ++j) {
+      const int vblock = first + tid + j * Cfg::kThreads;
+      if (vblock < seq.count) {
+        block[j] = __ldg(seq.ids + vblock);
+        valid[j] = block[j] >= 0 && block[j] < seq.first_window;
+      } else {
+        block[j] = seq.first_window + (vblock - seq.count);
+        valid[j] = block[j] < seq.num_blocks;
+      }
+    }
+    int page[kChunkPerThread];
+#pragma unroll
+    for (int j = 0; j < kChunkPerThread; ++j) page[j] = valid[j] ? __ldg(seq.table + block[j]) : -1;
+#pragma unroll
+    for (int j = 0; j < kChunkPerThread; ++j) {
+      const bool ok = valid[j] && page[j] >= 0 && page[j] < kv.num_pages;
+      chunk_block[tid + j * Cfg::kThreads] = ok ? block[j] : -1;
+      chunk_page[tid + j * Cfg::kThreads] = page[j];
+    }
+    chunk_first = first;
+    __syncthreads();
+  };
+
+  // ---- gather of one KV tile into a stage (called by all threads alike) ------------------
   const T* k_base = static_cast<const T*>(kv.k);
   const T* v_base = static_cast<const T*>(kv.v);
   const int load_chunk = tid % kChunks;
   const int load_row0 = tid / kChunks;
   auto load_tile = [&](int tile, int stage) {
+    const int first_vblock = tile * kTileN / page_size;
+    const int last_vblock = (tile * kTileN + kTileN - 1) / page_size;
+    if (first_vblock < chunk_first || last_vblock >= chunk_first + Cfg::kChunkBlocks) {
+      fill_chunk(first_vblock);
+    }
     T* k_stage = stage_base + stage * Cfg::kStageElems;
     T* v_stage = k_stage + Cfg::kKvTileElems;
 #pragma unroll
@@ -245,21 +295,10 @@ __global__ void __launch_bounds__(128)
       const int slot = tile * kTileN + r;
       const int vblock = slot / page_size;
       const int offset = slot - vblock * page_size;
-      int block;
-      bool valid;
-      if (vblock < seq.count) {
-        // Listed ids at or past the window are attended as window blocks below; ids outside
-        // the sequence are skipped, never read.
-        block = __ldg(seq.ids + vblock);
-        valid = block >= 0 && block < seq.first_window;
-      } else {
-        block = seq.first_window + (vblock - seq.count);
-        valid = block < seq.num_blocks;
-      }
+      const int block = chunk_block[vblock - chunk_first];
+      const int page = chunk_page[vblock - chunk_first];
       const int pos = block * page_size + offset;
-      valid = valid && pos < seq.kv_len;
-      const int page = valid ? __ldg(seq.table + block) : 0;
-      valid = valid && page >= 0 && page < kv.num_pages;
+      const bool valid = block >= 0 && pos < seq.kv_len;
       const int64_t src = static_cast<int64_t>(page) * kv.page_stride + h * kv.head_stride +
                           offset * kv.token_stride + load_chunk * 8;
       const int dst = swizzle<kHeadDim>(r, load_chunk);
@@ -314,6 +353,7 @@ __global__ void __launch_bounds__(128)
       cp_async_commit();
     }
 
+    if (!computes) continue;
     const T* k_stage = stage_base + stage * Cfg::kStageElems;
     const T* v_stage = k_stage + Cfg::kKvTileElems;
     const int32_t* pos_tile = pos_smem + stage * kTileN;
@@ -405,7 +445,7 @@ __global__ void __launch_bounds__(128)
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
     const int r = warp_m * 16 + (lane >> 2) + hr * 8;
-    if ((lane & 3) == 0) {
+    if (computes && (lane & 3) == 0) {
       m_scratch[warp_n * kRows + r] = row_max[hr];
       l_scratch[warp_n * kRows + r] = row_sum[hr];
     }
@@ -413,7 +453,7 @@ __global__ void __launch_bounds__(128)
   __syncthreads();
   // Each warp rescales its partial output to the max over the warps sharing its rows.
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
+  for (int hr = 0; hr < 2 && computes; ++hr) {
     const int r = warp_m * 16 + (lane >> 2) + hr * 8;
     float m_all = kNegInf;
 #pragma unroll
@@ -473,53 +513,69 @@ __global__ void __launch_bounds__(128)
   }
 }
 
-/// Merges the split partials of each output row (flash-decoding): one warp per row.
+/// Merges the split partials of one output row per CTA (flash-decoding). Each warp folds a
+/// strided share of the splits, so many splits do not serialise on load latency.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(128)
     sparse_verify_merge_kernel(const __grid_constant__ SparseVerifyParams p, int num_splits) {
+  constexpr int kWarps = 4;
   constexpr int kPerLane = kHeadDim / 32;
+  __shared__ float warp_max[kWarps];
+  __shared__ float warp_sum[kWarps];
+  __shared__ __align__(16) float warp_out[kWarps][kHeadDim];
   const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
+  const int64_t row = blockIdx.x;
   const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const float* ws_out = static_cast<const float*>(p.workspace);
   const float* ws_lse = ws_out + num_splits * rows * kHeadDim;
 
   float lse_max = kNegInf;
-  for (int s = 0; s < num_splits; ++s) lse_max = fmaxf(lse_max, ws_lse[s * rows + row]);
+  for (int s = threadIdx.x; s < num_splits; s += blockDim.x) {
+    lse_max = fmaxf(lse_max, ws_lse[s * rows + row]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, o));
+  if (lane == 0) warp_max[warp] = lse_max;
+  __syncthreads();
+  lse_max = fmaxf(fmaxf(warp_max[0], warp_max[1]), fmaxf(warp_max[2], warp_max[3]));
+
   float acc[kPerLane] = {};
   float weight_sum = 0.f;
   if (lse_max != kNegInf) {
-    for (int s = 0; s < num_splits; ++s) {
+#pragma unroll 4
+    for (int s = warp; s < num_splits; s += kWarps) {
       const float lse_s = ws_lse[s * rows + row];
-      if (lse_s == kNegInf) continue;
-      const float w = exp2f(lse_s - lse_max);
+      const float w = lse_s == kNegInf ? 0.f : exp2f(lse_s - lse_max);
       weight_sum += w;
       const float* src = ws_out + (s * rows + row) * kHeadDim + lane * kPerLane;
-      if constexpr (kPerLane == 4) {
-        const float4 v = *reinterpret_cast<const float4*>(src);
-        acc[0] += w * v.x;
-        acc[1] += w * v.y;
-        acc[2] += w * v.z;
-        acc[3] += w * v.w;
-      } else {
-        const float2 v = *reinterpret_cast<const float2*>(src);
-        acc[0] += w * v.x;
-        acc[1] += w * v.y;
-      }
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[e] += w * src[e];
     }
   }
-  const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) warp_out[warp][lane * kPerLane + e] = acc[e];
+  if (lane == 0) warp_sum[warp] = weight_sum;
+  __syncthreads();
+  if (warp != 0) return;
+  const float total = warp_sum[0] + warp_sum[1] + warp_sum[2] + warp_sum[3];
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  float merged[kPerLane];
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) {
+    const int d = lane * kPerLane + e;
+    merged[e] = (warp_out[0][d] + warp_out[1][d] + warp_out[2][d] + warp_out[3][d]) * inv;
+  }
   T* dst = static_cast<T*>(p.out) + row * kHeadDim + lane * kPerLane;
   if constexpr (kPerLane == 4) {
     uint2 packed;
-    packed.x = pack2<T>(acc[0] * inv, acc[1] * inv);
-    packed.y = pack2<T>(acc[2] * inv, acc[3] * inv);
+    packed.x = pack2<T>(merged[0], merged[1]);
+    packed.y = pack2<T>(merged[2], merged[3]);
     *reinterpret_cast<uint2*>(dst) = packed;
   } else {
-    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc[0] * inv, acc[1] * inv);
+    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(merged[0], merged[1]);
   }
-  if (lane == 0) p.lse[row] = weight_sum > 0.f ? (lse_max + __log2f(weight_sum)) * kLn2 : kNegInf;
+  if (lane == 0) p.lse[row] = total > 0.f ? (lse_max + __log2f(total)) * kLn2 : kNegInf;
 }
 
 }  // namespace dustin::detail
