@@ -60,7 +60,7 @@ def peer_layer(q, k_dense, groups, scores):
     context = k_dense.shape[2]
     tail_mask = torch.full((n, n), float("-inf"), device=q.device).triu(1)  # query i sees <= i
     for kv_head, heads in groups:
-        qg = q[:, :, heads].permute(0, 2, 1, 3).reshape(batch, len(heads) * n, d)
+        qg = q.index_select(2, heads).permute(0, 2, 1, 3).reshape(batch, len(heads) * n, d)
         logits = torch.matmul(qg, k_dense[:, kv_head].transpose(1, 2)).float() * d**-0.5
         logits[:, :, context - n :] += tail_mask.repeat(len(heads), 1)
         probs = torch.softmax(logits, dim=-1)
@@ -99,8 +99,10 @@ def main() -> None:
             q = torch.randn(batch, QUERIES, hs, D, dtype=DTYPE, device="cuda", generator=gen)
             head_map_list = [0] * hs if shared else list(range(hs))
             head_map = torch.tensor(head_map_list, dtype=torch.int32, device="cuda")
-            groups = [(kv, [h for h in range(hs) if head_map_list[h] == kv])
-                      for kv in sorted(set(head_map_list))]
+            groups = [
+                (kv, torch.tensor([h for h in range(hs) if head_map_list[h] == kv], device="cuda"))
+                for kv in sorted(set(head_map_list))
+            ]
             workspace_bytes = batch * hs * QUERIES * 8 * (nb + 1024)
             workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device="cuda")
             step = itertools.count()

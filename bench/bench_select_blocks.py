@@ -33,13 +33,10 @@ def forced_blocks(context: int, bs: int) -> list[int]:
     return list(range(sink)) + list(range(recent, nblk))
 
 
-def peer_select(draft, target, forced, count):
+def peer_select(draft, target, forced_ids, blocked, count):
     """Top-k by draft, then by target among the rest, forced blocks added, ids sorted."""
-    rest = count - len(forced)
+    rest = count - len(forced_ids)
     by_draft = int(rest * SHARE)
-    forced_ids = torch.tensor(forced, device=draft.device)
-    blocked = torch.zeros(draft.shape[-1], dtype=torch.bool, device=draft.device)
-    blocked[forced_ids] = True
     first = draft.masked_fill(blocked, float("-inf")).topk(by_draft, dim=-1).indices
     second_scores = target.masked_fill(blocked, float("-inf")).scatter(-1, first, float("-inf"))
     second = second_scores.topk(rest - by_draft, dim=-1).indices
@@ -75,7 +72,9 @@ def main() -> None:
         draft = torch.rand(shape, device="cuda", generator=gen)
         target = torch.rand(shape, device="cuda", generator=gen)
         kv_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-        forced = forced_blocks(context, bs)
+        forced = torch.tensor(forced_blocks(context, bs), device="cuda")
+        blocked = torch.zeros(nb, dtype=torch.bool, device="cuda")
+        blocked[forced] = True
         for budget_tokens in [128, 512, 2048]:
             budget = budget_tokens // bs
             k = ops.select_capacity(nb, budget, N_SINK, N_RECENT, Q_LEN, bs)
@@ -88,11 +87,11 @@ def main() -> None:
                     draft, target, kv_lens, Q_LEN, bs, budget, N_SINK, N_RECENT, SHARE, ids, counts)
 
             def peer_call():
-                peer_select(draft, target, forced, count)
+                peer_select(draft, target, forced, blocked, count)
 
             # Same selection from both (random scores have no ties) before timing.
             dustin_call()
-            expected = peer_select(draft, target, forced, count)
+            expected = peer_select(draft, target, forced, blocked, count)
             assert torch.equal(ids[..., :count], expected), "dustin and the peer disagree"
 
             ours = time_cuda(dustin_call, reps=9)

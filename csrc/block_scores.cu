@@ -47,7 +47,11 @@ Status launch(const BlockScoresParams& p, const detail::BlockScoresPlan& plan,
   const dim3 partial_grid(static_cast<unsigned>(plan.num_splits),
                           static_cast<unsigned>(p.num_heads),
                           static_cast<unsigned>(p.batch_size));
-  partial<<<partial_grid, Tile::kThreads, smem, stream>>>(p, plan, rows_pad);
+  constexpr int64_t kElemsPer16B = 8;
+  const bool q_vec16 = reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
+                       p.q_stride_b % kElemsPer16B == 0 && p.q_stride_t % kElemsPer16B == 0 &&
+                       p.q_stride_h % kElemsPer16B == 0;
+  partial<<<partial_grid, Tile::kThreads, smem, stream>>>(p, plan, rows_pad, q_vec16);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
 
   const int32_t max_blocks =

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// dustin::select_blocks: checks the params, picks the shared-memory or global-key path, launches.
+// dustin::select_blocks: checks the params, picks the staged (shared-memory) or global-row path, launches.
 #include <cuda_runtime.h>
 
 #include "dustin/dustin.h"
@@ -20,9 +20,9 @@ bool valid_params(const SelectBlocksParams& p) {
                                p.block_ids != nullptr && p.block_counts != nullptr);
 }
 
-template <bool kKeysInSmem>
+template <bool kStaged>
 Status launch(const SelectBlocksParams& p, cudaStream_t stream) {
-  const size_t smem = detail::select_blocks_smem_bytes(p.num_blocks, kKeysInSmem);
+  const size_t smem = detail::select_blocks_smem_bytes(p.num_blocks, kStaged);
   int device = 0;
   int smem_optin = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -32,7 +32,7 @@ Status launch(const SelectBlocksParams& p, cudaStream_t stream) {
   }
   const size_t static_smem = sizeof(detail::SelectShared);
   if (smem + static_smem > static_cast<size_t>(smem_optin)) return Status::kUnsupported;
-  auto kernel = detail::select_blocks_kernel<kKeysInSmem>;
+  auto kernel = detail::select_blocks_kernel<kStaged>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem)) != cudaSuccess) {
     return Status::kCudaError;
@@ -50,7 +50,7 @@ Status select_blocks(const SelectBlocksParams& params, cudaStream_t stream) {
   if (static_cast<int64_t>(params.batch_size) * params.num_lists > INT32_MAX) {
     return Status::kUnsupported;
   }
-  return params.num_blocks <= detail::kSelectSmemKeyBlocks ? launch<true>(params, stream)
+  return params.num_blocks <= detail::kSelectSmemBlocks ? launch<true>(params, stream)
                                                            : launch<false>(params, stream);
 }
 

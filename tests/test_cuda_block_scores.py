@@ -3,6 +3,9 @@
 page size != score block size, shared and distinct KV heads, multi-split contexts; accumulation,
 determinism, the workspace contract and CUDA-graph capture."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -77,7 +80,7 @@ def test_accumulates_and_is_deterministic():
     assert torch.equal(again, 2 * first)
 
 
-def test_workspace_contract_and_graph_capture():
+def test_graph_capture_with_workspace():
     gen = torch.Generator().manual_seed(5)
     kv_lens = [3000, 5000]
     cache = make_paged_cache(kv_lens, 16, 2, 64, torch.float16, "NHD", generator=gen)
@@ -88,19 +91,40 @@ def test_workspace_contract_and_graph_capture():
     expected = torch.zeros(2, nb, device="cuda")
     ops.block_scores(*args, head_map, 0.125, 16, "NHD", expected)
 
-    with pytest.raises(ValueError, match="workspace"):
-        small = torch.empty(16, dtype=torch.uint8, device="cuda")
-        ops.block_scores(*args, head_map, 0.125, 16, "NHD", torch.zeros_like(expected), small)
-
     nbytes = 2 * 2 * 4 * 8 * (nb + 64)  # generous: B * Hs * n * float2 * (NB + splits)
     workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     scores = torch.zeros_like(expected)
-    graph = torch.cuda.CUDAGraph()
     ops.block_scores(*args, head_map, 0.125, 16, "NHD", scores, workspace, validate=False)
-    scores.zero_()
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ops.block_scores(*args, head_map, 0.125, 16, "NHD", scores, workspace, validate=False)
     scores.zero_()
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(scores, expected)
+
+
+# Run in a child process: a crash on bad input must fail this test, not end the session.
+_SMALL_WORKSPACE = """
+import torch, dustin
+from dustin import ops
+q = torch.randn(1, 2, 1, 64, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(4, 1, 16, 64, device="cuda", dtype=torch.bfloat16)
+table = torch.arange(4, dtype=torch.int32, device="cuda").view(1, 4)
+lens = torch.tensor([60], dtype=torch.int32, device="cuda")
+head_map = torch.zeros(1, dtype=torch.int32, device="cuda")
+scores = torch.zeros(1, 4, device="cuda")
+try:
+    ops.block_scores(q, k, table, lens, head_map, 0.125, 16, "HND", scores,
+                     torch.empty(16, dtype=torch.uint8, device="cuda"))
+except ValueError as exc:
+    assert "workspace" in str(exc), exc
+    print("raised ValueError")
+"""
+
+
+def test_small_workspace_is_an_error():
+    child = subprocess.run([sys.executable, "-c", _SMALL_WORKSPACE], capture_output=True, text=True)
+    assert child.returncode == 0 and "raised ValueError" in child.stdout, (
+        f"exit {child.returncode}: {child.stdout[-500:]} {child.stderr[-2000:]}"
+    )

@@ -18,9 +18,10 @@ namespace dustin::detail {
 
 /// Query rows (heads x queries) one CTA can hold; bounded by shared memory on sm_80.
 inline constexpr int32_t kMaxScoreRows = 128;
-/// Target CTAs per sequence for the split-K pass (about four per SM of an H200).
-inline constexpr int32_t kScoreCtasPerSequenceTarget = 528;
-/// Shortest split worth a CTA: a few 64-key tiles amortise loading the queries.
+/// Split-K work items per sequence the plan aims for: many short CTAs keep the last wave short
+/// whether the heads share one KV head or not (about 16 CTAs per SM of an H200 at B = 1).
+inline constexpr int32_t kScoreCtasPerSequenceTarget = 2048;
+/// Shortest split worth a CTA: 4 tiles of 64 keys amortise loading the queries.
 inline constexpr int32_t kMinScoreSplit = 256;
 
 /// How block_scores cuts the context into splits, and where its workspace keeps:
@@ -114,10 +115,13 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+/// Max over the warp in one redux.sync (sm_80+) on order-preserving integer keys of the
+/// floats, instead of five dependent shuffles on the per-row critical path. NaN-free inputs.
 __device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
-  return v;
+  const uint32_t bits = __float_as_uint(v);
+  const uint32_t key = bits ^ ((bits >> 31) ? 0xffffffffu : 0x80000000u);
+  const uint32_t top = __reduce_max_sync(0xffffffffu, key);
+  return __uint_as_float(top ^ ((top >> 31) ? 0x80000000u : 0xffffffffu));
 }
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -156,9 +160,9 @@ struct ScoreTile {
 /// the running max when the block closes. Splits are block-aligned, so each (row, block)
 /// partial is written by exactly one thread.
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
+__global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
     block_scores_partial_kernel(const __grid_constant__ BlockScoresParams p,
-                                const BlockScoresPlan plan, int rows_pad) {
+                                const BlockScoresPlan plan, int rows_pad, bool q_vec16) {
   using Tile = ScoreTile<kHeadDim>;
   constexpr int kKeys = Tile::kKeys;
   constexpr int kPitch = Tile::kPitch;
@@ -216,18 +220,23 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   }
   for (int e = tid; e < rows_pad * 32; e += Tile::kThreads) s_lane_sum[e] = 0.f;
   __syncthreads();
-  // Queries, zero-padded to rows_pad (element loads: a few KB once per CTA).
+  // Queries, zero-padded to rows_pad; 16-byte loads when q's rows allow them (q_vec16).
   {
     const T* q = static_cast<const T*>(p.q);
-    for (int e = tid; e < rows_pad * kHeadDim; e += Tile::kThreads) {
+    constexpr int kElemsPer16B = 8;
+    const int step = q_vec16 ? kElemsPer16B : 1;
+    for (int e = tid * step; e < rows_pad * kHeadDim; e += Tile::kThreads * step) {
       const int r = e / kHeadDim;
       const int d = e % kHeadDim;
-      T value = T(0.f);
-      if (r < rows) {
-        const int head = s_row_out[r] / n;
-        value = q[b * p.q_stride_b + (r % n) * p.q_stride_t + head * p.q_stride_h + d];
+      T* dst = s_q + r * kPitch + d;
+      const T* src = r < rows ? q + b * p.q_stride_b + (r % n) * p.q_stride_t +
+                                    (s_row_out[r] / n) * p.q_stride_h + d
+                              : nullptr;
+      if (q_vec16) {
+        *reinterpret_cast<uint4*>(dst) = src ? *reinterpret_cast<const uint4*>(src) : uint4{0, 0, 0, 0};
+      } else {
+        *dst = src ? *src : T(0.f);
       }
-      s_q[r * kPitch + d] = value;
     }
   }
 
@@ -235,20 +244,35 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   const int32_t* table = p.kv.block_table + b * p.kv.block_table_stride;
   const int num_tiles = (split_end - split_begin + kKeys - 1) / kKeys;
 
-  auto load_tile = [&](int tile, int stage) {
-    const int32_t tile_begin = split_begin + tile * kKeys;
-    T* dst_tile = s_keys + stage * kKeys * kPitch;
-    for (int c = tid; c < kKeys * Tile::kChunks; c += Tile::kThreads) {
-      const int key = c / Tile::kChunks;
-      const int chunk = c % Tile::kChunks;
-      const int32_t pos = tile_begin + key;
-      if (pos >= split_end) continue;  // masked below; its logits are never used
+  // Each thread copies one 16-byte chunk of kKeysPerThread keys per tile. The page numbers of
+  // the next tile to copy are loaded one iteration ahead, so the block-table reads never sit
+  // between the barrier and the copies.
+  constexpr int kKeysPerThread = kKeys * Tile::kChunks / Tile::kThreads;
+  constexpr int kKeyStride = Tile::kThreads / Tile::kChunks;
+  const int chunk = tid % Tile::kChunks;
+  const int first_key = tid / Tile::kChunks;
+  int32_t src_page[kKeysPerThread];   // physical page
+  int32_t src_token[kKeysPerThread];  // token within the page, or -1: past the split
+  auto fetch_pages = [&](int tile) {
+#pragma unroll
+    for (int j = 0; j < kKeysPerThread; ++j) {
+      const int32_t pos = split_begin + tile * kKeys + first_key + j * kKeyStride;
       const int32_t page_index = pos / p.kv.page_size;
-      const int32_t page = table[page_index];
+      const bool in_split = pos < split_end;
+      src_page[j] = in_split ? table[page_index] : 0;
+      src_token[j] = in_split ? pos - page_index * p.kv.page_size : -1;
+    }
+  };
+  auto issue_tile = [&](int stage) {
+    T* dst_tile = s_keys + stage * kKeys * kPitch;
+#pragma unroll
+    for (int j = 0; j < kKeysPerThread; ++j) {
+      const int key = first_key + j * kKeyStride;
+      if (src_token[j] < 0) continue;  // past the split: masked below, logits never used
+      const int32_t page = src_page[j];
       const bool in_pool = page >= 0 && page < p.kv.num_pages;  // bad pages read as zeros
-      const int32_t token = pos - page_index * p.kv.page_size;
-      const T* src = in_pool ? k_base + page * p.kv.page_stride + token * p.kv.token_stride +
-                                   chunk * 8
+      const T* src = in_pool ? k_base + page * p.kv.page_stride +
+                                   src_token[j] * p.kv.token_stride + chunk * 8
                              : k_base;
       cp_async_16(dst_tile + key * kPitch + chunk * 8, src, in_pool);
     }
@@ -256,9 +280,11 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
 
 #pragma unroll
   for (int s = 0; s < Tile::kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
+    fetch_pages(s);
+    if (s < num_tiles) issue_tile(s);
     cp_async_commit();
   }
+  fetch_pages(Tile::kStages - 1);
 
   const float scale_log2 = p.sm_scale * kLog2e;
   const int m_tiles = (rows + 15) / 16;
@@ -270,8 +296,9 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
     __syncthreads();
     {
       const int next = tile + Tile::kStages - 1;
-      if (next < num_tiles) load_tile(next, next % Tile::kStages);
+      if (next < num_tiles) issue_tile(next % Tile::kStages);
       cp_async_commit();
+      fetch_pages(next + 1);
     }
     const int32_t tile_begin = split_begin + tile * kKeys;
     const T* k_tile = s_keys + (tile % Tile::kStages) * kKeys * kPitch;
@@ -323,38 +350,66 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
                                             pos + 1 == split_end);
     }
 
-    // Per row (one warp each): running max, per-lane running sums, and block partials by a
-    // segmented scan over each 32-key window; a block still open at a window's end carries.
-    for (int r = warp; r < rows; r += Tile::kWarps) {
-      const float* logit = s_logit + r * kLogitPitch;
-      const float l_lo = logit[lane];
-      const float l_hi = logit[lane + 32];
-      const float old_max = s_max[r];
-      const float new_max = fmaxf(old_max, warp_max(fmaxf(l_lo, l_hi)));
-      const float ref = new_max == -INFINITY ? 0.f : new_max;  // no valid key yet: all zero
-      const float rescale = old_max == -INFINITY ? 0.f : exp2f(old_max - ref);
-      float lane_sum = s_lane_sum[r * 32 + lane] * rescale;
-      float carry = s_carry[r] * rescale;
-      const int64_t out_base =
-          (static_cast<int64_t>(b) * plan.rows + s_row_out[r]) * p.num_blocks;
+    // Per row (one warp each, two rows interleaved for latency): running max, per-lane
+    // running sums, and block partials by a segmented scan over each 32-key window; a block
+    // still open at a window's end carries into the next.
+    for (int r0 = warp; r0 < rows; r0 += 2 * Tile::kWarps) {
+      const bool two = r0 + Tile::kWarps < rows;
+      const int row[2] = {r0, two ? r0 + Tile::kWarps : r0};
+      float logit[2][2];
+      float new_max[2];
+      float ref[2];
+      float lane_sum[2];
+      float carry[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        logit[j][0] = s_logit[row[j] * kLogitPitch + lane];
+        logit[j][1] = s_logit[row[j] * kLogitPitch + lane + 32];
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float old_max = s_max[row[j]];
+        new_max[j] = fmaxf(old_max, warp_max(fmaxf(logit[j][0], logit[j][1])));
+        ref[j] = new_max[j] == -INFINITY ? 0.f : new_max[j];  // no valid key yet: all zero
+        const float rescale = old_max == -INFINITY ? 0.f : exp2f(old_max - ref[j]);
+        lane_sum[j] = s_lane_sum[row[j] * 32 + lane] * rescale;
+        carry[j] = s_carry[row[j]] * rescale;
+      }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const float e = lane_in[half] ? exp2f((half ? l_hi : l_lo) - ref) : 0.f;
-        lane_sum += e;
-        float v = e;
+        float v[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          v[j] = lane_in[half] ? exp2f(logit[j][half] - ref[j]) : 0.f;
+          lane_sum[j] += v[j];
+        }
 #pragma unroll
         for (int d = 1; d < 32; d <<= 1) {
-          const float up = __shfl_up_sync(0xffffffffu, v, d);
-          if (lane - d >= lane_first[half]) v += up;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float up = __shfl_up_sync(0xffffffffu, v[j], d);
+            if (lane - d >= lane_first[half]) v[j] += up;
+          }
         }
-        if (lane_opened_before[half]) v += carry;
-        if (lane_closes[half]) block_partials[out_base + lane_block[half]] = make_float2(v, ref);
-        carry = __shfl_sync(0xffffffffu, lane_in[half] && !lane_closes[half] ? v : 0.f, 31);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (lane_opened_before[half]) v[j] += carry[j];
+          if (lane_closes[half] && (j == 0 || two)) {
+            const int64_t out_row = static_cast<int64_t>(b) * plan.rows + s_row_out[row[j]];
+            block_partials[out_row * p.num_blocks + lane_block[half]] = make_float2(v[j], ref[j]);
+          }
+          carry[j] = __shfl_sync(0xffffffffu, lane_in[half] && !lane_closes[half] ? v[j] : 0.f, 31);
+        }
       }
-      s_lane_sum[r * 32 + lane] = lane_sum;
-      if (lane == 0) {
-        s_max[r] = new_max;
-        s_carry[r] = carry;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        if (j == 0 || two) {
+          s_lane_sum[row[j] * 32 + lane] = lane_sum[j];
+          if (lane == 0) {
+            s_max[row[j]] = new_max[j];
+            s_carry[row[j]] = carry[j];
+          }
+        }
       }
     }
   }

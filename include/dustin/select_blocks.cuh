@@ -10,17 +10,28 @@
 
 namespace dustin::detail {
 
-/// Threads per list: 16 warps keep the 8 radix passes short for NB of a few thousand.
+/// Threads per list: 16 warps keep each radix pass short for NB of a few thousand.
 inline constexpr int kSelectThreads = 512;
-/// Largest NB whose keys are staged in shared memory (64 KB); longer lists re-read global memory.
-inline constexpr int kSelectSmemKeyBlocks = 16384;
-/// Radix digit width and histogram size of each pass over the 32-bit keys.
-inline constexpr int kRadixBits = 8;
-inline constexpr int kRadixBins = 1 << kRadixBits;
+/// Largest NB whose draft and target rows are staged in shared memory (2 x 64 KB); longer
+/// lists are read from global memory (L2) on every pass.
+inline constexpr int kSelectSmemBlocks = 16384;
+/// Radix passes over the 32-bit keys: 11 + 11 + 10 bits, so random scores usually settle
+/// after two passes (the pass stops once the boundary bin holds exactly the blocks needed).
+inline constexpr int kRadixPasses = 3;
+inline constexpr int kRadixBins = 2048;
+__host__ __device__ constexpr int radix_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+__host__ __device__ constexpr int radix_bits(int pass) { return pass < 2 ? 11 : 10; }
+static_assert(radix_bits(0) + radix_bits(1) + radix_bits(2) == 32 && radix_shift(1) == radix_bits(2),
+              "the passes cover the 32-bit key from the top");
+inline constexpr int kBinsPerThread = kRadixBins / kSelectThreads;
+/// Scores each thread reads before it updates the histogram: independent loads in flight
+/// (from L2 on the global-row path).
+inline constexpr int kSelectUnroll = 8;
 /// Key of a block that is not a candidate (forced, already picked, or past the sequence).
 inline constexpr uint32_t kNotCandidate = 0;
 /// Key of a NaN score: below every number, above non-candidates.
 inline constexpr uint32_t kNanKey = 1;
+static_assert(kRadixBins % kSelectThreads == 0, "each thread owns whole bins");
 
 /// Unsigned key whose order is the ranking order of docs/ops.md: larger score, larger key;
 /// -0 and +0 tie (as `==` does on the CPU); every NaN gets kNanKey. Negative numbers map to
@@ -55,100 +66,98 @@ struct SelectShared {
   typename cub::BlockScan<int32_t, kSelectThreads>::TempStorage scan;
 };
 
-/// Candidate key of block `id` for the current pick: from the staged keys, or computed from
-/// global memory with the chosen-bit test the staging would have applied.
-template <bool kKeysInSmem>
+/// Rank key of block `id` as a candidate of the pick in progress, or kNotCandidate.
 __device__ __forceinline__ uint32_t candidate_key(int32_t id, const float* scores,
-                                                  const uint32_t* keys, const uint32_t* chosen) {
-  if constexpr (kKeysInSmem) {
-    return keys[id];
-  } else {
-    if ((chosen[id >> 5] >> (id & 31)) & 1u) return kNotCandidate;
-    return score_rank_key(scores[id]);
-  }
+                                                  const uint32_t* chosen) {
+  if ((chosen[id >> 5] >> (id & 31)) & 1u) return kNotCandidate;
+  return score_rank_key(scores[id]);
 }
 
 /// Marks in `chosen` the best `k` not-yet-chosen blocks of [0, nblk) by `scores` (score
-/// descending, ties to the lower id, NaN last). k must not exceed the number of candidates.
-/// Ends with a barrier; the whole CTA calls it with the same arguments.
-template <bool kKeysInSmem>
-__device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores, int32_t nblk, int32_t k,
-                                uint32_t* keys, uint32_t* chosen, SelectShared& sh) {
+/// descending, ties to the lower id, NaN last); `scores` is a shared-memory copy or the global
+/// row. k must not exceed the number of candidates. Ends with a barrier; the whole CTA calls
+/// it with the same arguments.
+__device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores, int32_t nblk,
+                                                int32_t k, uint32_t* chosen, SelectShared& sh) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   if (k <= 0) return;
-  if constexpr (kKeysInSmem) {
-    for (int32_t id = tid; id < nblk; id += kSelectThreads) {
-      const bool taken = (chosen[id >> 5] >> (id & 31)) & 1u;
-      keys[id] = taken ? kNotCandidate : score_rank_key(scores[id]);
-    }
-  }
-  for (int i = tid; i < kRadixBins; i += kSelectThreads) sh.histogram[0][i] = 0;
-  __syncthreads();
 
   RadixThreshold t{0u, 0u, k, 0};
   int pass = 0;
-  for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits, ++pass) {
+#pragma unroll 1
+  for (; pass < kRadixPasses; ++pass) {
+    const int shift = radix_shift(pass);
+    const uint32_t digit_mask = (1u << radix_bits(pass)) - 1u;
     uint32_t* hist = sh.histogram[pass & 1];
-    // Every lane of a warp runs the same trip count so the warp can aggregate equal bins:
+    // All lanes of a warp run the same trip count so the warp can aggregate equal bins:
     // scores cluster in a few exponent bins, where plain shared atomics would serialise.
-    for (int32_t base = 0; base < nblk; base += kSelectThreads) {
-      const int32_t id = base + tid;
-      bool counted = false;
-      uint32_t bin = kRadixBins;
-      if (id < nblk) {
-        const uint32_t key = candidate_key<kKeysInSmem>(id, scores, keys, chosen);
-        counted = key != kNotCandidate && (key & t.mask) == t.prefix;
-        if (counted) bin = (key >> shift) & (kRadixBins - 1);
-      }
-      const uint32_t peers = __match_any_sync(0xffffffffu, bin);
-      if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-    }
-    __syncthreads();
-    if (tid < 32) {
-      // Lane l owns bins [8l, 8l + 8); find the bin holding the need-th largest key.
-      constexpr int kPerLane = kRadixBins / 32;
-      uint32_t counts[kPerLane];
-      uint32_t lane_total = 0;
+    for (int32_t base = 0; base < nblk; base += kSelectThreads * kSelectUnroll) {
+      uint32_t key[kSelectUnroll];
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        counts[j] = hist[lane * kPerLane + j];
-        lane_total += counts[j];
+      for (int u = 0; u < kSelectUnroll; ++u) {
+        const int32_t id = base + u * kSelectThreads + tid;
+        key[u] = id < nblk ? candidate_key(id, scores, chosen) : kNotCandidate;
       }
-      uint32_t at_or_above = lane_total;  // keys in this lane's bins and every higher lane's
 #pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const uint32_t higher = __shfl_down_sync(0xffffffffu, at_or_above, d);
-        if (lane + d < 32) at_or_above += higher;
-      }
-      uint32_t above = at_or_above - lane_total;
-      const uint32_t need = static_cast<uint32_t>(t.need);
-      if (above < need && need <= at_or_above) {
-        bool found = false;
-#pragma unroll
-        for (int j = kPerLane - 1; j >= 0; --j) {
-          if (!found && above + counts[j] >= need) {
-            found = true;
-            const uint32_t digit = static_cast<uint32_t>(lane * kPerLane + j);
-            sh.threshold.prefix = t.prefix | (digit << shift);
-            sh.threshold.mask = t.mask | (static_cast<uint32_t>(kRadixBins - 1) << shift);
-            sh.threshold.need = static_cast<int32_t>(need - above);
-            sh.threshold.exact = counts[j] == need - above;
-          }
-          above += counts[j];
+      for (int u = 0; u < kSelectUnroll; ++u) {
+        const bool counted = key[u] != kNotCandidate && (key[u] & t.mask) == t.prefix;
+        const uint32_t bin = (key[u] >> shift) & digit_mask;
+        // The bin of the first counted lane takes one atomic for all lanes that share it
+        // (ballots are cheap, __match_any_sync is not); the other lanes add one each.
+        const uint32_t counted_lanes = __ballot_sync(0xffffffffu, counted);
+        if (counted_lanes == 0u) continue;
+        const int leader = __ffs(counted_lanes) - 1;
+        const uint32_t leader_bin = __shfl_sync(0xffffffffu, bin, leader);
+        const uint32_t sharing = __ballot_sync(0xffffffffu, counted && bin == leader_bin);
+        if (lane == leader) {
+          atomicAdd(&hist[leader_bin], __popc(sharing));
+        } else if (counted && bin != leader_bin) {
+          atomicAdd(&hist[bin], 1u);
         }
       }
+    }
+    __syncthreads();
+    // Thread i owns bins [top - kBinsPerThread * (i + 1), top - kBinsPerThread * i): a scan
+    // over threads counts the keys in higher bins, and the owner of the need-th writes.
+    uint32_t counts[kBinsPerThread];
+    int32_t mine = 0;
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) sh.histogram[(pass + 1) & 1][lane * kPerLane + j] = 0;
+    for (int j = 0; j < kBinsPerThread; ++j) {
+      counts[j] = hist[kRadixBins - 1 - (tid * kBinsPerThread + j)];
+      mine += static_cast<int32_t>(counts[j]);
+      sh.histogram[(pass + 1) & 1][tid * kBinsPerThread + j] = 0;  // the next pass's buffer
+    }
+    int32_t above = 0;
+    cub::BlockScan<int32_t, kSelectThreads>(sh.scan).ExclusiveSum(mine, above);
+    if (above < t.need && t.need <= above + mine) {
+      bool found = false;
+#pragma unroll
+      for (int j = 0; j < kBinsPerThread; ++j) {
+        const int32_t c = static_cast<int32_t>(counts[j]);
+        if (!found && above + c >= t.need) {
+          found = true;
+          const uint32_t digit = static_cast<uint32_t>(kRadixBins - 1 - (tid * kBinsPerThread + j));
+          sh.threshold.prefix = t.prefix | (digit << shift);
+          sh.threshold.mask = t.mask | (digit_mask << shift);
+          sh.threshold.need = t.need - above;
+          sh.threshold.exact = c == t.need - above;
+        }
+        above += c;
+      }
     }
     __syncthreads();
     t = sh.threshold;
     if (t.exact) break;
   }
+  // Leave both histograms zeroed for the next pick: the other one was cleared by the last pass.
+  for (int i = tid; i < kRadixBins; i += kSelectThreads) {
+    sh.histogram[min(pass, kRadixPasses - 1) & 1][i] = 0;
+  }
 
   // Everything strictly above the threshold, and all of the threshold bin when it fits.
   for (int32_t id = tid; id < nblk; id += kSelectThreads) {
-    const uint32_t key = candidate_key<kKeysInSmem>(id, scores, keys, chosen);
+    const uint32_t key = candidate_key(id, scores, chosen);
     if (key == kNotCandidate) continue;
     const uint32_t masked = key & t.mask;
     if (masked > t.prefix || (t.exact && masked == t.prefix)) {
@@ -158,19 +167,16 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
   if (!t.exact) {
     __syncthreads();  // the marks above are settled before the tie scan reads chosen bits
     // Exact ties on the full key: the lowest ids win, found by an ordered scan over
-    // contiguous per-thread id ranges. The marking loop above set no bit of a tied key,
-    // so the tied keys read the same here.
+    // contiguous per-thread id ranges. The marks above set no bit of a tied block.
     const int32_t per_thread = (nblk + kSelectThreads - 1) / kSelectThreads;
     const int32_t first = min(tid * per_thread, nblk);
     const int32_t last = min(first + per_thread, nblk);
     int32_t tied = 0;
-    for (int32_t id = first; id < last; ++id) {
-      tied += candidate_key<kKeysInSmem>(id, scores, keys, chosen) == t.prefix;
-    }
+    for (int32_t id = first; id < last; ++id) tied += candidate_key(id, scores, chosen) == t.prefix;
     int32_t before = 0;
     cub::BlockScan<int32_t, kSelectThreads>(sh.scan).ExclusiveSum(tied, before);
     for (int32_t id = first; id < last && before < t.need; ++id) {
-      if (candidate_key<kKeysInSmem>(id, scores, keys, chosen) == t.prefix) {
+      if (candidate_key(id, scores, chosen) == t.prefix) {
         atomicOr(&chosen[id >> 5], 1u << (id & 31));
         ++before;
       }
@@ -179,20 +185,43 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
   __syncthreads();
 }
 
-/// One CTA per (sequence, list). Shared memory: chosen bits [ceil(NB / 32)] then, with
-/// kKeysInSmem, the keys [NB] of the pick in progress.
-template <bool kKeysInSmem>
+/// Asynchronous 4-byte global->shared copy (sm_80+): the score rows stream in while the
+/// CTA reads kv_lens and marks the forced blocks.
+__device__ __forceinline__ void cp_async_4(float* dst, const float* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src));
+}
+
+/// One CTA per (sequence, list). Shared memory: chosen bits [ceil(NB / 32)], then with
+/// kStaged the draft row [NB] and the fill row [NB] (target, or draft again without one).
+template <bool kStaged>
 __global__ void __launch_bounds__(kSelectThreads, 1)
     select_blocks_kernel(const __grid_constant__ SelectBlocksParams p) {
-  extern __shared__ uint32_t smem[];
+  extern __shared__ __align__(16) uint32_t smem[];
   __shared__ SelectShared sh;
   const int32_t words_alloc = (p.num_blocks + 31) / 32;
   uint32_t* chosen = smem;
-  uint32_t* keys = smem + words_alloc;
   const int tid = threadIdx.x;
   const int32_t list = blockIdx.x;
   const int32_t b = list / p.num_lists;
   const int32_t h = list % p.num_lists;
+
+  const float* draft = p.draft_scores + b * p.draft_stride_b + h * p.draft_stride_h;
+  const float* fill = p.target_scores == nullptr
+                          ? draft
+                          : p.target_scores + b * p.target_stride_b + h * p.target_stride_h;
+  if constexpr (kStaged) {
+    float* s_draft = reinterpret_cast<float*>(smem + words_alloc);
+    float* s_fill = s_draft + p.num_blocks;
+    for (int32_t id = tid; id < p.num_blocks; id += kSelectThreads) {
+      cp_async_4(s_draft + id, draft + id);
+      if (p.target_scores != nullptr) cp_async_4(s_fill + id, fill + id);
+    }
+    asm volatile("cp.async.commit_group;\n");
+    draft = s_draft;
+    fill = p.target_scores == nullptr ? s_draft : s_fill;
+  }
 
   // Lengths are clamped so a bad kv_lens entry never reads past a score row.
   const int64_t max_len = static_cast<int64_t>(p.num_blocks) * p.block_size;
@@ -210,14 +239,12 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   for (int32_t w = tid; w < words; w += kSelectThreads) {
     chosen[w] = id_range_bits(w * 32, 0, sink) | id_range_bits(w * 32, recent, nblk);
   }
+  for (int i = tid; i < kRadixBins; i += kSelectThreads) sh.histogram[0][i] = 0;
+  if constexpr (kStaged) asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
 
-  const float* draft = p.draft_scores + b * p.draft_stride_b + h * p.draft_stride_h;
-  const float* fill = p.target_scores == nullptr
-                          ? draft
-                          : p.target_scores + b * p.target_stride_b + h * p.target_stride_h;
-  pick_top_blocks<kKeysInSmem>(draft, nblk, by_draft, keys, chosen, sh);
-  pick_top_blocks<kKeysInSmem>(fill, nblk, rest - by_draft, keys, chosen, sh);
+  pick_top_blocks(draft, nblk, by_draft, chosen, sh);
+  pick_top_blocks(fill, nblk, rest - by_draft, chosen, sh);
 
   // Ascending output: each thread compacts a contiguous run of words after a scan of counts.
   int32_t* out = p.block_ids + static_cast<int64_t>(list) * p.capacity;
@@ -240,10 +267,10 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   if (tid == 0) p.block_counts[list] = written;
 }
 
-/// Dynamic shared memory of select_blocks_kernel<kKeysInSmem> for `num_blocks` columns.
-inline size_t select_blocks_smem_bytes(int32_t num_blocks, bool keys_in_smem) {
+/// Dynamic shared memory of select_blocks_kernel<kStaged> for `num_blocks` columns.
+inline size_t select_blocks_smem_bytes(int32_t num_blocks, bool staged) {
   const size_t words = (static_cast<size_t>(num_blocks) + 31) / 32;
-  return sizeof(uint32_t) * (words + (keys_in_smem ? static_cast<size_t>(num_blocks) : 0));
+  return sizeof(uint32_t) * (words + (staged ? 2 * static_cast<size_t>(num_blocks) : 0));
 }
 
 }  // namespace dustin::detail
