@@ -104,11 +104,11 @@ def cache_dir() -> Path:
 def cached_real_pair(cache: Path | None = None) -> tuple[Path, Path] | None:
     """(draft, target) paths when both real files are in the cache (size checked, not re-hashed)."""
     cache = Path(cache) if cache is not None else cache_dir()
-    paths = tuple(cache / spec.filename for spec in (REAL_DRAFT, REAL_TARGET))
-    specs = (REAL_DRAFT, REAL_TARGET)
-    if all(p.is_file() and p.stat().st_size == s.size for p, s in zip(paths, specs)):
-        return paths  # type: ignore[return-value]
-    return None
+    draft, target = cache / REAL_DRAFT.filename, cache / REAL_TARGET.filename
+    for path, spec in ((draft, REAL_DRAFT), (target, REAL_TARGET)):
+        if not path.is_file() or path.stat().st_size != spec.size:
+            return None
+    return draft, target
 
 
 def fetch_real_pair(
