@@ -158,11 +158,17 @@ def sdpa_best(q, k, v, q_len: int, kv_len: int):
 def bench_dustin(report: Report, args, gen: torch.Generator) -> dict:
     """Dustin's kernel over the grid; returns {(shape, B, ctx, q, P, mode): graph us}."""
     times = {}
+    deadline = time.time() + args.time_budget if args.time_budget else math.inf
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
         for context in args.contexts:
             for batch in args.batches:
                 for page in args.pages:
+                    if time.time() > deadline:
+                        report.notes.append(
+                            f"time budget spent: skipped {shape_name} ctx={context} B={batch} P={page}"
+                        )
+                        continue
                     case = PagedCase(shape, batch, context, page, gen)
                     for q_len in args.q:
                         q = torch.randn(
@@ -405,6 +411,9 @@ def main() -> None:
     parser.add_argument("--flex-q", nargs="+", type=int, default=[5])
     parser.add_argument("--flex-budgets", nargs="+", type=int, default=[512])
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="seconds for Dustin's grid (then skip)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.contexts, args.batches, args.q = [32768], [1, 16, 64], [2, 5, 8]

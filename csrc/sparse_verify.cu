@@ -173,8 +173,10 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, size_t*
   if (cudaPeekAtLastError() != cudaSuccess) return Status::kCudaError;
   if (splits > 1) {
     const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
+    const int64_t rows_per_cta = splits >= detail::kMergeSplitsPerCta ? 1 : kMergeThreads / 32;
     detail::sparse_verify_merge_kernel<T, kHeadDim>
-        <<<static_cast<unsigned>(rows), kMergeThreads, 0, stream>>>(p, splits);
+        <<<static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta), kMergeThreads, 0,
+           stream>>>(p, splits);
     if (cudaPeekAtLastError() != cudaSuccess) return Status::kCudaError;
   }
   return Status::kOk;
