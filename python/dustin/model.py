@@ -258,6 +258,7 @@ class Transformer(nn.Module):
         cache: PagedKVCache,
         selection: BlockSelection | None = None,
         record_heads: Mapping[int, torch.Tensor] | None = None,
+        last_logits_only: bool = False,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Appends a window of tokens to every sequence of the cache and returns its logits.
 
@@ -266,6 +267,8 @@ class Transformer(nn.Module):
             cache: the model's cache; the window is appended at each sequence's end.
             selection: blocks to attend besides the window; None attends every block (dense).
             record_heads: layer -> ``[Hs]`` int64 query heads whose queries to return.
+            last_logits_only: compute logits of the window's last token only (``[B, 1, V]``):
+                drafting needs no more, and the vocabulary projection is a large read.
 
         Returns:
             ``(logits [B, n, V] float32, queries)`` with ``queries[layer]`` ``[B, n, Hs, D]``
@@ -298,7 +301,7 @@ class Transformer(nn.Module):
             return out
 
         h, queries = self._run_layers(tokens, positions, attend, record_heads)
-        return self._logits(h), queries
+        return self._logits(h[:, -1:] if last_logits_only else h), queries
 
     @torch.inference_mode()
     def prefill(
