@@ -349,6 +349,12 @@ def speculative_decode(
     if state.draft_cache is None:
         raise ValueError("speculative_decode: state was prefilled without a draft model")
     tcache, dcache = state.target_cache, state.draft_cache
+    budget = getattr(policy, "budget_tokens", 0)
+    if budget > tcache.max_seq_len:
+        raise ValueError(
+            f"the {policy.name} policy's budget ({budget} tokens) is larger than the context "
+            f"({tcache.max_seq_len} tokens); at most the context can be read"
+        )
     gamma, page_size, device = options.gamma, tcache.page_size, target.device
     num_blocks = tcache.max_pages_per_seq
     generator = torch.Generator(device).manual_seed(options.seed)
@@ -361,6 +367,8 @@ def speculative_decode(
     first, _ = _sample(state.first_logits, options.temperature, generator)
     for seq, token in enumerate(first.tolist()):
         tracker.commit(seq, [token])
+    if progress is not None:
+        progress(len(state.prompts))
     history = None
     if target_heads:
         prompt_queries = {l: state.target_queries[l][:, :, h] for l, h in target_heads.items()}
@@ -374,7 +382,7 @@ def speculative_decode(
         window = torch.tensor([s[-2:] for s in tracker.seqs], device=device)
         drafted, draft_probs, looked = [], [], {}
         for _ in range(gamma):
-            logits, queries = draft.forward(window, dcache, record_heads=draft_heads)
+            logits, queries = draft.forward(window, dcache, record_heads=draft_heads, last_logits_only=True)
             token, probs = _sample(logits[:, -1], options.temperature, generator)
             drafted.append(token)
             draft_probs.append(probs)
@@ -443,10 +451,11 @@ def autoregressive_decode(
     token, _ = _sample(state.first_logits, options.temperature, generator)
     steps = 0
     while True:
+        before = sum(map(len, tracker.new_tokens()))
         for seq, t in enumerate(token.tolist()):
             tracker.commit(seq, [t])
         if progress is not None:
-            progress(sum(not d for d in tracker.done) or 1)
+            progress(sum(map(len, tracker.new_tokens())) - before)
         if all(tracker.done):
             break
         logits, _ = target.forward(token[:, None], tcache)
