@@ -401,6 +401,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
           carry[j] = __shfl_sync(0xffffffffu, lane_in[half] && !lane_closes[half] ? v[j] : 0.f, 31);
         }
       }
+      __syncwarp();  // every lane has read s_max and s_carry before lane 0 overwrites them
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         if (j == 0 || two) {
