@@ -38,9 +38,15 @@ def save_tiny(
     seed: int = 0,
     vocab_size: int = VOCAB + 4,
     tokenizer: Tokenizer | None = None,
+    noise: float = 0.0,
     **overrides,
 ) -> Path:
-    """Writes a random ``family`` ("llama" | "qwen2") checkpoint of the ``role``'s shape."""
+    """Writes a random ``family`` ("llama" | "qwen2") checkpoint of the ``role``'s shape.
+
+    ``noise`` > 0 perturbs the weights drawn from ``seed`` by that relative amount (fresh random
+    numbers): a draft made so agrees with its target often but not always, which exercises
+    partial acceptance.
+    """
     layers, hidden, ffn, heads, kv_heads = SHAPES[role]
     torch.manual_seed(seed)
     kwargs = dict(
@@ -65,6 +71,9 @@ def save_tiny(
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(4.0)
+        generator = torch.Generator().manual_seed(seed + 1000)
+        for p in model.parameters():
+            p.add_(noise * p.std() * torch.randn(p.shape, generator=generator))
     model.save_pretrained(directory)
     (tokenizer or tiny_tokenizer()).save(str(directory / "tokenizer.json"))
     return directory
@@ -76,8 +85,12 @@ def load_tiny(directory: Path, dtype: torch.dtype = torch.float32) -> Transforme
     return Transformer.from_state_dict(config, state_dict, dtype=dtype)
 
 
+def reference_model(directory: Path):
+    """``transformers``' float32 model of the same checkpoint."""
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
 def reference_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
     """``transformers``' float32 logits ``[B, n, V]`` of the same checkpoint."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
     with torch.no_grad():
-        return model.eval()(tokens).logits
+        return reference_model(directory)(tokens).logits

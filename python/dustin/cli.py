@@ -211,7 +211,7 @@ def generate(args: argparse.Namespace) -> int:
                 method,
                 f"{r.tokens_per_second:.2f}",
                 f"{r.tokens_per_second / plain.tokens_per_second:.2f}x" if plain else "-",
-                "1 (no draft)" if method == "plain" else f"{r.emitted_per_verification:.2f}",
+                f"{r.emitted_per_verification:.2f}",
                 f"{100 * _agreement(r.tokens, reference.tokens):.1f}%" if reference else "-",
                 f"{100 * r.kv_read_share:.1f}%",
             )
