@@ -1,0 +1,98 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Calibration: head ranking on constructed attention, greedy layers, and a valid config file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from dustin.calibrate import calibrate, choose_heads, head_recall, write_config
+from dustin.evaluate import Window, prefill_window
+from dustin.policies import PairConfig
+from tiny_models import load_tiny, save_tiny
+
+P = 16
+# One free block beside the window's: sinks and recent off so a head's choice decides recall.
+PAIR = PairConfig(
+    draft_heads=((0, 0),), target_heads=((0, 0),), budget_tokens=2 * P, n_sink=0, n_recent=0
+)
+
+
+def _step(scores: torch.Tensor) -> dict:
+    """A step with 8 blocks of 16 tokens: the window (q_len 1) is block 7; true mass 0.8 on
+    block 3 and 0.2 on the window."""
+    mass = torch.zeros(1, 8)
+    mass[0, 3], mass[0, 7] = 0.8, 0.2
+    return {
+        "draft": scores,
+        "target": scores,
+        "mass": mass,
+        "kv_lens": torch.tensor([128], dtype=torch.int32),
+        "q_len": 1,
+    }
+
+
+def _peaked(blocks: list[int]) -> torch.Tensor:
+    """``[1, H, 8]`` scores, head i peaking on ``blocks[i]``."""
+    scores = torch.full((1, len(blocks), 8), 0.01)
+    for head, block in enumerate(blocks):
+        scores[0, head, block] = 1.0
+    return scores
+
+
+def test_head_recall_ranks_the_head_that_finds_the_mass():
+    data = [_step(_peaked([5, 3, 0]))]
+    recall = head_recall(data, "draft", None, PAIR, P)
+    assert recall.tolist() == pytest.approx([0.2, 1.0, 0.2])
+    assert float(head_recall(data, "target", [0, 2], PAIR, P)) == pytest.approx(0.2)
+
+
+def test_choose_heads_takes_the_layer_of_the_best_head():
+    # Two layers of two heads: flat ids 0, 1 (layer 0) and 2, 3 (layer 1); head (1, 1) finds it.
+    data = [_step(_peaked([5, 6, 0, 3]))]
+    model = SimpleNamespace(config=SimpleNamespace(num_heads=2, num_layers=2))
+    heads, report = choose_heads(data, "draft", model, PAIR, P, heads_per_layer=1, max_layers=2)
+    assert heads == ((1, 1),)  # adding layer 0 gains nothing, so the greedy search stops
+    assert report["greedy_layers"][0] == {"layer": 1, "heads": [1], "recall": pytest.approx(1.0)}
+    assert report["best_single_heads"][0]["layer"] == 1
+
+
+def test_calibrate_writes_a_loadable_config(tmp_path):
+    target = load_tiny(save_tiny(tmp_path / "target", "qwen2", "target", seed=1))
+    draft = load_tiny(save_tiny(tmp_path / "draft", "qwen2", "draft", seed=2))
+    g = torch.Generator().manual_seed(3)
+    windows = [
+        prefill_window(
+            target,
+            draft,
+            Window("random", 0, 96, tuple(torch.randint(0, 96, (96 + 13,), generator=g).tolist())),
+        )
+    ]
+    config, report = calibrate(
+        target,
+        draft,
+        windows,
+        gamma=3,
+        head_steps=3,
+        share_steps=3,
+        budget_tokens=32,
+        shares=(0.0, 1.0),
+        max_layers=2,
+    )
+    config.check(draft.config, target.config)
+    assert config.draft_share in (0.0, 1.0) and config.budget_tokens == 32
+    assert 1 <= len({layer for layer, _ in config.draft_heads}) <= 2
+    assert set(report["share_search"]["results"]) == {"share=0", "share=1", "default"}
+    path = tmp_path / "pair.json"
+    write_config(config, path)
+    assert PairConfig.load(path) == config
+    assert json.loads(path.read_text())["note"].startswith("calibrated by `dustin calibrate`")
+    with pytest.raises(ValueError, match="shares"):
+        calibrate(target, draft, windows, shares=(1.5,))
+    bad = dataclasses.asdict(config) | {"draft_heads": [[0, 0]], "extra": 1}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="unknown keys"):
+        PairConfig.load(path)
