@@ -411,6 +411,7 @@ def main() -> None:
     parser.add_argument("--flex-q", nargs="+", type=int, default=[5])
     parser.add_argument("--flex-budgets", nargs="+", type=int, default=[512])
     parser.add_argument("--tag", default="")
+    parser.add_argument("--commit", default=None, help="commit measured, noted in the results")
     parser.add_argument(
         "--time-budget", type=float, default=None, help="seconds for Dustin's grid (then skip)"
     )
@@ -438,6 +439,8 @@ def main() -> None:
             "backend",
         ],
     )
+    if args.commit:
+        report.notes.append(f"commit {args.commit} (given on the command line)")
     start = time.time()
     ours = bench_dustin(report, args, gen)
     if args.peers:

@@ -30,7 +30,13 @@ struct LaunchPlan {
   size_t split_bytes = 0;    // workspace per split
 };
 
-int m_tiles_for(int rows) { return rows <= 48 ? (rows + 15) / 16 : 4; }
+/// 16-row MMA tiles per CTA for G * q query rows. On Hopper every window of more than 16 rows
+/// takes the 64-row warpgroup (wgmma) path, which reads each KV tile from shared memory once;
+/// elsewhere rows are padded only to the next 16.
+int m_tiles_for(int rows, bool hopper) {
+  if (rows <= 16) return 1;
+  return hopper || rows > 48 ? 4 : (rows + 15) / 16;
+}
 
 /// Most attended blocks any list can produce: K listed plus the window's blocks.
 int64_t max_attended_slots(const SparseVerifyParams& p) {
@@ -94,17 +100,18 @@ cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
   return cudaSuccess;
 }
 
-/// SM count of `device`, looked up once.
-cudaError_t sm_count(int device, int* count) {
+/// A device attribute of `device`, looked up once.
+template <cudaDeviceAttr kAttr>
+cudaError_t device_attribute(int device, int* value) {
   static std::mutex mutex;
   static int cached[kMaxDevices] = {};
   std::lock_guard<std::mutex> lock(mutex);
   if (device < kMaxDevices && cached[device] > 0) {
-    *count = cached[device];
+    *value = cached[device];
     return cudaSuccess;
   }
-  const cudaError_t err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess && device < kMaxDevices) cached[device] = *count;
+  const cudaError_t err = cudaDeviceGetAttribute(value, kAttr, device);
+  if (err == cudaSuccess && device < kMaxDevices) cached[device] = *value;
   return err;
 }
 
@@ -135,7 +142,8 @@ cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
   if (err != cudaSuccess) return err;
   int sms = 0;
   int ctas_per_sm = 0;
-  if ((err = sm_count(device, &sms)) != cudaSuccess) return err;
+  err = device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms);
+  if (err != cudaSuccess) return err;
   if ((err = prepare_kernel<T, kHeadDim, kMTiles>(device, &ctas_per_sm)) != cudaSuccess) {
     return err;
   }
@@ -187,8 +195,14 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, size_t*
 Status dispatch(const SparseVerifyParams& p, cudaStream_t stream, size_t* workspace_bytes) {
   const Status status = validate(p, /*need_data=*/workspace_bytes == nullptr);
   if (status != Status::kOk || p.batch_size == 0) return status;
+  int device = 0;
+  int cc_major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      device_attribute<cudaDevAttrComputeCapabilityMajor>(device, &cc_major) != cudaSuccess) {
+    return Status::kCudaError;
+  }
   const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
-  const int m_tiles = m_tiles_for(rows);
+  const int m_tiles = m_tiles_for(rows, cc_major == 9);
   return DUSTIN_DISPATCH_DTYPE16(p.kv.dtype, [&] {
     return DUSTIN_DISPATCH_HEAD_DIM(p.kv.head_dim, [&] {
       switch (m_tiles) {

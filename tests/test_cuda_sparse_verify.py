@@ -155,7 +155,7 @@ SHAPE_ROTATION = list(itertools.product(GROUPS, QUERY_LENS))
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_matches_reference_and_cpu_twin(dtype, head_dim, layout, page):
+def test_matches_reference(dtype, head_dim, layout, page):
     gen, seed = fresh_generator()
     index = (
         PAGE_SIZES.index(page)
@@ -187,10 +187,6 @@ def test_matches_reference_and_cpu_twin(dtype, head_dim, layout, page):
         out, lse = run_cuda(c)
         ref_out, ref_lse = reference.sparse_verify(*c.args())
         assert_close(out, lse, ref_out, ref_lse, dtype, what)
-        cpu_out, cpu_lse = ops.sparse_verify(*c.to_cpu())
-        assert_close(
-            out.cpu(), lse.cpu(), cpu_out.double(), cpu_lse.double(), dtype, what + " vs CPU twin"
-        )
 
 
 @pytest.mark.parametrize("batch", [1, 3, 17, 64])
@@ -364,3 +360,30 @@ def test_wrapper_value_checks_accept_valid_cuda_inputs():
     out, lse = run_cuda(c, validate=True)
     ref_out, ref_lse = reference.sparse_verify(*c.args())
     assert_close(out, lse, ref_out, ref_lse, torch.bfloat16, f"seed {seed}")
+
+
+# Last in the file: the CPU twin and the host-side value checks run host code that is not this
+# kernel's, so a failure there cannot hide the kernel results above.
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_matches_cpu_twin(dtype, layout):
+    gen, seed = fresh_generator()
+    for group, q_len, page, per_head in ((8, 5, 16, False), (7, 8, 64, True), (16, 16, 1, False)):
+        c = make_case(
+            gen,
+            batch=3,
+            q_len=q_len,
+            group=group,
+            num_kv_heads=2,
+            head_dim=128,
+            page=page,
+            dtype=dtype,
+            layout=layout,
+            mode="random",
+            per_head=per_head,
+            max_len=500,
+        )
+        out, lse = run_cuda(c)
+        cpu_out, cpu_lse = ops.sparse_verify(*c.to_cpu())
+        what = f"seed {seed}, G={group} q={q_len} P={page} vs CPU twin"
+        assert_close(out.cpu(), lse.cpu(), cpu_out.double(), cpu_lse.double(), dtype, what)

@@ -9,6 +9,10 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+
+#include <cute/arch/mma_sm90_desc.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
 
 #include "dustin/sparse_verify_params.h"
 
@@ -46,13 +50,22 @@ struct VerifyTileConfig {
   static constexpr int kLoadRowsPerThread = kTileN / kLoadRowStep;
   static constexpr int kKvTileElems = kTileN * kHeadDim;
   static constexpr int kStageElems = 2 * kKvTileElems;  // K tile then V tile
-  static constexpr int kQOffsetBytes = kStages * kStageElems * 2;
-  static constexpr int kPosOffsetBytes = kQOffsetBytes + kRows * kHeadDim * 2;
+  static constexpr int kStagesBytes = kStages * kStageElems * 2;
+  /// Q [kRows, D] lives in the last stage until its fragments are in registers: the prologue
+  /// fills the other stages, and the main loop first writes that one after a barrier.
+  static constexpr int kQOffsetBytes = (kStages - 1) * kStageElems * 2;
+  static constexpr int kPosOffsetBytes = kStagesBytes;
   /// Attended blocks whose logical id and physical page are looked up together, ahead of the
   /// tiles that read them: one pair of dependent global loads per chunk instead of per tile.
-  static constexpr int kChunkBlocks = 256;
+  static constexpr int kChunkBlocks = 128;
   static constexpr int kChunkOffsetBytes = kPosOffsetBytes + kStages * kTileN * 4;
-  static constexpr int kSmemBytes = kChunkOffsetBytes + 2 * kChunkBlocks * 4;
+  /// wgmma reads K and V through 128-byte-swizzle descriptors, whose atoms are 1024-byte
+  /// aligned; the launch adds this much so the kernel can align its base.
+  static constexpr int kSmemAlign = 1024;
+  static constexpr int kSmemBytes = kChunkOffsetBytes + 2 * kChunkBlocks * 4 + kSmemAlign;
+  /// 64 rows are one warpgroup's wgmma M: on sm_90a the tensor cores then read each KV tile
+  /// from shared memory once for all rows (mma.sync re-reads it per 16-row warp).
+  static constexpr bool kWarpgroupMma = kMTiles == 4;
   /// The epilogue reuses the stage buffers for per-warp partial outputs [kWarpsN, kRows, D]
   /// plus their row max and sum.
   static constexpr int kEpilogueBytes = (kWarpsN * kRows * (kHeadDim + 2)) * 4;
@@ -63,14 +76,17 @@ struct VerifyTileConfig {
   static_assert(kTileN % kLoadRowStep == 0, "loads cover the tile exactly");
   static_assert(kChunkBlocks >= kTileN + 1 && kChunkBlocks % kThreads == 0,
                 "a chunk covers any tile's blocks (P = 1 included)");
-  static_assert(kEpilogueBytes <= kQOffsetBytes, "epilogue scratch fits in the stage buffers");
+  static_assert(kEpilogueBytes <= kStagesBytes, "epilogue scratch fits in the stage buffers");
+  static_assert(kRows * kHeadDim * 2 <= kStageElems * 2, "Q fits in one stage");
 };
 
-/// Element offset of 16-byte chunk `chunk` of row `row` in a [rows, D] shared-memory tile. The
-/// XOR swizzle spreads the 8 rows an ldmatrix reads over all 32 banks.
-template <int kHeadDim>
+/// Element offset of 16-byte chunk `chunk` of row `row` in a [kTileRows, D] shared-memory tile,
+/// stored as D / 64 column blocks of [kTileRows, 64] with 128-byte rows whose chunks are XORed
+/// with row % 8: the canonical 128-byte-swizzled layout of wgmma operands (1024-byte aligned
+/// atoms), which also keeps the 8 rows an ldmatrix reads on distinct banks.
+template <int kTileRows>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+  return (chunk >> 3) * (kTileRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
@@ -140,6 +156,56 @@ __device__ __forceinline__ T from_float(float x) {
   }
 }
 
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+/// wgmma m64nNk16 with A (16-bit) from registers and B from shared memory, fp32 accumulators;
+/// B is K-major (kMnMajorB false: K tile, d contiguous) or MN-major (V tile, d contiguous).
+template <typename T, int kN, bool kMnMajorB>
+struct WarpgroupMma {
+  static constexpr auto kMajorB =
+      kMnMajorB ? cute::SM90::GMMA::Major::MN : cute::SM90::GMMA::Major::K;
+  using Bf16Atom = std::conditional_t<
+      kN == 64, cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, kMajorB>,
+      cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, kMajorB>>;
+  using F16Atom = std::conditional_t<
+      kN == 64, cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, kMajorB>,
+      cute::SM90::GMMA::MMA_64x128x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, kMajorB>>;
+  using Atom = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, Bf16Atom, F16Atom>;
+
+  /// d[kN / 8][4] += A[64 x 16] * B[16 x kN]; d's layout is the mma.sync C layout per warp.
+  template <size_t... I>
+  __device__ __forceinline__ static void run(float* d, const uint32_t (&a)[4], uint64_t desc,
+                                             std::index_sequence<I...>) {
+    Atom::fma(a[0], a[1], a[2], a[3], desc, d[I]...);
+  }
+  __device__ __forceinline__ static void run(float (&d)[kN / 8][4], const uint32_t (&a)[4],
+                                             uint64_t desc) {
+    run(&d[0][0], a, desc, std::make_index_sequence<kN / 2>{});
+  }
+};
+
+/// Descriptor of a 128-byte-swizzled shared-memory operand (start, leading and stride byte
+/// offsets as cute::make_gmma_desc computes them for the canonical layouts).
+__device__ __forceinline__ uint64_t swizzle128_desc(uint32_t addr, uint32_t leading_bytes,
+                                                     uint32_t stride_bytes) {
+  cute::GmmaDescriptor desc;
+  desc.bitfield.start_address_ = static_cast<uint16_t>(addr >> 4);
+  desc.bitfield.leading_byte_offset_ = static_cast<uint16_t>(leading_bytes >> 4);
+  desc.bitfield.stride_byte_offset_ = static_cast<uint16_t>(stride_bytes >> 4);
+  desc.bitfield.base_offset_ = 0;
+  desc.bitfield.layout_type_ = static_cast<uint8_t>(cute::SM90::GMMA::LayoutType::B128);
+  return desc.desc_;
+}
+
+template <int kRows, int kCols>
+__device__ __forceinline__ void fence_accumulators(float (&d)[kRows][kCols]) {
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) cute::warpgroup_fence_operand(d[i][j]);
+  }
+}
+#endif
+
 /// Where one (sequence, KV head) CTA reads from and what it attends; see SparseVerifyParams.
 struct SequenceView {
   const int32_t* ids;    // this head's list
@@ -184,7 +250,9 @@ __global__ void __launch_bounds__(128)
   constexpr int kChunks = Cfg::kChunks;
   constexpr int kStages = Cfg::kStages;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((Cfg::kSmemAlign - smem_addr(smem_raw) % Cfg::kSmemAlign) %
+                                    Cfg::kSmemAlign);
   T* stage_base = reinterpret_cast<T*>(smem);                       // [kStages][K|V][kTileN, D]
   T* q_smem = reinterpret_cast<T*>(smem + Cfg::kQOffsetBytes);      // [kRows, D]
   int32_t* pos_smem = reinterpret_cast<int32_t*>(smem + Cfg::kPosOffsetBytes);  // [kStages][kTileN]
@@ -233,7 +301,7 @@ __global__ void __launch_bounds__(128)
       const int t = valid ? gr / group : 0;
       const int hq = h * group + (valid ? gr % group : 0);
       const T* src = q + b * p.q_stride_b + t * p.q_stride_t + hq * p.q_stride_h + c * 8;
-      T* dst = q_smem + swizzle<kHeadDim>(r, c);
+      T* dst = q_smem + swizzle<kRows>(r, c);
       if (vec_ok) {
         cp_async_16(smem_addr(dst), valid ? src : q, valid);
       } else {
@@ -301,7 +369,7 @@ __global__ void __launch_bounds__(128)
       const bool valid = block >= 0 && pos < seq.kv_len;
       const int64_t src = static_cast<int64_t>(page) * kv.page_stride + h * kv.head_stride +
                           offset * kv.token_stride + load_chunk * 8;
-      const int dst = swizzle<kHeadDim>(r, load_chunk);
+      const int dst = swizzle<kTileN>(r, load_chunk);
       cp_async_16(smem_addr(k_stage + dst), valid ? k_base + src : k_base, valid);
       cp_async_16(smem_addr(v_stage + dst), valid ? v_base + src : v_base, valid);
       if (load_chunk == 0) pos_smem[stage * kTileN + r] = valid ? pos : kMaskedPos;
@@ -322,7 +390,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int ks = 0; ks < kHeadDim / 16; ++ks) {
     const int r = warp_m * 16 + (lane & 15);
-    ldmatrix_x4(q_frag[ks], smem_addr(q_smem + swizzle<kHeadDim>(r, ks * 2 + (lane >> 4))));
+    ldmatrix_x4(q_frag[ks], smem_addr(q_smem + swizzle<kRows>(r, ks * 2 + (lane >> 4))));
   }
 
   // Absolute positions of this thread's two rows (lane / 4 and lane / 4 + 8 of its row tile);
@@ -346,6 +414,12 @@ __global__ void __launch_bounds__(128)
     const int it = tile - tile_begin;
     const int stage = it % kStages;
     cp_async_wait<kStages - 2>();
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+    if constexpr (Cfg::kWarpgroupMma) {
+      // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    }
+#endif
     __syncthreads();  // tile `tile` visible to all; the stage refilled below is free
     {
       const int next = tile + kStages - 1;
@@ -363,15 +437,32 @@ __global__ void __launch_bounds__(128)
     float s[kWarpN / 8][4];
 #pragma unroll
     for (int nt = 0; nt < kWarpN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+    if constexpr (Cfg::kWarpgroupMma) {
+      // B = K tile [64 tokens, D], K-major: k-step ks is 32 bytes into column block ks / 4.
+      fence_accumulators(s);
+      cute::warpgroup_arrive();
 #pragma unroll
-    for (int kc = 0; kc < kHeadDim / 32; ++kc) {
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+        const uint32_t addr = smem_addr(k_stage) + (ks >> 2) * (kTileN * 128) + (ks & 3) * 32;
+        WarpgroupMma<T, kTileN, false>::run(s, q_frag[ks], swizzle128_desc(addr, 16, 1024));
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_accumulators(s);
+    } else
+#endif
+    {
 #pragma unroll
-      for (int nt = 0; nt < kWarpN / 8; ++nt) {
-        uint32_t kb[4];
-        const int r = n0 + nt * 8 + (lane & 7);
-        ldmatrix_x4(kb, smem_addr(k_stage + swizzle<kHeadDim>(r, kc * 4 + (lane >> 3))));
-        mma_16816<T>(s[nt], q_frag[2 * kc], kb[0], kb[1]);
-        mma_16816<T>(s[nt], q_frag[2 * kc + 1], kb[2], kb[3]);
+      for (int kc = 0; kc < kHeadDim / 32; ++kc) {
+#pragma unroll
+        for (int nt = 0; nt < kWarpN / 8; ++nt) {
+          uint32_t kb[4];
+          const int r = n0 + nt * 8 + (lane & 7);
+          ldmatrix_x4(kb, smem_addr(k_stage + swizzle<kTileN>(r, kc * 4 + (lane >> 3))));
+          mma_16816<T>(s[nt], q_frag[2 * kc], kb[0], kb[1]);
+          mma_16816<T>(s[nt], q_frag[2 * kc + 1], kb[2], kb[3]);
+        }
       }
     }
 
@@ -416,20 +507,42 @@ __global__ void __launch_bounds__(128)
     }
 
     // O += P V: the score accumulators are already laid out as the A operand.
+    uint32_t pa[kWarpN / 16][4];
 #pragma unroll
     for (int kt = 0; kt < kWarpN / 16; ++kt) {
-      uint32_t pa[4];
-      pa[0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
-      pa[1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
-      pa[2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-      pa[3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
-      const int r = n0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      pa[kt][0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
+      pa[kt][1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
+      pa[kt][2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+      pa[kt][3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+    }
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+    if constexpr (Cfg::kWarpgroupMma) {
+      // B = V tile [64 tokens, D], MN-major: k-step kt starts 16 token rows in; column blocks
+      // of 64 d are kTileN * 128 bytes apart, 8-row groups 1024 bytes.
+      fence_accumulators(o);
+      cute::warpgroup_arrive();
 #pragma unroll
-      for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans(vb, smem_addr(v_stage + swizzle<kHeadDim>(r, dp * 2 + (lane >> 4))));
-        mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
-        mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+      for (int kt = 0; kt < kWarpN / 16; ++kt) {
+        const uint32_t addr = smem_addr(v_stage) + kt * 16 * 128;
+        WarpgroupMma<T, kHeadDim, true>::run(o, pa[kt],
+                                             swizzle128_desc(addr, kTileN * 128, 1024));
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_accumulators(o);
+    } else
+#endif
+    {
+#pragma unroll
+      for (int kt = 0; kt < kWarpN / 16; ++kt) {
+        const int r = n0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+        for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+          uint32_t vb[4];
+          ldmatrix_x4_trans(vb, smem_addr(v_stage + swizzle<kTileN>(r, dp * 2 + (lane >> 4))));
+          mma_16816<T>(o[2 * dp], pa[kt], vb[0], vb[1]);
+          mma_16816<T>(o[2 * dp + 1], pa[kt], vb[2], vb[3]);
+        }
       }
     }
   }
