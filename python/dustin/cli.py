@@ -88,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen.set_defaults(subparser=gen)
 
+    from dustin import calibrate, quality_cli
+
+    cal = commands.add_parser(
+        "calibrate",
+        help="choose a pair's retrieval heads and draft share on calibration text; write its config",
+        description="Choose the retrieval heads of draft and target and the draft share on windows of "
+        "calibration text (teacher-forced); write the pair config JSON that --pair-config reads.",
+    )
+    calibrate.add_arguments(cal)
+    cal.set_defaults(subparser=cal, run=calibrate.run)
+    ev = commands.add_parser(
+        "eval",
+        help="measure acceptance, agreement, perplexity and attention recall of each policy on real text",
+        description="Measure mean accepted length, acceptance rate, agreement with dense verification, "
+        "perplexity and attention recall of each verification policy on windows of the bundled texts, "
+        "teacher-forced and free-running; write JSON, Markdown and plots.",
+    )
+    quality_cli.add_arguments(ev)
+    ev.set_defaults(subparser=ev, run=quality_cli.run)
+
     fetch = commands.add_parser(
         "fetch", help="download and verify the real Qwen2.5-Coder pair (see `dustin fetch --help`)", add_help=False
     )
@@ -234,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return fetch_main(argv[1:])
     args = parser.parse_args(argv)
-    _resolve(args, args.subparser)
+    if args.command == "generate":
+        _resolve(args, args.subparser)
     from dustin.cache import CacheFullError
     from dustin.checkpoint import CheckpointError
     from dustin.fetch import FetchError
 
     try:
-        return generate(args)
+        return generate(args) if args.command == "generate" else args.run(args)
     except (ValueError, CheckpointError, CacheFullError, FetchError, FileNotFoundError, NotImplementedError) as exc:
-        print(f"dustin generate: error: {exc}", file=sys.stderr)
+        print(f"dustin {args.command}: error: {exc}", file=sys.stderr)
         return 2
