@@ -202,7 +202,9 @@ class Setup:
                 cache.v(layer).normal_(generator=gen)
             self.caches.append(cache)
 
-    def decoder(self, method: Method, gamma: int, pair_cfg: PairConfig, args, max_new: int):
+    def decoder(
+        self, method: Method, gamma: int, pair_cfg: PairConfig, args, max_new: int, graphs: bool
+    ):
         """The method's decoder, started (and captured); returns it and the seconds that took."""
         if self.real_state is not None:
             state = self.real_state.fork()
@@ -231,6 +233,7 @@ class Setup:
             max_new_tokens=max_new,
             draft_window=args.draft_window if method.streaming_draft else None,
             replay_acceptance=self.real_state is None and method.speculative,
+            use_graphs=graphs,
         )
         start = time.perf_counter()
         if self.real_state is not None:
@@ -474,6 +477,10 @@ def run_sweep(args) -> Report:
             "verify_attention_ms is the step's sparse_verify calls of all target layers replayed alone "
             "right after the verification; verify_other_ms the rest of the verification"
         ),
+        (
+            "rows named '<method>-eager': the same phases as direct PyTorch calls from Python, "
+            "no CUDA graphs (what the graphs save)"
+        ),
     ]
     steps_total = args.warmup + args.steps + args.probe_steps
     gamma_max = max(args.gammas)
@@ -525,49 +532,7 @@ def run_sweep(args) -> Report:
                             for q, r in peers.items()
                         )
                     )
-                plain_row = None
-                for gamma in args.gammas:
-                    table = None if real else acceptance_table(gamma, steps_total, batch, seed=0)
-                    rows = {}
-                    for name in args.methods:
-                        method = METHODS[name]
-                        if not method.speculative and plain_row is not None:
-                            rows[name] = plain_row
-                            continue
-                        decoder, setup_s = setup.decoder(method, gamma, pair_cfg, args, reach_new)
-                        result = measure(
-                            decoder,
-                            table if method.speculative else None,
-                            args.warmup,
-                            args.steps,
-                            args.probe_steps,
-                        )
-                        row = summarize(
-                            pair, weights, used_context, batch, gamma, name, result, decoder
-                        )
-                        row["capture_s"] = round(setup_s, 2)
-                        del decoder
-                        gc.collect()
-                        torch.cuda.empty_cache()
-                        rows[name] = row
-                        if not method.speculative:
-                            plain_row = row
-                        print(
-                            f"  gamma {gamma} {name:14s} {row['tokens_per_s']:10.0f} tok/s  "
-                            f"step {row['step_ms']:.2f} ms  emitted/step {row['emitted_per_step']:.2f}",
-                            flush=True,
-                        )
-                    for name, row in rows.items():
-                        row = dict(row, gamma=gamma if METHODS[name].speculative else row["gamma"])
-                        for base in ("plain", "classic", "magicdec"):
-                            if base in rows:
-                                row[f"vs_{base}"] = row["tokens_per_s"] / rows[base]["tokens_per_s"]
-                        if "classic" in rows:
-                            row["attention_vs_dense"] = (
-                                rows["classic"]["verify_attention_ms"] / row["verify_attention_ms"]
-                            )
-                        if METHODS[name].speculative or gamma == args.gammas[0]:
-                            report.add(**row)
+                sweep_gammas(report, setup, pair_cfg, args, weights, steps_total, reach_new)
                 del setup, state
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -578,18 +543,68 @@ def run_sweep(args) -> Report:
     return report
 
 
-def summarize(pair, weights, context, batch, gamma, name, result, decoder) -> dict:
+def sweep_gammas(report, setup, pair_cfg, args, weights, steps_total, reach_new) -> None:
+    """Every method (graphs; plus direct calls for ``args.eager``) at every gamma of one
+    (pair, context, batch); plain decoding, which has no gamma, runs once."""
+    runs = [(name, True) for name in args.methods] + [(name, False) for name in args.eager]
+    once: dict[str, dict] = {}  # label -> row of the gamma-free runs
+    for gamma in args.gammas:
+        table = None
+        if setup.real_state is None:
+            table = acceptance_table(gamma, steps_total, setup.batch, seed=0)
+        rows = {}
+        for name, graphs in runs:
+            method, label = METHODS[name], name if graphs else f"{name}-eager"
+            if label in once:
+                rows[label] = once[label]
+                continue
+            decoder, setup_s = setup.decoder(method, gamma, pair_cfg, args, reach_new, graphs)
+            result = measure(
+                decoder,
+                table if method.speculative else None,
+                args.warmup,
+                args.steps,
+                args.probe_steps,
+            )
+            row = summarize(setup, gamma, label, weights, result, decoder)
+            row["setup_s"] = round(setup_s, 2)
+            del decoder
+            gc.collect()
+            torch.cuda.empty_cache()
+            rows[label] = row
+            if not method.speculative:
+                once[label] = row
+            print(
+                f"  gamma {gamma} {label:20s} {row['tokens_per_s']:10.0f} tok/s  "
+                f"step {row['step_ms']:.2f} ms  emitted/step {row['emitted_per_step']:.2f}",
+                flush=True,
+            )
+        for label, row in rows.items():
+            if label in once and gamma != args.gammas[0]:
+                continue  # reported with the first gamma
+            row = dict(row)
+            for base in ("plain", "classic", "magicdec"):
+                if base in rows:
+                    row[f"vs_{base}"] = row["tokens_per_s"] / rows[base]["tokens_per_s"]
+            if "classic" in rows:
+                row["attention_vs_dense"] = (
+                    rows["classic"]["verify_attention_ms"] / row["verify_attention_ms"]
+                )
+            report.add(**row)
+
+
+def summarize(setup, gamma, label, weights, result, decoder) -> dict:
     ph = result["phase_ms"]
     attention = result["verify_attention_ms"]
-    row = {
-        "pair": pair,
+    return {
+        "pair": setup.pair,
         "weights": weights,
-        "context": context,
-        "batch": batch,
+        "context": setup.context,
+        "batch": setup.batch,
         "gamma": gamma if decoder.gamma else 0,
-        "method": name,
+        "method": label,
         "tokens_per_s": result["tokens"] / result["seconds"],
-        "emitted_per_step": result["tokens"] / (batch * result["steps"]),
+        "emitted_per_step": result["tokens"] / (setup.batch * result["steps"]),
         "step_ms": result["step_ms"],
         "draft_ms": ph.get("draft", 0.0),
         "scoring_ms": ph.get("lookahead", 0.0) + ph.get("history", 0.0),
@@ -598,7 +613,6 @@ def summarize(pair, weights, context, batch, gamma, name, result, decoder) -> di
         "verify_other_ms": ph["verify"] - attention,
         "other_ms": ph["accept"],
     }
-    return row
 
 
 def check_targets(report: Report) -> None:
@@ -704,6 +718,12 @@ def main() -> None:
         "--no-peers", dest="peers", action="store_false", help="skip the dense attention peer check"
     )
     parser.add_argument(
+        "--eager",
+        nargs="*",
+        choices=list(METHODS),
+        help="methods also timed as direct calls, no graphs (quick: plain dustin-stream; full: none)",
+    )
+    parser.add_argument(
         "--plot", type=Path, metavar="JSON", help="only redraw the plot of a results file"
     )
     args = parser.parse_args()
@@ -720,8 +740,18 @@ def main() -> None:
         found = cached_real_pair()
         if found is not None:
             args.draft, args.target = found
-    quick = {"contexts": [32768], "batches": [16], "gammas": [4]}
-    full = {"contexts": [8192, 16384, 32768], "batches": [8, 16, 32], "gammas": [3, 4, 5]}
+    quick = {
+        "contexts": [32768],
+        "batches": [16],
+        "gammas": [4],
+        "eager": ["plain", "dustin-stream"],
+    }
+    full = {
+        "contexts": [8192, 16384, 32768],
+        "batches": [8, 16, 32],
+        "gammas": [3, 4, 5],
+        "eager": [],
+    }
     for key, value in (full if args.full else quick).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

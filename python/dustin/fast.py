@@ -45,9 +45,18 @@ from dustin import ops
 from dustin.cache import PagedKVCache
 from dustin.model import Transformer
 from dustin.policies import Dense, DraftOnly, Dustin, HistoryOnly, Policy, Streaming, heads_by_layer
-from dustin.spec import Prefilled, _block_scores, accept_greedy
+from dustin.spec import Prefilled, accept_greedy
 
-__all__ = ["FastResult", "GraphDecoder", "capture", "forward_window"]
+__all__ = [
+    "FastResult",
+    "GraphDecoder",
+    "Workspaces",
+    "capture",
+    "dense_lists",
+    "forward_window",
+    "score_blocks",
+    "streaming_lists",
+]
 
 BlockLists = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -146,6 +155,35 @@ def streaming_lists(
         return ids, counts
 
     return lists
+
+
+def score_blocks(
+    model: Transformer,
+    cache: PagedKVCache,
+    queries: dict[int, torch.Tensor],
+    heads: dict[int, torch.Tensor],
+    block_size: int,
+    scores: torch.Tensor,
+    validate: bool = False,
+) -> None:
+    """Sets ``scores`` ``[B, NB]`` float32 to the retrieval heads' attention over ``cache`` summed
+    into blocks (``block_scores`` per layer, accumulated). The static-buffer form of the scoring
+    in ``dustin.spec``: it writes in place and checks values on the host only when asked."""
+    scores.zero_()
+    group = model.config.num_heads // model.config.num_kv_heads
+    for layer, head_ids in heads.items():
+        ops.block_scores(
+            queries[layer].contiguous(),
+            cache.k(layer),
+            cache.block_table,
+            cache.kv_lens,
+            (head_ids // group).to(torch.int32),
+            model.sm_scale,
+            block_size,
+            cache.layout,
+            scores,
+            validate=validate,
+        )
 
 
 def forward_window(
@@ -304,7 +342,7 @@ class GraphDecoder:
         if self.use_graphs and device.type != "cuda":
             raise ValueError("GraphDecoder: use_graphs needs the models on a CUDA device")
         self.workspaces = Workspaces()
-        self._validate = True  # the first run checks op arguments on the host; replays do not
+        self._validate = True  # the first run on CUDA checks op arguments on the host
 
         batch, num_blocks = target_cache.batch_size, target_cache.max_pages_per_seq
         self.page_size, self.num_blocks = target_cache.page_size, num_blocks
@@ -363,7 +401,7 @@ class GraphDecoder:
         }
         self._phase_fns = {name: getattr(self, f"_{name}") for name in names if wanted[name]}
         self.phases: dict[str, Callable[[], None]] = dict(self._phase_fns)
-        self.captured = False
+        self.prepared = False
 
     # Setup -----------------------------------------------------------------------------------
 
@@ -434,8 +472,8 @@ class GraphDecoder:
             self.history.copy_(history)
         self.emitted_sum.zero_()
         self.active_sum.zero_()
-        if self.use_graphs and not self.captured:
-            self._capture()
+        if self.device.type == "cuda" and not self.prepared:
+            self._prepare()
 
     def start_from(self, state: Prefilled) -> None:
         """``start`` from a prefill (``dustin.spec.prefill``): greedy first token, and the history
@@ -443,13 +481,9 @@ class GraphDecoder:
         history = None
         if self.target_heads:
             queries = {l: state.target_queries[l][:, :, h] for l, h in self.target_heads.items()}
-            history = _block_scores(
-                self.target,
-                self.tcache,
-                queries,
-                self.target_heads,
-                self.page_size,
-                self.num_blocks,
+            history = torch.empty_like(self.history)
+            score_blocks(
+                self.target, self.tcache, queries, self.target_heads, self.page_size, history, True
             )
         last = torch.tensor([p[-1] for p in state.prompts], dtype=torch.long, device=self.device)
         self.start([len(p) for p in state.prompts], last, state.first_logits.argmax(-1), history)
@@ -459,8 +493,10 @@ class GraphDecoder:
         tensors += [self.emitted_sum, self.active_sum, self.tcache.kv_lens]
         return tensors + ([self.dcache.kv_lens] if self.dcache is not None else [])
 
-    def _capture(self) -> None:
-        """One checked eager step on a side stream (warm-up), state restored, then capture."""
+    def _prepare(self) -> None:
+        """One eager step with the ops' host-side value checks, on a side stream (the warm-up a
+        capture needs), the state restored; then the phases are captured (with ``use_graphs``).
+        Later runs, graphs or direct calls, skip the checks: they would sync every op."""
         saved = [t.clone() for t in self._state()]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -471,8 +507,9 @@ class GraphDecoder:
         for tensor, value in zip(self._state(), saved):
             tensor.copy_(value)
         self._validate = False
-        self.phases = {name: capture(fn) for name, fn in self._phase_fns.items()}
-        self.captured = True
+        if self.use_graphs:
+            self.phases = {name: capture(fn) for name, fn in self._phase_fns.items()}
+        self.prepared = True
 
     # Running ---------------------------------------------------------------------------------
 
@@ -532,15 +569,14 @@ class GraphDecoder:
             window = token[:, None]
 
     def _lookahead(self) -> None:
-        self.lookahead.copy_(
-            _block_scores(
-                self.draft,
-                self.dcache,
-                self.looked,
-                self.draft_heads,
-                self.page_size,
-                self.num_blocks,
-            )
+        score_blocks(
+            self.draft,
+            self.dcache,
+            self.looked,
+            self.draft_heads,
+            self.page_size,
+            self.lookahead,
+            self._validate,
         )
 
     def _select(self) -> None:
@@ -581,15 +617,14 @@ class GraphDecoder:
             self.verify_queries[layer].copy_(q)
 
     def _history(self) -> None:
-        self.history.copy_(
-            _block_scores(
-                self.target,
-                self.tcache,
-                self.verify_queries,
-                self.target_heads,
-                self.page_size,
-                self.num_blocks,
-            )
+        score_blocks(
+            self.target,
+            self.tcache,
+            self.verify_queries,
+            self.target_heads,
+            self.page_size,
+            self.history,
+            self._validate,
         )
 
     def _accept(self) -> None:
