@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from dustin.cache import CacheFullError
 from dustin.policies import Dense, Dustin, PairConfig
 from dustin.spec import (
     DecodeOptions,
@@ -162,6 +163,8 @@ def test_bad_input(pair):
     options = DecodeOptions(max_new_tokens=8, gamma=3)
     with pytest.raises(ValueError, match="more than the target's context \\(512\\)"):
         prefill(target, draft, _prompts((500,)), options)
+    with pytest.raises(CacheFullError, match="needs a KV cache of 144 tokens .* token_budget is 100"):
+        prefill(target, draft, _prompts((60, 50)), options, page_size=4, token_budget=100)
     with pytest.raises(ValueError, match="non-empty token lists"):
         prefill(target, draft, [[]], options)
     state = prefill(target, draft, _prompts(), options)

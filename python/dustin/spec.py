@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dustin import ops
-from dustin.cache import PagedKVCache
+from dustin.cache import CacheFullError, PagedKVCache
 from dustin.model import Transformer
 from dustin.policies import Policy, Signals, heads_by_layer
 
@@ -136,6 +136,7 @@ def prefill(
     page_size: int = 16,
     layout: str = "HND",
     chunk_size: int = 4096,
+    token_budget: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Prefilled:
     """Runs the prompts through the target (and the draft) into fresh caches.
@@ -149,10 +150,13 @@ def prefill(
         options: decoding settings (sizes the caches).
         page_size, layout: of both caches.
         chunk_size: prefill chunk length.
+        token_budget: KV tokens each cache may hold over all sequences (memory sized up front);
+            None sizes the caches to this request.
         progress: called with the number of tokens done after each chunk (both models).
 
     Raises:
         ValueError: empty prompts, or a prompt too long for a model's context.
+        CacheFullError: the request needs more than ``token_budget``.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
@@ -165,6 +169,14 @@ def prefill(
                 f"more than the {role}'s context ({model.config.max_position_embeddings})"
             )
     budget = sum(-(-options.context_needed(len(p)) // page_size) * page_size for p in prompts)
+    if token_budget is not None:
+        if budget > token_budget:
+            raise CacheFullError(
+                f"the request needs a KV cache of {budget} tokens ({len(prompts)} prompts of up to "
+                f"{max(map(len, prompts))} tokens, {options.max_new_tokens} new tokens and two "
+                f"windows each, in whole pages of {page_size}), the token_budget is {token_budget}"
+            )
+        budget = token_budget
     record_last = min(options.history_window, min(map(len, prompts)))
     all_heads = torch.arange(target.config.num_heads, device=target.device)
     every_layer = {layer: all_heads for layer in range(target.config.num_layers)}
