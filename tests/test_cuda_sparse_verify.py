@@ -11,7 +11,10 @@ CUDA-graph replay, and ids or lengths outside the contract (skipped or clamped, 
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import reference
@@ -342,7 +345,23 @@ def test_out_of_contract_values_are_skipped_not_read():
     torch.cuda.synchronize()
 
 
-def test_wrapper_value_checks_accept_valid_cuda_inputs():
+# The two checks below also run host code that is not this kernel's (the wrappers' value
+# checks, the CPU twin). Each runs in a child interpreter, so a crash there fails its test with
+# the child's output instead of ending the whole session.
+def run_isolated(check: str, *args) -> None:
+    code = f"import test_cuda_sparse_verify as t; t.{check}(*{args!r})"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{check}{args} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+
+
+def check_wrapper_value_checks() -> None:
     gen, seed = fresh_generator()
     c = make_case(
         gen,
@@ -362,11 +381,12 @@ def test_wrapper_value_checks_accept_valid_cuda_inputs():
     assert_close(out, lse, ref_out, ref_lse, torch.bfloat16, f"seed {seed}")
 
 
-# Last in the file: the CPU twin and the host-side value checks run host code that is not this
-# kernel's, so a failure there cannot hide the kernel results above.
-@pytest.mark.parametrize("layout", ["HND", "NHD"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_matches_cpu_twin(dtype, layout):
+def test_wrapper_value_checks_accept_valid_cuda_inputs():
+    run_isolated("check_wrapper_value_checks")
+
+
+def check_matches_cpu_twin(dtype_name: str, layout: str) -> None:
+    dtype = getattr(torch, dtype_name)
     gen, seed = fresh_generator()
     for group, q_len, page, per_head in ((8, 5, 16, False), (7, 8, 64, True), (16, 16, 1, False)):
         c = make_case(
@@ -387,3 +407,9 @@ def test_matches_cpu_twin(dtype, layout):
         cpu_out, cpu_lse = ops.sparse_verify(*c.to_cpu())
         what = f"seed {seed}, G={group} q={q_len} P={page} vs CPU twin"
         assert_close(out.cpu(), lse.cpu(), cpu_out.double(), cpu_lse.double(), dtype, what)
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_matches_cpu_twin(dtype_name, layout):
+    run_isolated("check_matches_cpu_twin", dtype_name, layout)
