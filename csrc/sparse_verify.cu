@@ -24,10 +24,10 @@ constexpr int kMergeThreads = 128;
 
 /// How one call is cut into CTAs.
 struct LaunchPlan {
-  int m_tiles = 1;           // 16-row MMA tiles of query rows per CTA
-  int row_chunks = 1;        // CTAs sharing one (b, h) when G * q exceeds 64 rows
-  int num_splits = 1;        // CTAs sharing one (b, h, row chunk)'s block list
-  size_t split_bytes = 0;    // workspace per split
+  int m_tiles = 1;         // 16-row MMA tiles of query rows per CTA
+  int row_chunks = 1;      // CTAs sharing one (b, h) when G * q exceeds 64 rows
+  int num_splits = 1;      // CTAs sharing one (b, h, row chunk)'s block list
+  size_t split_bytes = 0;  // workspace per split
 };
 
 /// 16-row MMA tiles per CTA for G * q query rows. On Hopper every window of more than 16 rows
@@ -89,8 +89,8 @@ cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
   }
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
   const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         Cfg::kSmemBytes);
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   int n = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes);
@@ -154,8 +154,8 @@ cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
       static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * plan->row_chunks;
   const int64_t max_tiles = (max_attended_slots(p) + Cfg::kTileN - 1) / Cfg::kTileN;
   plan->num_splits = choose_splits(base_ctas, max_tiles, static_cast<int64_t>(sms) * ctas_per_sm);
-  plan->split_bytes = static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads *
-                      (kHeadDim + 1) * sizeof(float);
+  plan->split_bytes =
+      static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads * (kHeadDim + 1) * sizeof(float);
   return cudaSuccess;
 }
 
@@ -206,10 +206,14 @@ Status dispatch(const SparseVerifyParams& p, cudaStream_t stream, size_t* worksp
   return DUSTIN_DISPATCH_DTYPE16(p.kv.dtype, [&] {
     return DUSTIN_DISPATCH_HEAD_DIM(p.kv.head_dim, [&] {
       switch (m_tiles) {
-        case 1: return plan_and_launch<DTypeKV, kHeadDim, 1>(p, stream, workspace_bytes);
-        case 2: return plan_and_launch<DTypeKV, kHeadDim, 2>(p, stream, workspace_bytes);
-        case 3: return plan_and_launch<DTypeKV, kHeadDim, 3>(p, stream, workspace_bytes);
-        default: return plan_and_launch<DTypeKV, kHeadDim, 4>(p, stream, workspace_bytes);
+        case 1:
+          return plan_and_launch<DTypeKV, kHeadDim, 1>(p, stream, workspace_bytes);
+        case 2:
+          return plan_and_launch<DTypeKV, kHeadDim, 2>(p, stream, workspace_bytes);
+        case 3:
+          return plan_and_launch<DTypeKV, kHeadDim, 3>(p, stream, workspace_bytes);
+        default:
+          return plan_and_launch<DTypeKV, kHeadDim, 4>(p, stream, workspace_bytes);
       }
     });
   });

@@ -8,11 +8,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
-#include <utility>
-
 #include <cute/arch/mma_sm90_desc.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
+#include <type_traits>
+#include <utility>
 
 #include "dustin/sparse_verify_params.h"
 
@@ -186,7 +185,7 @@ struct WarpgroupMma {
 /// Descriptor of a 128-byte-swizzled shared-memory operand (start, leading and stride byte
 /// offsets as cute::make_gmma_desc computes them for the canonical layouts).
 __device__ __forceinline__ uint64_t swizzle128_desc(uint32_t addr, uint32_t leading_bytes,
-                                                     uint32_t stride_bytes) {
+                                                    uint32_t stride_bytes) {
   cute::GmmaDescriptor desc;
   desc.bitfield.start_address_ = static_cast<uint16_t>(addr >> 4);
   desc.bitfield.leading_byte_offset_ = static_cast<uint16_t>(leading_bytes >> 4);
@@ -230,8 +229,8 @@ __device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& 
                                           static_cast<int64_t>(0x7fffffff))));
   s.first_window = max(s.kv_len - p.q_len, 0) / kv.page_size;
   s.num_blocks = num_blocks_for(s.kv_len, kv.page_size);
-  s.num_slots = static_cast<int64_t>(s.count + max(s.num_blocks - s.first_window, 0)) *
-                kv.page_size;
+  s.num_slots =
+      static_cast<int64_t>(s.count + max(s.num_blocks - s.first_window, 0)) * kv.page_size;
   return s;
 }
 
@@ -251,10 +250,10 @@ __global__ void __launch_bounds__(128)
   constexpr int kStages = Cfg::kStages;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((Cfg::kSmemAlign - smem_addr(smem_raw) % Cfg::kSmemAlign) %
-                                    Cfg::kSmemAlign);
-  T* stage_base = reinterpret_cast<T*>(smem);                       // [kStages][K|V][kTileN, D]
-  T* q_smem = reinterpret_cast<T*>(smem + Cfg::kQOffsetBytes);      // [kRows, D]
+  unsigned char* smem =
+      smem_raw + ((Cfg::kSmemAlign - smem_addr(smem_raw) % Cfg::kSmemAlign) % Cfg::kSmemAlign);
+  T* stage_base = reinterpret_cast<T*>(smem);                   // [kStages][K|V][kTileN, D]
+  T* q_smem = reinterpret_cast<T*>(smem + Cfg::kQOffsetBytes);  // [kRows, D]
   int32_t* pos_smem = reinterpret_cast<int32_t*>(smem + Cfg::kPosOffsetBytes);  // [kStages][kTileN]
   // [kChunkBlocks] logical block id (-1: skipped) and physical page of attended blocks.
   int32_t* chunk_block = reinterpret_cast<int32_t*>(smem + Cfg::kChunkOffsetBytes);
@@ -291,8 +290,8 @@ __global__ void __launch_bounds__(128)
   // ---- Q rows -> shared memory (zero for padding rows) ------------------------------------
   {
     const T* q = static_cast<const T*>(p.q);
-    const bool vec_ok = ((reinterpret_cast<uintptr_t>(q) & 15) | ((p.q_stride_b | p.q_stride_t |
-                                                                   p.q_stride_h) & 7)) == 0;
+    const bool vec_ok = ((reinterpret_cast<uintptr_t>(q) & 15) |
+                         ((p.q_stride_b | p.q_stride_t | p.q_stride_h) & 7)) == 0;
     for (int i = tid; i < kRows * kChunks; i += Cfg::kThreads) {
       const int r = i / kChunks;
       const int c = i % kChunks;
@@ -524,8 +523,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
       for (int kt = 0; kt < kWarpN / 16; ++kt) {
         const uint32_t addr = smem_addr(v_stage) + kt * 16 * 128;
-        WarpgroupMma<T, kHeadDim, true>::run(o, pa[kt],
-                                             swizzle128_desc(addr, kTileN * 128, 1024));
+        WarpgroupMma<T, kHeadDim, true>::run(o, pa[kt], swizzle128_desc(addr, kTileN * 128, 1024));
       }
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
@@ -550,9 +548,9 @@ __global__ void __launch_bounds__(128)
   // ---- epilogue: combine the warps that split the tokens, normalise, store ----------------
   cp_async_wait<0>();
   __syncthreads();  // stage buffers are free for the scratch below
-  float* o_scratch = reinterpret_cast<float*>(smem);                   // [kWarpsN, kRows, D]
-  float* m_scratch = o_scratch + Cfg::kWarpsN * kRows * kHeadDim;      // [kWarpsN, kRows]
-  float* l_scratch = m_scratch + Cfg::kWarpsN * kRows;                 // [kWarpsN, kRows]
+  float* o_scratch = reinterpret_cast<float*>(smem);               // [kWarpsN, kRows, D]
+  float* m_scratch = o_scratch + Cfg::kWarpsN * kRows * kHeadDim;  // [kWarpsN, kRows]
+  float* l_scratch = m_scratch + Cfg::kWarpsN * kRows;             // [kWarpsN, kRows]
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
@@ -583,9 +581,9 @@ __global__ void __launch_bounds__(128)
 
   const bool write_partial = num_splits > 1;
   const int64_t rows_per_split = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
-  float* ws_out = static_cast<float*>(p.workspace);      // [splits, B*q*Hq, D]
+  float* ws_out = static_cast<float*>(p.workspace);                 // [splits, B*q*Hq, D]
   float* ws_lse = ws_out + num_splits * rows_per_split * kHeadDim;  // [splits, B*q*Hq]
-  constexpr int kVec = 4;  // floats per thread per step
+  constexpr int kVec = 4;                                           // floats per thread per step
   for (int i = tid; i < kRows * (kHeadDim / kVec); i += Cfg::kThreads) {
     const int r = i / (kHeadDim / kVec);
     const int d = (i % (kHeadDim / kVec)) * kVec;
