@@ -3,23 +3,14 @@
 // through a cp.async pipeline into tensor-core attention for all G x q query rows of a KV head.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
-#include <cute/arch/mma_sm90_desc.hpp>
-#include <cute/arch/mma_sm90_gmma.hpp>
-#include <type_traits>
-#include <utility>
 
+#include "dustin/attention/tile_primitives.cuh"
+#include "dustin/attention/verify_merge.cuh"
 #include "dustin/sparse_verify_params.h"
 
 namespace dustin::detail {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -__builtin_huge_valf();
 /// Position stored for a tile slot that holds no attended token: larger than every query.
 constexpr int32_t kMaskedPos = 0x7fffffff;
 
@@ -78,132 +69,6 @@ struct VerifyTileConfig {
   static_assert(kEpilogueBytes <= kStagesBytes, "epilogue scratch fits in the stage buffers");
   static_assert(kRows * kHeadDim * 2 <= kStageElems * 2, "Q fits in one stage");
 };
-
-/// Element offset of 16-byte chunk `chunk` of row `row` in a [kTileRows, D] shared-memory tile,
-/// stored as D / 64 column blocks of [kTileRows, 64] with 128-byte rows whose chunks are XORed
-/// with row % 8: the canonical 128-byte-swizzled layout of wgmma operands (1024-byte aligned
-/// atoms), which also keeps the 8 rows an ldmatrix reads on distinct banks.
-template <int kTileRows>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return (chunk >> 3) * (kTileRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-/// 16-byte global -> shared copy; zero-fills when `valid` is false (no global read happens).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-/// D += A * B on one m16n8k16 tile, fp32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-/// Two floats as one register of two 16-bit values (low half = x).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float x, float y) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(x, y);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return __float2half_rn(x);
-  }
-}
-
-#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
-/// wgmma m64nNk16 with A (16-bit) from registers and B from shared memory, fp32 accumulators;
-/// B is K-major (kMnMajorB false: K tile, d contiguous) or MN-major (V tile, d contiguous).
-template <typename T, int kN, bool kMnMajorB>
-struct WarpgroupMma {
-  static constexpr auto kMajorB =
-      kMnMajorB ? cute::SM90::GMMA::Major::MN : cute::SM90::GMMA::Major::K;
-  using Bf16Atom = std::conditional_t<
-      kN == 64, cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, kMajorB>,
-      cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, kMajorB>>;
-  using F16Atom = std::conditional_t<
-      kN == 64, cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, kMajorB>,
-      cute::SM90::GMMA::MMA_64x128x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, kMajorB>>;
-  using Atom = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, Bf16Atom, F16Atom>;
-
-  /// d[kN / 8][4] += A[64 x 16] * B[16 x kN]; d's layout is the mma.sync C layout per warp.
-  template <size_t... I>
-  __device__ __forceinline__ static void run(float* d, const uint32_t (&a)[4], uint64_t desc,
-                                             std::index_sequence<I...>) {
-    Atom::fma(a[0], a[1], a[2], a[3], desc, d[I]...);
-  }
-  __device__ __forceinline__ static void run(float (&d)[kN / 8][4], const uint32_t (&a)[4],
-                                             uint64_t desc) {
-    run(&d[0][0], a, desc, std::make_index_sequence<kN / 2>{});
-  }
-};
-
-/// Descriptor of a 128-byte-swizzled shared-memory operand (start, leading and stride byte
-/// offsets as cute::make_gmma_desc computes them for the canonical layouts).
-__device__ __forceinline__ uint64_t swizzle128_desc(uint32_t addr, uint32_t leading_bytes,
-                                                    uint32_t stride_bytes) {
-  cute::GmmaDescriptor desc;
-  desc.bitfield.start_address_ = static_cast<uint16_t>(addr >> 4);
-  desc.bitfield.leading_byte_offset_ = static_cast<uint16_t>(leading_bytes >> 4);
-  desc.bitfield.stride_byte_offset_ = static_cast<uint16_t>(stride_bytes >> 4);
-  desc.bitfield.base_offset_ = 0;
-  desc.bitfield.layout_type_ = static_cast<uint8_t>(cute::SM90::GMMA::LayoutType::B128);
-  return desc.desc_;
-}
-
-template <int kRows, int kCols>
-__device__ __forceinline__ void fence_accumulators(float (&d)[kRows][kCols]) {
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-    for (int j = 0; j < kCols; ++j) cute::warpgroup_fence_operand(d[i][j]);
-  }
-}
-#endif
 
 /// Where one (sequence, KV head) CTA reads from and what it attends; see SparseVerifyParams.
 struct SequenceView {
@@ -622,75 +487,6 @@ __global__ void __launch_bounds__(128)
       if (d == 0) p.lse[out_row] = lse_log2 * kLn2;
     }
   }
-}
-
-/// Split count from which the merge gives each output row a whole CTA (4 warps share the
-/// splits); below it each warp merges one row on its own.
-constexpr int kMergeSplitsPerCta = 16;
-
-/// Merges the split partials of each output row (flash-decoding): lse in log2 units, partial
-/// outputs normalised. Rows per CTA: 1 when num_splits >= kMergeSplitsPerCta, else 4.
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(128)
-    sparse_verify_merge_kernel(const __grid_constant__ SparseVerifyParams p, int num_splits) {
-  constexpr int kWarps = 4;
-  constexpr int kPerLane = kHeadDim / 32;
-  __shared__ float warp_sum[kWarps];
-  __shared__ __align__(16) float warp_out[kWarps][kHeadDim];
-  const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const bool cta_per_row = num_splits >= kMergeSplitsPerCta;
-  const int64_t row = cta_per_row ? blockIdx.x : blockIdx.x * int64_t{kWarps} + warp;
-  if (row >= rows) return;  // whole warps only, and never with cta_per_row (grid = rows)
-  const int split_begin = cta_per_row ? warp : 0;
-  const int split_step = cta_per_row ? kWarps : 1;
-  const float* ws_out = static_cast<const float*>(p.workspace);
-  const float* ws_lse = ws_out + num_splits * rows * kHeadDim;
-
-  float lse_max = kNegInf;
-  for (int s = lane; s < num_splits; s += 32) lse_max = fmaxf(lse_max, ws_lse[s * rows + row]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, o));
-  }
-  float acc[kPerLane] = {};
-  float weight_sum = 0.f;
-  if (lse_max != kNegInf) {
-#pragma unroll 4
-    for (int s = split_begin; s < num_splits; s += split_step) {
-      const float lse_s = ws_lse[s * rows + row];
-      const float w = lse_s == kNegInf ? 0.f : exp2f(lse_s - lse_max);
-      weight_sum += w;
-      const float* src = ws_out + (s * rows + row) * kHeadDim + lane * kPerLane;
-#pragma unroll
-      for (int e = 0; e < kPerLane; ++e) acc[e] += w * src[e];
-    }
-  }
-  if (cta_per_row) {
-#pragma unroll
-    for (int e = 0; e < kPerLane; ++e) warp_out[warp][lane * kPerLane + e] = acc[e];
-    if (lane == 0) warp_sum[warp] = weight_sum;
-    __syncthreads();
-    if (warp != 0) return;
-    weight_sum = warp_sum[0] + warp_sum[1] + warp_sum[2] + warp_sum[3];
-#pragma unroll
-    for (int e = 0; e < kPerLane; ++e) {
-      const int d = lane * kPerLane + e;
-      acc[e] = warp_out[0][d] + warp_out[1][d] + warp_out[2][d] + warp_out[3][d];
-    }
-  }
-  const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
-  T* dst = static_cast<T*>(p.out) + row * kHeadDim + lane * kPerLane;
-  if constexpr (kPerLane == 4) {
-    uint2 packed;
-    packed.x = pack2<T>(acc[0] * inv, acc[1] * inv);
-    packed.y = pack2<T>(acc[2] * inv, acc[3] * inv);
-    *reinterpret_cast<uint2*>(dst) = packed;
-  } else {
-    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc[0] * inv, acc[1] * inv);
-  }
-  if (lane == 0) p.lse[row] = weight_sum > 0.f ? (lse_max + __log2f(weight_sum)) * kLn2 : kNegInf;
 }
 
 }  // namespace dustin::detail
