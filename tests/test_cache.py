@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dustin import ops
 from dustin.cache import CacheFullError, PagedKVCache, pages_needed
 
@@ -16,7 +15,9 @@ def _cache(batch=3, max_seq_len=64, **kwargs) -> PagedKVCache:
     return PagedKVCache(LAYERS, HKV, D, batch, max_seq_len, **kwargs)
 
 
-def _fill(cache: PagedKVCache, n: int, seqs=None, seed=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _fill(
+    cache: PagedKVCache, n: int, seqs=None, seed=0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Appends n random tokens to ``seqs`` in every layer; returns each layer's (k, v) [b, n, Hkv, D]."""
     g = torch.Generator().manual_seed(seed)
     cache.append(n, seqs)
@@ -47,7 +48,9 @@ def test_append_then_gather_returns_what_was_written(layout, page_size):
         assert torch.equal(k, torch.cat(ks).transpose(0, 1))
         assert torch.equal(v, torch.cat(vs).transpose(0, 1))
     # The block table maps each sequence's logical pages to distinct physical pages.
-    used = [int(p) for b in range(3) for p in cache.block_table[b, : -(-cache.lens[b] // page_size)]]
+    used = [
+        int(p) for b in range(3) for p in cache.block_table[b, : -(-cache.lens[b] // page_size)]
+    ]
     assert len(used) == len(set(used)) == pages_needed(cache.lens, page_size)
 
 
@@ -71,13 +74,23 @@ def test_rollback_equals_a_cache_that_never_saw_the_rejected_tokens(layout):
     q = torch.randn(3, 5, 2 * HKV, D)
     for layer in range(LAYERS):
         for b in range(3):
-            assert all(torch.equal(x, y) for x, y in zip(seen.gather(layer, b), fresh.gather(layer, b)))
+            assert all(
+                torch.equal(x, y) for x, y in zip(seen.gather(layer, b), fresh.gather(layer, b))
+            )
         outs = []
         for cache in (seen, fresh):
             ids, counts = ops.dense_block_lists(cache.kv_lens, cache.page_size)
             outs.append(
                 ops.sparse_verify(
-                    q, cache.k(layer), cache.v(layer), cache.block_table, cache.kv_lens, ids, counts, D**-0.5, layout
+                    q,
+                    cache.k(layer),
+                    cache.v(layer),
+                    cache.block_table,
+                    cache.kv_lens,
+                    ids,
+                    counts,
+                    D**-0.5,
+                    layout,
                 )[0]
             )
         assert torch.equal(*outs)
@@ -99,7 +112,9 @@ def test_request_that_does_not_fit_raises_and_changes_nothing():
     before = (list(cache.lens), cache.free_pages, cache.block_table.clone())
     with pytest.raises(CacheFullError, match="out of pages.*token_budget"):
         cache.append(4)
-    assert (cache.lens, cache.free_pages) == before[:2] and torch.equal(cache.block_table, before[2])
+    assert (cache.lens, cache.free_pages) == before[:2] and torch.equal(
+        cache.block_table, before[2]
+    )
     with pytest.raises(CacheFullError, match="max_seq_len 64"):
         _cache().append(65)
 
@@ -117,11 +132,11 @@ def test_clone_is_independent():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(page_size=0), "page_size must be in \\[1, 128\\]"),
-        (dict(page_size=129), "page_size must be in \\[1, 128\\]"),
-        (dict(layout="HDN"), "layout must be one of"),
-        (dict(token_budget=0), "token_budget must be >= 1"),
-        (dict(batch=0), "batch_size must be >= 1"),
+        ({"page_size": 0}, "page_size must be in \\[1, 128\\]"),
+        ({"page_size": 129}, "page_size must be in \\[1, 128\\]"),
+        ({"layout": "HDN"}, "layout must be one of"),
+        ({"token_budget": 0}, "token_budget must be >= 1"),
+        ({"batch": 0}, "batch_size must be >= 1"),
     ],
 )
 def test_bad_construction(kwargs, message):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from dustin.cli import main
 from tiny_models import VOCAB, save_tiny, tiny_tokenizer
 
@@ -24,11 +23,29 @@ def tiny_pair(tmp_path_factory):
 
 def test_help_documents_every_option():
     out = subprocess.run(
-        [sys.executable, "-m", "dustin", "generate", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "dustin", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    for option in ("--target", "--draft", "--context", "--batch-size", "--max-new-tokens", "--gamma",
-                   "--temperature", "--budget", "--page-size", "--pair-config", "--methods", "--device",
-                   "--dtype", "--kv-layout", "--seed", "--no-progress"):
+    for option in (
+        "--target",
+        "--draft",
+        "--context",
+        "--batch-size",
+        "--max-new-tokens",
+        "--gamma",
+        "--temperature",
+        "--budget",
+        "--page-size",
+        "--pair-config",
+        "--methods",
+        "--device",
+        "--dtype",
+        "--kv-layout",
+        "--seed",
+        "--no-progress",
+    ):
         assert option in out
 
 
@@ -59,17 +76,48 @@ def test_target_without_draft_is_refused(tiny_pair, capsys):
 def _run(tiny_pair, *extra):
     target, draft, prompt = tiny_pair
     return main(
-        ["generate", "--target", str(target), "--draft", str(draft), "--prompt-file", str(prompt),
-         "--device", "cpu", "--context", "96", "--max-new-tokens", "10", "--page-size", "4",
-         "--no-progress", *extra]
+        [
+            "generate",
+            "--target",
+            str(target),
+            "--draft",
+            str(draft),
+            "--prompt-file",
+            str(prompt),
+            "--device",
+            "cpu",
+            "--context",
+            "96",
+            "--max-new-tokens",
+            "10",
+            "--page-size",
+            "4",
+            "--no-progress",
+            *extra,
+        ]
     )
 
 
 def test_generate_prints_the_comparison_table(tiny_pair, capsys):
-    assert _run(tiny_pair, "--batch-size", "2", "--budget", "32", "--methods", "plain,dense,dustin,streaming") == 0
+    assert (
+        _run(
+            tiny_pair,
+            "--batch-size",
+            "2",
+            "--budget",
+            "32",
+            "--methods",
+            "plain,dense,dustin,streaming",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     methods = ("plain", "dense", "dustin", "streaming")
-    rows = {cells[0]: cells for cells in map(str.split, out.splitlines()) if cells[:1] and cells[0] in methods}
+    rows = {
+        cells[0]: cells
+        for cells in map(str.split, out.splitlines())
+        if cells[:1] and cells[0] in methods
+    }
     assert set(rows) == {"plain", "dense", "dustin", "streaming"}
     assert rows["dense"][4] == "100.0%" and rows["dense"][5] == "100.0%"  # same as dense, KV read
     assert rows["plain"][5] == "100.0%"  # greedy plain decoding equals dense verification
@@ -85,6 +133,18 @@ def test_request_errors_are_reported_not_raised(tiny_pair, tmp_path, capsys):
     other = tmp_path / "other"
     save_tiny(other, "qwen2", "target", tokenizer=tiny_tokenizer(VOCAB - 1))
     target, _, prompt = tiny_pair
-    code = main(["generate", "--target", str(target), "--draft", str(other), "--prompt-file", str(prompt),
-                 "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "generate",
+            "--target",
+            str(target),
+            "--draft",
+            str(other),
+            "--prompt-file",
+            str(prompt),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "tokenizers differ" in capsys.readouterr().err

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-
 from dustin.checkpoint import load_checkpoint
 from dustin.config import ModelConfig
 from dustin.model import Transformer, rope_inv_freq
@@ -21,17 +20,23 @@ LLAMA3_SCALING = {
     "original_max_position_embeddings": 32,
 }
 VARIANTS = {
-    "qwen2": dict(family="qwen2"),
-    "qwen2-tied": dict(family="qwen2", tie_word_embeddings=True),
-    "llama": dict(family="llama"),
-    "llama3-scaled-tied": dict(family="llama", rope_scaling=LLAMA3_SCALING, tie_word_embeddings=True),
+    "qwen2": {"family": "qwen2"},
+    "qwen2-tied": {"family": "qwen2", "tie_word_embeddings": True},
+    "llama": {"family": "llama"},
+    "llama3-scaled-tied": {
+        "family": "llama",
+        "rope_scaling": LLAMA3_SCALING,
+        "tie_word_embeddings": True,
+    },
 }
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def checkpoint(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
-    return save_tiny(directory, **copy.deepcopy(VARIANTS[request.param]))  # transformers edits dicts
+    return save_tiny(
+        directory, **copy.deepcopy(VARIANTS[request.param])
+    )  # transformers edits dicts
 
 
 @pytest.mark.parametrize("layout, page_size", [("HND", 4), ("NHD", 1), ("HND", 16)])
@@ -40,7 +45,9 @@ def test_logits_match_transformers(checkpoint, layout, page_size):
     torch.manual_seed(1)
     lens = [30, 21]
     tokens = torch.randint(0, VOCAB, (2, 40))
-    reference = [reference_logits(checkpoint, tokens[b : b + 1, : n + 10])[0] for b, n in enumerate(lens)]
+    reference = [
+        reference_logits(checkpoint, tokens[b : b + 1, : n + 10])[0] for b, n in enumerate(lens)
+    ]
 
     cache = model.new_cache(2, 64, page_size=page_size, layout=layout)
     for b, n in enumerate(lens):  # prefill in chunks of 8: later chunks attend the cached prefix
@@ -51,7 +58,9 @@ def test_logits_match_transformers(checkpoint, layout, page_size):
         window = torch.stack([tokens[b, n + done : n + done + width] for b, n in enumerate(lens)])
         logits, _ = model.forward(window, cache)
         for b, n in enumerate(lens):
-            torch.testing.assert_close(logits[b], reference[b][n + done : n + done + width], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                logits[b], reference[b][n + done : n + done + width], rtol=1e-4, atol=1e-4
+            )
         done += width
 
 
@@ -71,7 +80,9 @@ def test_recorded_queries_agree_between_prefill_and_windows(checkpoint):
     tokens = torch.randint(0, VOCAB, (26,), generator=torch.Generator().manual_seed(3))
     heads = {0: torch.tensor([1, 3]), 2 % model.config.num_layers: torch.tensor([0])}
     cache = model.new_cache(1, 32)
-    _, from_prefill = model.prefill(tokens, cache, 0, chunk_size=10, record_heads=heads, record_last=6)
+    _, from_prefill = model.prefill(
+        tokens, cache, 0, chunk_size=10, record_heads=heads, record_last=6
+    )
     cache = model.new_cache(1, 32)
     model.prefill(tokens[:20], cache, 0)
     _, from_window = model.forward(tokens[None, 20:], cache, record_heads=heads)
@@ -85,9 +96,16 @@ def test_llama3_rope_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
+    hf = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        rope_theta=500000.0,
+        rope_scaling=dict(LLAMA3_SCALING),
+    )
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
-    config = ModelConfig("llama", 10, 64, 64, 1, 4, 4, 16, 1e-5, 500000.0, 128, False, False, LLAMA3_SCALING)
+    config = ModelConfig(
+        "llama", 10, 64, 64, 1, 4, 4, 16, 1e-5, 500000.0, 128, False, False, LLAMA3_SCALING
+    )
     torch.testing.assert_close(rope_inv_freq(config), expected.float())
 
 
@@ -106,6 +124,8 @@ def test_bad_inputs(checkpoint):
     weights.pop("model.layers.0.mlp.up_proj.weight")
     with pytest.raises(ValueError, match="missing \\['layers.0.mlp.up_proj.weight'\\]"):
         Transformer.from_state_dict(config, weights)
-    scaled = ModelConfig(**{**config.__dict__, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    scaled = ModelConfig(
+        **{**config.__dict__, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    )
     with pytest.raises(NotImplementedError, match="rope_scaling type 'yarn' is not supported"):
         rope_inv_freq(scaled)

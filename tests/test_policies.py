@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-
 from dustin.config import ModelConfig
 from dustin.policies import (
     CONFIG_DIR,
@@ -22,10 +19,18 @@ from dustin.policies import (
     heads_by_layer,
     make_policy,
 )
-from dustin.spec import DecodeOptions, _block_scores, autoregressive_decode, prefill, speculative_decode
+from dustin.spec import (
+    DecodeOptions,
+    _block_scores,
+    autoregressive_decode,
+    prefill,
+    speculative_decode,
+)
 from tiny_models import VOCAB, load_tiny, save_tiny
 
-HEADS = PairConfig(draft_heads=((0, 1), (1, 2)), target_heads=((1, 0), (2, 3)), n_sink=4, n_recent=8)
+HEADS = PairConfig(
+    draft_heads=((0, 1), (1, 2)), target_heads=((1, 0), (2, 3)), n_sink=4, n_recent=8
+)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -56,7 +61,9 @@ def test_a_small_budget_reads_less(models, name):
     target, draft = models
     options = DecodeOptions(max_new_tokens=8, gamma=3)
     state = prefill(target, draft, _prompts(), options, page_size=4)
-    result = speculative_decode(target, draft, state, make_policy(name, HEADS, budget_tokens=24), options)
+    result = speculative_decode(
+        target, draft, state, make_policy(name, HEADS, budget_tokens=24), options
+    )
     assert all(len(t) == 8 for t in result.tokens)
     # Budget 6 blocks (+ forced sink/recent/window blocks) of about 25 per sequence.
     assert 0.1 < result.kv_read_share < 0.5
@@ -86,7 +93,9 @@ def test_history_signal_is_the_softmax_of_the_recorded_queries(models):
 
 
 def _select(policy, lookahead=None, history=None, kv_len=40, q_len=5):
-    chosen = policy.select(Signals(lookahead, history), torch.tensor([kv_len], dtype=torch.int32), q_len, 4)
+    chosen = policy.select(
+        Signals(lookahead, history), torch.tensor([kv_len], dtype=torch.int32), q_len, 4
+    )
     return chosen.block_ids[0, : chosen.block_counts[0]].tolist()
 
 
@@ -99,9 +108,16 @@ def _peak(block: int, num_blocks: int = 10) -> torch.Tensor:
 def test_each_policy_picks_by_its_own_signal():
     # 40 tokens in blocks of 4; forced: block 0 (4 sinks) and blocks 7-9 (4 recent + 5 window);
     # a budget of 6 blocks leaves 2 to choose (ties go to the lower id).
-    common = dict(budget_tokens=24, n_sink=4, n_recent=4)
+    common = {"budget_tokens": 24, "n_sink": 4, "n_recent": 4}
     assert _select(Streaming(**common)) == [0, 5, 6, 7, 8, 9]
-    assert _select(DraftOnly(draft_heads=((0, 0),), **common), lookahead=_peak(2)) == [0, 1, 2, 7, 8, 9]
+    assert _select(DraftOnly(draft_heads=((0, 0),), **common), lookahead=_peak(2)) == [
+        0,
+        1,
+        2,
+        7,
+        8,
+        9,
+    ]
     history_only = HistoryOnly(target_heads=((0, 0),), **common)
     assert _select(history_only, history=_peak(3)) == [0, 1, 3, 7, 8, 9]
     dustin = Dustin(draft_heads=((0, 0),), target_heads=((0, 0),), draft_share=0.5, **common)
@@ -125,7 +141,10 @@ def test_bundled_pair_config_fits_the_real_pair():
         ('{"draft_heads": [[0, 0]]}', "needs draft_heads and target_heads"),
         ('{"draft_heads": [], "target_heads": [], "budget": 3}', "unknown keys \\['budget'\\]"),
         ('{"draft_heads": [[0]], "target_heads": []}', "heads must be \\[layer, head\\] pairs"),
-        ('{"draft_heads": [], "target_heads": [], "draft_share": 1.5}', "draft_share must be in \\[0, 1\\]"),
+        (
+            '{"draft_heads": [], "target_heads": [], "draft_share": 1.5}',
+            "draft_share must be in \\[0, 1\\]",
+        ),
     ],
 )
 def test_bad_pair_config(tmp_path, content, message):

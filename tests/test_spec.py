@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from dustin.cache import CacheFullError
 from dustin.policies import Dense, Dustin, PairConfig
 from dustin.spec import (
@@ -27,7 +26,9 @@ def pair(request, tmp_path_factory):
     """(target dir, target, draft) of one family. The draft is the target with 10% weight noise:
     it agrees often but not always, so steps accept some drafts and roll back the rest."""
     target_dir = save_tiny(tmp_path_factory.mktemp("target"), request.param, "target", seed=0)
-    draft_dir = save_tiny(tmp_path_factory.mktemp("draft"), request.param, "target", seed=0, noise=0.1)
+    draft_dir = save_tiny(
+        tmp_path_factory.mktemp("draft"), request.param, "target", seed=0, noise=0.1
+    )
     return target_dir, load_tiny(target_dir), load_tiny(draft_dir)
 
 
@@ -87,9 +88,13 @@ def test_a_draft_equal_to_the_target_is_always_accepted(pair):
 def test_mixed_prompt_lengths_equal_each_sequence_alone(pair, policy):
     _, target, draft = pair
     options = DecodeOptions(max_new_tokens=12, gamma=3)
-    together = speculative_decode(target, draft, prefill(target, draft, _prompts(), options), policy, options)
+    together = speculative_decode(
+        target, draft, prefill(target, draft, _prompts(), options), policy, options
+    )
     for prompt, tokens in zip(_prompts(), together.tokens):
-        alone = speculative_decode(target, draft, prefill(target, draft, [prompt], options), policy, options)
+        alone = speculative_decode(
+            target, draft, prefill(target, draft, [prompt], options), policy, options
+        )
         assert alone.tokens == [tokens]
 
 
@@ -110,7 +115,9 @@ def test_eos_ends_a_sequence(pair):
     full = autoregressive_decode(target, prefill(target, None, _prompts(), options), options).tokens
     eos = full[0][4]
     stopped = DecodeOptions(max_new_tokens=12, gamma=3, eos_token_id=eos)
-    spec = speculative_decode(target, draft, prefill(target, draft, _prompts(), stopped), Dense(), stopped)
+    spec = speculative_decode(
+        target, draft, prefill(target, draft, _prompts(), stopped), Dense(), stopped
+    )
     assert spec.tokens[0] == full[0][: full[0].index(eos) + 1]
 
 
@@ -120,7 +127,10 @@ def _emitted_first_two(target_probs, draft_probs, samples: int, seed: int):
     batch_t = target_probs.expand(samples, -1, -1)
     batch_q = draft_probs.expand(samples, -1, -1)
     drafted = torch.stack(
-        [torch.multinomial(draft_probs[0, i], samples, replacement=True, generator=g) for i in range(draft_probs.shape[1])],
+        [
+            torch.multinomial(draft_probs[0, i], samples, replacement=True, generator=g)
+            for i in range(draft_probs.shape[1])
+        ],
         dim=1,
     )
     accepted, next_token = accept_by_sampling(batch_t, batch_q, drafted, g)
@@ -163,16 +173,22 @@ def test_bad_input(pair):
     options = DecodeOptions(max_new_tokens=8, gamma=3)
     with pytest.raises(ValueError, match="more than the target's context \\(512\\)"):
         prefill(target, draft, _prompts((500,)), options)
-    with pytest.raises(CacheFullError, match="needs a KV cache of 144 tokens .* token_budget is 100"):
+    with pytest.raises(
+        CacheFullError, match="needs a KV cache of 144 tokens .* token_budget is 100"
+    ):
         prefill(target, draft, _prompts((60, 50)), options, page_size=4, token_budget=100)
     with pytest.raises(ValueError, match="non-empty token lists"):
         prefill(target, draft, [[]], options)
     state = prefill(target, draft, _prompts(), options)
     whole = state.target_cache.max_seq_len
     too_big = Dustin(((0, 0),), ((0, 0),), budget_tokens=whole + 1)
-    with pytest.raises(ValueError, match=f"budget \\({whole + 1} tokens\\) is larger than the context"):
+    with pytest.raises(
+        ValueError, match=f"budget \\({whole + 1} tokens\\) is larger than the context"
+    ):
         speculative_decode(target, draft, state.fork(), too_big, options)
     with pytest.raises(ValueError, match="prefilled without a draft"):
-        speculative_decode(target, draft, prefill(target, None, _prompts(), options), Dense(), options)
+        speculative_decode(
+            target, draft, prefill(target, None, _prompts(), options), Dense(), options
+        )
     with pytest.raises(ValueError, match="head \\(9, 0\\) does not exist in the draft"):
         PairConfig(((9, 0),), ((0, 0),)).check(draft.config, target.config)

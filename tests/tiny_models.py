@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
-
 from dustin.checkpoint import load_checkpoint
 from dustin.model import Transformer
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 VOCAB = 96  # tokens of the tiny tokenizer; models have a few more embedding rows
 
@@ -49,17 +48,17 @@ def save_tiny(
     """
     layers, hidden, ffn, heads, kv_heads = SHAPES[role]
     torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
+    kwargs = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 512,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    }
     kwargs.update(overrides)
     if family == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kwargs))

@@ -162,7 +162,9 @@ class PagedKVCache:
                     f"{self.max_seq_len}; size the cache for prompt + new tokens + window"
                 )
         # Reserved pages (see reserve) count: a sequence may already hold more than it needs.
-        wanted = sum(max(0, -(-n // self.page_size) - len(self._pages[b])) for b, n in zip(seqs, new_lens))
+        wanted = sum(
+            max(0, -(-n // self.page_size) - len(self._pages[b])) for b, n in zip(seqs, new_lens)
+        )
         if wanted > len(self._free):
             raise CacheFullError(
                 f"the KV cache is out of pages: {wanted} more needed, {len(self._free)} free of "
@@ -304,7 +306,9 @@ class PagedKVCache:
 
     # Reading back ----------------------------------------------------------------------------
 
-    def gather(self, layer: int, seq: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(
+        self, layer: int, seq: int, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one sequence's first ``length`` tokens (default: all).
 
         Returns:

@@ -68,21 +68,88 @@ def build_parser() -> argparse.ArgumentParser:
         f"(context {DEVICE_DEFAULTS['cuda']['context']}, batch {DEVICE_DEFAULTS['cuda']['batch_size']}) "
         f"else CPU (context {DEVICE_DEFAULTS['cpu']['context']}, batch 1).",
     )
-    gen.add_argument("--target", type=_existing_path, help="target checkpoint: Hugging Face directory or .gguf file (default: the real 1.5B, fetched on first use)")
-    gen.add_argument("--draft", type=_existing_path, help="draft checkpoint: Hugging Face directory or .gguf file (default: the real 0.5B); give both or neither")
-    gen.add_argument("--prompt-file", type=_existing_path, help="UTF-8 text whose beginning is the prompt (default: the bundled Pride and Prejudice)")
-    gen.add_argument("--context", type=_positive, help="prompt tokens per sequence (default: 16384 on GPU, 1024 on CPU)")
-    gen.add_argument("--batch-size", type=_positive, help="sequences decoded together, each a different window of the text (default: 4 on GPU, 1 on CPU)")
-    gen.add_argument("--max-new-tokens", type=_positive, help="tokens generated per sequence (default: 128 on GPU, 32 on CPU)")
-    gen.add_argument("--gamma", type=_positive, default=4, help="drafted tokens per speculative step, 1..15 (default: 4)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), > 0 to sample with rejection-sampling acceptance")
-    gen.add_argument("--budget", type=_positive, help="tokens each sparse verification reads besides the window (default: the pair config's, 512)")
-    gen.add_argument("--page-size", type=_positive, default=16, help="KV page size = selection block size, 1..128 (default: 16)")
-    gen.add_argument("--pair-config", type=_existing_path, help="JSON with retrieval heads and selection settings of the pair (default: the bundled one for the real pair, uncalibrated defaults otherwise)")
-    gen.add_argument("--methods", type=_methods, default=_methods(DEFAULT_METHODS), help=f"comma-separated methods among {', '.join(METHODS)} (default: {DEFAULT_METHODS})")
-    gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: cuda when available)")
-    gen.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="model and cache dtype (default: bfloat16 on GPU, float32 on CPU)")
-    gen.add_argument("--kv-layout", choices=("HND", "NHD"), default="HND", help="KV cache page layout (default: HND)")
+    gen.add_argument(
+        "--target",
+        type=_existing_path,
+        help="target checkpoint: Hugging Face directory or .gguf file (default: the real 1.5B, fetched on first use)",
+    )
+    gen.add_argument(
+        "--draft",
+        type=_existing_path,
+        help="draft checkpoint: Hugging Face directory or .gguf file (default: the real 0.5B); give both or neither",
+    )
+    gen.add_argument(
+        "--prompt-file",
+        type=_existing_path,
+        help="UTF-8 text whose beginning is the prompt (default: the bundled Pride and Prejudice)",
+    )
+    gen.add_argument(
+        "--context",
+        type=_positive,
+        help="prompt tokens per sequence (default: 16384 on GPU, 1024 on CPU)",
+    )
+    gen.add_argument(
+        "--batch-size",
+        type=_positive,
+        help="sequences decoded together, each a different window of the text (default: 4 on GPU, 1 on CPU)",
+    )
+    gen.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        help="tokens generated per sequence (default: 128 on GPU, 32 on CPU)",
+    )
+    gen.add_argument(
+        "--gamma",
+        type=_positive,
+        default=4,
+        help="drafted tokens per speculative step, 1..15 (default: 4)",
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 for greedy decoding (default), > 0 to sample with rejection-sampling acceptance",
+    )
+    gen.add_argument(
+        "--budget",
+        type=_positive,
+        help="tokens each sparse verification reads besides the window (default: the pair config's, 512)",
+    )
+    gen.add_argument(
+        "--page-size",
+        type=_positive,
+        default=16,
+        help="KV page size = selection block size, 1..128 (default: 16)",
+    )
+    gen.add_argument(
+        "--pair-config",
+        type=_existing_path,
+        help="JSON with retrieval heads and selection settings of the pair (default: the bundled one for the real pair, uncalibrated defaults otherwise)",
+    )
+    gen.add_argument(
+        "--methods",
+        type=_methods,
+        default=_methods(DEFAULT_METHODS),
+        help=f"comma-separated methods among {', '.join(METHODS)} (default: {DEFAULT_METHODS})",
+    )
+    gen.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run (default: cuda when available)",
+    )
+    gen.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="model and cache dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    gen.add_argument(
+        "--kv-layout",
+        choices=("HND", "NHD"),
+        default="HND",
+        help="KV cache page layout (default: HND)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -109,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(subparser=ev, run=quality_cli.run)
 
     fetch = commands.add_parser(
-        "fetch", help="download and verify the real Qwen2.5-Coder pair (see `dustin fetch --help`)", add_help=False
+        "fetch",
+        help="download and verify the real Qwen2.5-Coder pair (see `dustin fetch --help`)",
+        add_help=False,
     )
     fetch.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -131,7 +200,9 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.device == "cuda" and args.dtype == "float32":
         parser.error("--dtype float32: the CUDA kernels take bfloat16 or float16")
     if not 1 <= args.gamma <= 15:
-        parser.error(f"--gamma must be in [1, 15] (the verification window gamma + 1 <= 16), got {args.gamma}")
+        parser.error(
+            f"--gamma must be in [1, 15] (the verification window gamma + 1 <= 16), got {args.gamma}"
+        )
     if not 1 <= args.page_size <= 128:
         parser.error(f"--page-size must be in [1, 128], got {args.page_size}")
     if args.temperature < 0:
@@ -191,7 +262,9 @@ def generate(args: argparse.Namespace) -> int:
         pair = PairConfig.load(CONFIG_DIR / REAL_PAIR_CONFIG)
     else:
         pair = PairConfig.default_for(draft.config, target.config)
-        tqdm.write("note: no --pair-config: using uncalibrated retrieval heads (PairConfig.default_for)")
+        tqdm.write(
+            "note: no --pair-config: using uncalibrated retrieval heads (PairConfig.default_for)"
+        )
     pair.check(draft.config, target.config)
 
     options = DecodeOptions(
@@ -202,19 +275,34 @@ def generate(args: argparse.Namespace) -> int:
         eos_token_id=None,  # equal lengths keep the methods comparable token for token
     )
     prompts = _prompts(target_tok, args)
-    with tqdm(total=2 * sum(map(len, prompts)), unit="tok", desc="prefill", disable=not progress) as bar:
+    with tqdm(
+        total=2 * sum(map(len, prompts)), unit="tok", desc="prefill", disable=not progress
+    ) as bar:
         state = prefill(
-            target, draft, prompts, options, page_size=args.page_size, layout=args.kv_layout, progress=bar.update
+            target,
+            draft,
+            prompts,
+            options,
+            page_size=args.page_size,
+            layout=args.kv_layout,
+            progress=bar.update,
         )
 
     results = {}
     for method in args.methods:
-        with tqdm(total=options.max_new_tokens * len(prompts), unit="tok", desc=method, disable=not progress) as bar:
+        with tqdm(
+            total=options.max_new_tokens * len(prompts),
+            unit="tok",
+            desc=method,
+            disable=not progress,
+        ) as bar:
             if method == "plain":
                 results[method] = autoregressive_decode(target, state.fork(), options, bar.update)
             else:
                 policy = make_policy(method, pair, args.budget)
-                results[method] = speculative_decode(target, draft, state.fork(), policy, options, bar.update)
+                results[method] = speculative_decode(
+                    target, draft, state.fork(), policy, options, bar.update
+                )
 
     reference = results.get("dense")
     plain = results.get("plain")
@@ -223,7 +311,14 @@ def generate(args: argparse.Namespace) -> int:
         f"batch {len(prompts)} x {args.context} prompt tokens, {options.max_new_tokens} new, gamma {options.gamma}, "
         f"budget {args.budget or pair.budget_tokens}, page {args.page_size}; prefill {state.seconds:.1f} s"
     )
-    header = ("method", "tokens/s", "speedup", "tokens/verification", "same as dense", "KV read/verification")
+    header = (
+        "method",
+        "tokens/s",
+        "speedup",
+        "tokens/verification",
+        "same as dense",
+        "KV read/verification",
+    )
     rows = [header]
     for method, r in results.items():
         rows.append(
@@ -238,7 +333,12 @@ def generate(args: argparse.Namespace) -> int:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for index, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths))
+            )
+        )
         if index == 0:
             print("  ".join("-" * w for w in widths))
     first = next(iter(results.values()))
@@ -262,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return generate(args) if args.command == "generate" else args.run(args)
-    except (ValueError, CheckpointError, CacheFullError, FetchError, FileNotFoundError, NotImplementedError) as exc:
+    except (
+        ValueError,
+        CheckpointError,
+        CacheFullError,
+        FetchError,
+        FileNotFoundError,
+        NotImplementedError,
+    ) as exc:
         print(f"dustin {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -52,7 +52,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     Supports no scaling, ``"linear"`` and ``"llama3"`` (Llama 3.1+); other kinds raise.
     """
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    )
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -100,8 +102,12 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(
+            config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias
+        )
+        self.v_proj = nn.Linear(
+            config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias
+        )
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -179,7 +185,9 @@ class Transformer(nn.Module):
         weights = {k.removeprefix("model."): v for k, v in state_dict.items()}
         if config.tie_word_embeddings:
             if "lm_head.weight" in weights:
-                raise ValueError("Transformer: tied embeddings, yet the checkpoint has lm_head.weight")
+                raise ValueError(
+                    "Transformer: tied embeddings, yet the checkpoint has lm_head.weight"
+                )
             weights["lm_head.weight"] = weights.get("embed_tokens.weight")
         expected = model.state_dict()
         missing = sorted(set(expected) - set(weights))
@@ -278,11 +286,17 @@ class Transformer(nn.Module):
         if batch != cache.batch_size:
             raise ValueError(f"forward: tokens has {batch} sequences, the cache {cache.batch_size}")
         if not 1 <= n <= MAX_WINDOW:
-            raise ValueError(f"forward: windows hold 1..{MAX_WINDOW} tokens, got {n}; use prefill()")
+            raise ValueError(
+                f"forward: windows hold 1..{MAX_WINDOW} tokens, got {n}; use prefill()"
+            )
         starts = cache.append(n)
-        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device)
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
+            n, device=self.device
+        )
         if selection is None:
-            ids, counts = ops.dense_block_lists(cache.kv_lens, cache.page_size, cache.max_pages_per_seq)
+            ids, counts = ops.dense_block_lists(
+                cache.kv_lens, cache.page_size, cache.max_pages_per_seq
+            )
             selection = BlockSelection(ids, counts)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -331,7 +345,9 @@ class Transformer(nn.Module):
             ``[record_last, Hs, D]``.
         """
         if tokens.dim() != 1 or tokens.numel() == 0:
-            raise ValueError(f"prefill: tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"prefill: tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}"
+            )
         if not 0 <= record_last <= min(chunk_size, tokens.numel()):
             raise ValueError(
                 f"prefill: record_last must be in [0, min(chunk_size, prompt length)] = "
@@ -343,7 +359,7 @@ class Transformer(nn.Module):
             (start,) = cache.append(chunk.shape[1], [seq])
             positions = start + torch.arange(chunk.shape[1], device=self.device)[None]
 
-            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            def attend(layer, q, k, v, start=start) -> torch.Tensor:  # start: this chunk's
                 cache.write(layer, k, v)
                 keys, values = cache.gather(layer, seq)  # [Hkv, start + n, D]
                 mask = None

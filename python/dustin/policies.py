@@ -87,7 +87,9 @@ class PairConfig:
             raw["draft_heads"] = tuple((int(l), int(h)) for l, h in raw["draft_heads"])
             raw["target_heads"] = tuple((int(l), int(h)) for l, h in raw["target_heads"])
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"pair config {path}: heads must be [layer, head] pairs ({exc})") from exc
+            raise ValueError(
+                f"pair config {path}: heads must be [layer, head] pairs ({exc})"
+            ) from exc
         return cls(**raw)
 
     @classmethod
@@ -100,11 +102,16 @@ class PairConfig:
             group = config.num_heads // config.num_kv_heads
             return tuple((l, g * group) for l in layers for g in range(config.num_kv_heads))
 
-        return cls(heads(draft), heads(target), note="uncalibrated defaults (PairConfig.default_for)")
+        return cls(
+            heads(draft), heads(target), note="uncalibrated defaults (PairConfig.default_for)"
+        )
 
     def check(self, draft: ModelConfig, target: ModelConfig) -> None:
         """Raises ValueError when a head does not exist in its model."""
-        for role, config, heads in (("draft", draft, self.draft_heads), ("target", target, self.target_heads)):
+        for role, config, heads in (
+            ("draft", draft, self.draft_heads),
+            ("target", target, self.target_heads),
+        ):
             for layer, head in heads:
                 if not (0 <= layer < config.num_layers and 0 <= head < config.num_heads):
                     raise ValueError(
@@ -118,7 +125,9 @@ def heads_by_layer(heads: tuple[Head, ...], device: torch.device) -> dict[int, t
     layers: dict[int, list[int]] = {}
     for layer, head in heads:
         layers.setdefault(layer, []).append(head)
-    return {l: torch.tensor(sorted(set(h)), dtype=torch.long, device=device) for l, h in layers.items()}
+    return {
+        l: torch.tensor(sorted(set(h)), dtype=torch.long, device=device) for l, h in layers.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,9 @@ class _Budgeted(Policy):
     def __post_init__(self) -> None:
         for name in ("budget_tokens", "n_sink", "n_recent"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{type(self).__name__}: {name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{type(self).__name__}: {name} must be >= 0, got {getattr(self, name)}"
+                )
 
     def _select(self, first, second, kv_lens, q_len, page_size, draft_share) -> BlockSelection:
         ids, counts = ops.select_blocks(
@@ -195,7 +206,9 @@ class Dustin(_Budgeted):
         if not 0.0 <= self.draft_share <= 1.0:
             raise ValueError(f"Dustin: draft_share must be in [0, 1], got {self.draft_share}")
         if not self.draft_heads or not self.target_heads:
-            raise ValueError("Dustin: needs retrieval heads of both models (draft_heads, target_heads)")
+            raise ValueError(
+                "Dustin: needs retrieval heads of both models (draft_heads, target_heads)"
+            )
 
     def select(self, signals, kv_lens, q_len, page_size):
         return self._select(
@@ -251,7 +264,12 @@ class Streaming(_Budgeted):
         num_blocks = -(-int(kv_lens.max()) // page_size)
         recency = torch.arange(num_blocks, dtype=torch.float32, device=kv_lens.device)
         return self._select(
-            recency.expand(kv_lens.shape[0], num_blocks).contiguous(), None, kv_lens, q_len, page_size, 1.0
+            recency.expand(kv_lens.shape[0], num_blocks).contiguous(),
+            None,
+            kv_lens,
+            q_len,
+            page_size,
+            1.0,
         )
 
 
@@ -268,13 +286,13 @@ def make_policy(name: str, pair: PairConfig, budget_tokens: int | None = None) -
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     if name == "dense":
         return Dense()
-    kwargs = dict(
-        draft_heads=pair.draft_heads,
-        target_heads=pair.target_heads,
-        budget_tokens=pair.budget_tokens if budget_tokens is None else budget_tokens,
-        n_sink=pair.n_sink,
-        n_recent=pair.n_recent,
-    )
+    kwargs = {
+        "draft_heads": pair.draft_heads,
+        "target_heads": pair.target_heads,
+        "budget_tokens": pair.budget_tokens if budget_tokens is None else budget_tokens,
+        "n_sink": pair.n_sink,
+        "n_recent": pair.n_recent,
+    }
     if name == "dustin":
         kwargs["draft_share"] = pair.draft_share
     return POLICIES[name](**kwargs)
@@ -339,7 +357,9 @@ class Quest(_Budgeted):
         # [B, Hkv, G * q, D]: the query heads of one KV head and the window's tokens as rows.
         rows = q.float().view(batch, q_len, num_kv_heads, num_heads // num_kv_heads, dim)
         rows = rows.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, -1, dim)
-        bound = rows.clamp(min=0) @ k_max.transpose(-1, -2) + rows.clamp(max=0) @ k_min.transpose(-1, -2)
+        bound = rows.clamp(min=0) @ k_max.transpose(-1, -2) + rows.clamp(max=0) @ k_min.transpose(
+            -1, -2
+        )
         scores = bound.amax(2).contiguous()  # [B, Hkv, NB]: a page matters if any row may attend it
         ids, counts = ops.select_blocks(
             scores,

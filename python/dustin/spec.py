@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,8 +35,8 @@ __all__ = [
     "DecodeOptions",
     "DecodeResult",
     "Prefilled",
-    "accept_greedy",
     "accept_by_sampling",
+    "accept_greedy",
     "autoregressive_decode",
     "prefill",
     "speculative_decode",
@@ -118,7 +118,12 @@ class Prefilled:
         """A copy whose caches can be decoded into without touching these."""
         draft = None if self.draft_cache is None else self.draft_cache.clone()
         return Prefilled(
-            self.prompts, self.target_cache.clone(), draft, self.first_logits, self.target_queries, self.seconds
+            self.prompts,
+            self.target_cache.clone(),
+            draft,
+            self.first_logits,
+            self.target_queries,
+            self.seconds,
         )
 
 
@@ -183,10 +188,14 @@ def prefill(
 
     _sync(target.device)
     start = time.perf_counter()
-    target_cache = target.new_cache(len(prompts), max_len, token_budget=budget, page_size=page_size, layout=layout)
+    target_cache = target.new_cache(
+        len(prompts), max_len, token_budget=budget, page_size=page_size, layout=layout
+    )
     draft_cache = None
     if draft is not None:
-        draft_cache = draft.new_cache(len(prompts), max_len, token_budget=budget, page_size=page_size, layout=layout)
+        draft_cache = draft.new_cache(
+            len(prompts), max_len, token_budget=budget, page_size=page_size, layout=layout
+        )
     first_logits, queries = [], {}
     for seq, prompt in enumerate(prompts):
         tokens = torch.tensor(prompt, dtype=torch.long)
@@ -224,7 +233,9 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
     return flat.reshape(probs.shape[:-1]), probs
 
 
-def accept_greedy(target_logits: torch.Tensor, drafted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def accept_greedy(
+    target_logits: torch.Tensor, drafted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy acceptance: drafts are kept while they equal the target's argmax.
 
     Args:
@@ -240,7 +251,10 @@ def accept_greedy(target_logits: torch.Tensor, drafted: torch.Tensor) -> tuple[t
 
 
 def accept_by_sampling(
-    target_probs: torch.Tensor, draft_probs: torch.Tensor, drafted: torch.Tensor, generator: torch.Generator
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    drafted: torch.Tensor,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling (Leviathan et al.; Chen et al.): emitted tokens follow the verifier.
 
@@ -267,7 +281,9 @@ def accept_by_sampling(
     residual = (target_probs[rows, accepted] - q_padded[rows, accepted]).clamp_min(0)
     total = residual.sum(-1, keepdim=True)
     # p == q exactly leaves no residual mass; a rejection then has probability 0, keep p.
-    residual = torch.where(total > 0, residual / total.clamp_min(1e-30), target_probs[rows, accepted])
+    residual = torch.where(
+        total > 0, residual / total.clamp_min(1e-30), target_probs[rows, accepted]
+    )
     return accepted, torch.multinomial(residual, 1, generator=generator)[:, 0]
 
 
@@ -301,7 +317,12 @@ class _Progress:
 
 
 def _block_scores(
-    model: Transformer, cache: PagedKVCache, queries: dict[int, torch.Tensor], heads, block_size: int, num_blocks: int
+    model: Transformer,
+    cache: PagedKVCache,
+    queries: dict[int, torch.Tensor],
+    heads,
+    block_size: int,
+    num_blocks: int,
 ) -> torch.Tensor:
     """``[B, NB]`` float32 attention of the retrieval heads' queries summed into blocks."""
     scores = torch.zeros(cache.batch_size, num_blocks, dtype=torch.float32, device=model.device)
@@ -394,7 +415,9 @@ def speculative_decode(
         window = torch.tensor([s[-2:] for s in tracker.seqs], device=device)
         drafted, draft_probs, looked = [], [], {}
         for _ in range(gamma):
-            logits, queries = draft.forward(window, dcache, record_heads=draft_heads, last_logits_only=True)
+            logits, queries = draft.forward(
+                window, dcache, record_heads=draft_heads, last_logits_only=True
+            )
             token, probs = _sample(logits[:, -1], options.temperature, generator)
             drafted.append(token)
             draft_probs.append(probs)
@@ -413,7 +436,9 @@ def speculative_decode(
         read_share.append(_kv_read_share(selection, kv_after, gamma + 1, page_size))
 
         # 4-5. Verify the window; its queries on the retrieval heads give the next history.
-        window = torch.cat((torch.tensor([s[-1] for s in tracker.seqs], device=device)[:, None], drafted), 1)
+        window = torch.cat(
+            (torch.tensor([s[-1] for s in tracker.seqs], device=device)[:, None], drafted), 1
+        )
         logits, queries = target.forward(window, tcache, selection, record_heads=target_heads)
         verifications += 1
         if target_heads:
@@ -424,9 +449,13 @@ def speculative_decode(
             accepted, bonus = accept_greedy(logits, drafted)
         else:
             target_probs = torch.softmax(logits / options.temperature, dim=-1)
-            accepted, bonus = accept_by_sampling(target_probs, torch.stack(draft_probs, 1), drafted, generator)
+            accepted, bonus = accept_by_sampling(
+                target_probs, torch.stack(draft_probs, 1), drafted, generator
+            )
         before = sum(map(len, tracker.new_tokens()))
-        for seq, (a, extra, row) in enumerate(zip(accepted.tolist(), bonus.tolist(), drafted.tolist())):
+        for seq, (a, extra, row) in enumerate(
+            zip(accepted.tolist(), bonus.tolist(), drafted.tolist())
+        ):
             if not tracker.done[seq]:
                 emitted.append(a + 1)
             tracker.commit(seq, row[:a] + [extra])
