@@ -16,7 +16,7 @@ fi
 VPY=.venv/bin/python
 "$VPY" -m pip install -q --upgrade pip setuptools wheel
 "$VPY" -m pip install -q "$TORCH_SPEC"
-"$VPY" -m pip install -q cmake ninja "pybind11>=2.12" nvidia-cutlass
+"$VPY" -m pip install -q cmake ninja nvidia-cutlass
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 if [ -z "${DUSTIN_CUDA:-}" ]; then

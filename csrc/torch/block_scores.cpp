@@ -6,7 +6,7 @@
 #include "torch/ops.h"
 
 #if defined(DUSTIN_WITH_CUDA)
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -115,7 +115,7 @@ void block_scores(const at::Tensor& q_srh, const at::Tensor& k_cache,
   p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
   p.workspace_bytes = ws.defined() ? static_cast<size_t>(ws.numel()) : 0;
   if (p.batch_size == 0 || p.num_heads == 0) return;
-  check.status(dustin::block_scores(p, at::cuda::getCurrentCUDAStream()));
+  check.status(dustin::block_scores(p, c10::cuda::getCurrentCUDAStream()));
 #else
   (void)p;
   check.not_implemented(false, "dustin was built without CUDA, so it cannot run on ",

@@ -6,7 +6,7 @@
 #include "torch/ops.h"
 
 #if defined(DUSTIN_WITH_CUDA)
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -130,7 +130,7 @@ void launch(const ArgCheck& check, SelectBlocksParams p, const at::Tensor& draft
 #if defined(DUSTIN_WITH_CUDA)
   const c10::cuda::CUDAGuard device_guard(draft_scores.device());
   if (p.batch_size == 0) return;
-  check.status(dustin::select_blocks(p, at::cuda::getCurrentCUDAStream()));
+  check.status(dustin::select_blocks(p, c10::cuda::getCurrentCUDAStream()));
 #else
   (void)p;
   check.not_implemented(false, "dustin was built without CUDA, so it cannot run on ",

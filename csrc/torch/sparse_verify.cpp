@@ -6,7 +6,7 @@
 #include "torch/ops.h"
 
 #if defined(DUSTIN_WITH_CUDA)
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -154,7 +154,7 @@ void launch(const ArgCheck& check, SparseVerifyParams p, const at::Tensor& q,
   p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
   p.workspace_bytes = ws.defined() ? static_cast<size_t>(ws.numel()) : 0;
   if (p.batch_size == 0) return;
-  check.status(dustin::sparse_verify(p, at::cuda::getCurrentCUDAStream()));
+  check.status(dustin::sparse_verify(p, c10::cuda::getCurrentCUDAStream()));
 #else
   (void)p, (void)workspace;
   check.not_implemented(false, "dustin was built without CUDA, so it cannot run on ", q.device(),
