@@ -266,3 +266,26 @@ def test_results_do_not_depend_on_the_thread_count():
         )
         results.add(proc.stdout)
     assert len(results) == 1, results
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_visible_token_returns_its_value_exactly(dtype):
+    """Every 16-bit pattern goes through the twin's conversions and back unchanged: with one
+    token in the cache the softmax weight is exactly 1, so out must equal v bit for bit."""
+    head_dim = 128
+    values = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(dtype)
+    batch = values.numel() // head_dim
+    v_cache = values.view(batch, 1, 1, head_dim)  # HND, P = 1, one page per sequence
+    k_cache = torch.zeros_like(v_cache)
+    block_table = torch.arange(batch, dtype=torch.int32)[:, None]
+    kv_lens = torch.ones(batch, dtype=torch.int32)
+    q = torch.randn(batch, 1, 1, head_dim).to(dtype)
+    block_ids = torch.zeros(batch, 1, dtype=torch.int32)
+    out, lse = ops.sparse_verify(
+        q, k_cache, v_cache, block_table, kv_lens, block_ids, torch.zeros_like(kv_lens), 0.1, "HND"
+    )
+    expected = v_cache[:, 0, 0].float()
+    nan = expected.isnan()
+    assert torch.equal(out[:, 0, 0].float().isnan(), nan)
+    assert torch.equal(out[:, 0, 0].float()[~nan], expected[~nan])
+    assert torch.equal(lse, torch.zeros_like(lse))

@@ -9,33 +9,36 @@
 #include "dustin/paged_kv.h"
 #include "dustin/types.h"
 
+/// Body of a hot loop that is compiled several times, once per instruction set (see CpuIsa).
+#define DUSTIN_CPU_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DUSTIN_CPU_MULTIVERSION 1
+#define DUSTIN_TARGET_AVX512 __attribute__((target("avx512f,fma")))
+#define DUSTIN_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
 namespace dustin::cpu::detail {
 
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
+// __builtin_bit_cast (GCC >= 11, Clang >= 9) rather than memcpy: the vectoriser handles it.
+DUSTIN_CPU_INLINE uint32_t float_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+DUSTIN_CPU_INLINE float bits_float(uint32_t u) { return __builtin_bit_cast(float, u); }
 
 /// bfloat16 is the top half of a float32.
-inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+DUSTIN_CPU_INLINE float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
-/// IEEE half to float without branches on the common path, so tile conversion loops vectorise:
-/// shifting the exponent+mantissa into float position and multiplying by 2^112 rebiases normals
-/// and turns half subnormals into exact float values; Inf/NaN get the float exponent forced.
-inline float fp16_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp_mant = h & 0x7fffu;
-  const float magnitude = bits_float(exp_mant << 13) * 0x1p112f;
-  const uint32_t inf_nan = (exp_mant << 13) | 0x7f800000u;
-  const uint32_t bits = exp_mant >= 0x7c00u ? inf_nan : float_bits(magnitude);
-  return bits_float(bits | sign);
+/// IEEE half to float without branches, so tile conversion loops vectorise: the exponent and
+/// mantissa shifted into float position and multiplied by 2^112 rebias normals and turn half
+/// subnormals into exact floats; for Inf/NaN (half exponent 31, which lands on 2^16) the float
+/// exponent is then forced to all ones, keeping the mantissa.
+DUSTIN_CPU_INLINE float fp16_to_float(uint16_t h) {
+  const uint32_t bits = h;
+  const uint32_t sign = (bits & 0x8000u) << 16;
+  const uint32_t exp_mant = (bits & 0x7fffu) << 13;
+  const uint32_t magnitude = float_bits(bits_float(exp_mant) * 0x1p112f);
+  const uint32_t inf_nan = exp_mant >= (0x7c00u << 13) ? 0x7f800000u : 0u;
+  return bits_float(magnitude | inf_nan | sign);
 }
 
 /// float to bfloat16, round to nearest even; NaN stays a (quiet) NaN.
@@ -68,8 +71,52 @@ inline uint16_t float_to_fp16(float f) {
   return static_cast<uint16_t>(out | sign);
 }
 
+/// Instruction sets the hot loops are compiled for. Picked at run time from CPU features (not
+/// the CPU model, which virtual machines often hide).
+enum class CpuIsa { kBaseline, kAvx2Fma, kAvx512Fma };
+
+inline CpuIsa detect_cpu_isa() {
+#if defined(DUSTIN_CPU_MULTIVERSION)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("fma")) {
+    if (__builtin_cpu_supports("avx512f")) return CpuIsa::kAvx512Fma;
+    if (__builtin_cpu_supports("avx2")) return CpuIsa::kAvx2Fma;
+  }
+#endif
+  return CpuIsa::kBaseline;
+}
+
+/// exp(x) in float to about 2 ulp (Cephes expf): x = k ln2 + r, exp(r) by a polynomial, 2^k
+/// through the exponent bits. Branch-free and libm-free, so loops over it vectorise. Results
+/// below 2^-126 (x < -87.3, including -inf) are 0; x above 88 is taken as 88 (softmax only
+/// passes x <= 0); NaN stays NaN.
+DUSTIN_CPU_INLINE float exp_approx(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float kMaxInput = 88.f;
+  constexpr float kMinInput = -87.3365447504f;  // ln(2^-126)
+  x = x > kMaxInput ? kMaxInput : x;
+  x = x < kMinInput ? kMinInput - 1.f : x;  // rounds to k = -127, i.e. 0
+  const float k = (x * kLog2e + kRoundMagic) - kRoundMagic;
+  const float r = (x - k * kLn2Hi) - k * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  // 2^k through the exponent bits; k = -127 gives +0, and NaN (k NaN) maps there too while p
+  // keeps the NaN.
+  const float k_clamped = k > -127.f ? k : -127.f;
+  const uint32_t biased = static_cast<uint32_t>(static_cast<int32_t>(k_clamped) + 127);
+  return p * bits_float(biased << 23);
+}
+
 /// Converts n elements of dtype `t` starting at `src` to float.
-inline void load_row(const void* src, DType t, int32_t n, float* dst) {
+DUSTIN_CPU_INLINE void load_row(const void* src, DType t, int32_t n, float* dst) {
   switch (t) {
     case DType::kFloat32:
       std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
@@ -88,7 +135,7 @@ inline void load_row(const void* src, DType t, int32_t n, float* dst) {
 }
 
 /// Writes n floats as dtype `t` at `dst`.
-inline void store_row(const float* src, DType t, int32_t n, void* dst) {
+DUSTIN_CPU_INLINE void store_row(const float* src, DType t, int32_t n, void* dst) {
   switch (t) {
     case DType::kFloat32:
       std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
@@ -106,14 +153,14 @@ inline void store_row(const float* src, DType t, int32_t n, void* dst) {
   }
 }
 
-inline size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+DUSTIN_CPU_INLINE size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 inline bool valid_dtype(DType t) {
   return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
 }
 
 /// Address of element 0 of token `token` of physical page `page`, KV head `head`.
-inline const void* kv_row(const void* base, const PagedKV& kv, int32_t page, int32_t head,
+DUSTIN_CPU_INLINE const void* kv_row(const void* base, const PagedKV& kv, int32_t page, int32_t head,
                           int32_t token) {
   const int64_t offset = page * kv.page_stride + head * kv.head_stride + token * kv.token_stride;
   return static_cast<const char*>(base) + offset * static_cast<int64_t>(dtype_size(kv.dtype));

@@ -15,14 +15,20 @@ using detail::kv_row;
 using detail::load_row;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-/// Tokens whose K and V are converted to float and processed together; 64 keeps the K tile,
-/// the V tile and the score rows of a 16 x 16 query group inside L2.
+/// Tokens whose K and V are converted to float and processed together; a 64-token tile of K,
+/// of V and of the scores of 16 x 16 query rows stays in L2.
 constexpr int32_t kTileTokens = 64;
+/// Register block of the matrix products: 4 query rows x 16 floats (16 accumulator vectors
+/// with SSE, 8 with AVX2, 4 with AVX-512). Rows and D are padded to these multiples.
+constexpr int32_t kRowBlock = 4;
+constexpr int32_t kColBlock = 16;
 /// Tasks the (sequence, KV head) pairs are split into when there are few of them. Fixed, not
 /// taken from the thread count, so results do not depend on how many threads run.
 constexpr int32_t kTargetTasks = 64;
 /// Fewest tokens a split covers, so per-split setup and merging stay negligible.
 constexpr int32_t kMinSplitTokens = 512;
+
+int32_t round_up(int32_t x, int32_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
 /// One unit of parallel work: the attended blocks [begin, end) of the list of (b, h).
 struct Task {
@@ -32,11 +38,38 @@ struct Task {
   int32_t end;
 };
 
-/// Online-softmax state of the G * q rows of one task: row r = i * G + g.
+/// Online-softmax state of the padded query rows of one task: row r = i * G + g.
 struct RowState {
-  float* o;  // [rows, D] unnormalised output
-  float* m;  // [rows] running max of the scaled scores
-  float* l;  // [rows] running sum of exp(score - m)
+  float* o;  // [rows_pad, d_pad] unnormalised output
+  float* m;  // [rows_pad] running max of the scaled scores
+  float* l;  // [rows_pad] running sum of exp(score - m)
+};
+
+/// Scratch of one thread. Padding rows and columns are zero from allocation on and never
+/// written, so they contribute nothing.
+struct Scratch {
+  int32_t rows_pad;
+  int32_t d_pad;
+  std::vector<float> q;        // [rows_pad, d_pad] query rows pre-scaled by sm_scale
+  std::vector<float> kt;       // [d_pad, kTileTokens] K tile, transposed
+  std::vector<float> v;        // [kTileTokens, d_pad] V tile
+  std::vector<float> s;        // [rows_pad, kTileTokens] scores, then probabilities
+  std::vector<float> alpha;    // [rows_pad] rescale of each row's output for this tile
+  std::vector<float> row;      // [D] one converted K row
+  std::vector<int32_t> pos;    // [kTileTokens] absolute position of each tile token
+  std::vector<int32_t> row_pos;  // [rows_pad] absolute position of each query row
+
+  Scratch(int32_t rows, int32_t head_dim)
+      : rows_pad(round_up(rows, kRowBlock)),
+        d_pad(round_up(head_dim, kColBlock)),
+        q(static_cast<size_t>(rows_pad) * d_pad),
+        kt(static_cast<size_t>(d_pad) * kTileTokens),
+        v(static_cast<size_t>(kTileTokens) * d_pad),
+        s(static_cast<size_t>(rows_pad) * kTileTokens),
+        alpha(static_cast<size_t>(rows_pad)),
+        row(static_cast<size_t>(head_dim)),
+        pos(kTileTokens),
+        row_pos(static_cast<size_t>(rows_pad)) {}
 };
 
 bool valid_params(const SparseVerifyParams& p) {
@@ -48,8 +81,8 @@ bool valid_params(const SparseVerifyParams& p) {
   }
   if (p.batch_size == 0) return true;
   if (p.q == nullptr || p.out == nullptr || p.lse == nullptr || p.block_ids == nullptr ||
-      p.block_counts == nullptr || !detail::valid_paged_kv(kv, /*needs_v=*/true, p.batch_size,
-                                                           p.q_len)) {
+      p.block_counts == nullptr ||
+      !detail::valid_paged_kv(kv, /*needs_v=*/true, p.batch_size, p.q_len)) {
     return false;
   }
   for (int32_t b = 0; b < p.batch_size; ++b) {
@@ -81,92 +114,113 @@ std::vector<int32_t> attended_blocks(const SparseVerifyParams& p, int32_t b, int
   return blocks;
 }
 
-/// Scratch of one thread: the float query rows and one tile of K (transposed) and V.
-struct Scratch {
-  std::vector<float> q;    // [rows, D], pre-scaled by sm_scale
-  std::vector<float> kt;   // [D, kTileTokens]
-  std::vector<float> v;    // [kTileTokens, D]
-  std::vector<float> s;    // [rows, kTileTokens] scores, then probabilities
-  std::vector<float> row;  // [D] one converted K row
-  std::vector<int32_t> pos;  // [kTileTokens] absolute positions of the tile's tokens
-};
+/// kColBlock floats as one GCC/Clang vector: each operation on it compiles to 4 SSE, 2 AVX or
+/// 1 AVX-512 instruction, whichever instruction set run_task was compiled for. Float alignment
+/// and may_alias let it load from and store to any float array.
+typedef float FloatBlock
+    __attribute__((vector_size(kColBlock * sizeof(float)), aligned(alignof(float)), may_alias));
 
-/// Folds one tile of n tokens into the rows' online-softmax state.
-void attend_tile(Scratch& sc, int32_t n, int32_t rows, int32_t head_dim,
-                 const int32_t* row_pos, RowState st) {
-  for (int32_t r = 0; r < rows; ++r) {
-    float* srow = sc.s.data() + static_cast<size_t>(r) * kTileTokens;
-    const float* qrow = sc.q.data() + static_cast<size_t>(r) * head_dim;
-    std::fill(srow, srow + n, 0.f);
-    for (int32_t d = 0; d < head_dim; ++d) {
-      const float qd = qrow[d];
-      const float* ktrow = sc.kt.data() + static_cast<size_t>(d) * kTileTokens;
-      for (int32_t c = 0; c < n; ++c) srow[c] += qd * ktrow[c];
+DUSTIN_CPU_INLINE const FloatBlock& block_at(const float* p) {
+  return *reinterpret_cast<const FloatBlock*>(p);
+}
+DUSTIN_CPU_INLINE FloatBlock& block_at(float* p) { return *reinterpret_cast<FloatBlock*>(p); }
+
+/// s[r, c] = q[r, :] . kt[:, c] for kRowBlock rows and kColBlock tokens, in registers.
+DUSTIN_CPU_INLINE void scores_block(const float* q, const float* kt, float* s, int32_t d_pad) {
+  FloatBlock acc[kRowBlock] = {};
+  for (int32_t d = 0; d < d_pad; ++d) {
+    const FloatBlock k = block_at(kt + static_cast<size_t>(d) * kTileTokens);
+    for (int32_t r = 0; r < kRowBlock; ++r) acc[r] += q[static_cast<size_t>(r) * d_pad + d] * k;
+  }
+  for (int32_t r = 0; r < kRowBlock; ++r) block_at(s + static_cast<size_t>(r) * kTileTokens) = acc[r];
+}
+
+/// o[r, cols] = alpha[r] * o[r, cols] + sum_t p[r, t] v[t, cols] for kRowBlock rows and
+/// kColBlock output columns, in registers.
+DUSTIN_CPU_INLINE void output_block(const float* p, const float* v, const float* alpha, float* o,
+                                    int32_t n, int32_t d_pad) {
+  FloatBlock acc[kRowBlock];
+  for (int32_t r = 0; r < kRowBlock; ++r) {
+    acc[r] = alpha[r] * block_at(o + static_cast<size_t>(r) * d_pad);
+  }
+  for (int32_t t = 0; t < n; ++t) {
+    const FloatBlock vt = block_at(v + static_cast<size_t>(t) * d_pad);
+    for (int32_t r = 0; r < kRowBlock; ++r) acc[r] += p[static_cast<size_t>(r) * kTileTokens + t] * vt;
+  }
+  for (int32_t r = 0; r < kRowBlock; ++r) block_at(o + static_cast<size_t>(r) * d_pad) = acc[r];
+}
+
+/// Folds the n tokens of the current tile into every row's online-softmax state.
+DUSTIN_CPU_INLINE void attend_tile_body(Scratch& sc, int32_t n, RowState st) {
+  const int32_t rows_pad = sc.rows_pad;
+  const int32_t d_pad = sc.d_pad;
+  const int32_t cols = round_up(n, kColBlock);
+  for (int32_t r = 0; r < rows_pad; r += kRowBlock) {
+    for (int32_t c = 0; c < cols; c += kColBlock) {
+      scores_block(sc.q.data() + static_cast<size_t>(r) * d_pad, sc.kt.data() + c,
+                   sc.s.data() + static_cast<size_t>(r) * kTileTokens + c, d_pad);
     }
   }
-  // Causal mask: only window tokens can lie past a query's position.
-  if (sc.pos[n - 1] > row_pos[0]) {
-    for (int32_t r = 0; r < rows; ++r) {
-      float* srow = sc.s.data() + static_cast<size_t>(r) * kTileTokens;
-      for (int32_t c = 0; c < n; ++c) {
-        if (sc.pos[c] > row_pos[r]) srow[c] = kNegInf;
-      }
-    }
-  }
-  for (int32_t r = 0; r < rows; ++r) {
+  // Causal mask (only window tokens can lie past a query's position), then the online softmax.
+  const bool needs_mask = sc.pos[n - 1] > sc.row_pos[0];
+  for (int32_t r = 0; r < rows_pad; ++r) {
     float* srow = sc.s.data() + static_cast<size_t>(r) * kTileTokens;
+    if (needs_mask) {
+      for (int32_t c = 0; c < n; ++c) srow[c] = sc.pos[c] > sc.row_pos[r] ? kNegInf : srow[c];
+    }
     float tile_max = kNegInf;
     for (int32_t c = 0; c < n; ++c) tile_max = std::max(tile_max, srow[c]);
     const float m_new = std::max(st.m[r], tile_max);
-    if (m_new == kNegInf) continue;  // nothing visible to this row yet
-    const float alpha = std::exp(st.m[r] - m_new);
+    if (m_new == kNegInf) {  // nothing visible to this row yet
+      sc.alpha[r] = 1.f;
+      std::fill(srow, srow + n, 0.f);
+      continue;
+    }
     float sum = 0.f;
     for (int32_t c = 0; c < n; ++c) {
-      const float prob = std::exp(srow[c] - m_new);
-      srow[c] = prob;
-      sum += prob;
+      srow[c] = detail::exp_approx(srow[c] - m_new);
+      sum += srow[c];
     }
+    sc.alpha[r] = detail::exp_approx(st.m[r] - m_new);
     st.m[r] = m_new;
-    st.l[r] = st.l[r] * alpha + sum;
-    float* orow = st.o + static_cast<size_t>(r) * head_dim;
-    if (alpha != 1.f) {
-      for (int32_t d = 0; d < head_dim; ++d) orow[d] *= alpha;
-    }
-    for (int32_t c = 0; c < n; ++c) {
-      const float prob = srow[c];
-      if (prob == 0.f) continue;
-      const float* vrow = sc.v.data() + static_cast<size_t>(c) * head_dim;
-      for (int32_t d = 0; d < head_dim; ++d) orow[d] += prob * vrow[d];
+    st.l[r] = st.l[r] * sc.alpha[r] + sum;
+  }
+  for (int32_t r = 0; r < rows_pad; r += kRowBlock) {
+    for (int32_t c = 0; c < d_pad; c += kColBlock) {
+      output_block(sc.s.data() + static_cast<size_t>(r) * kTileTokens, sc.v.data() + c,
+                   sc.alpha.data() + r, st.o + static_cast<size_t>(r) * d_pad + c, n, d_pad);
     }
   }
 }
 
 /// Runs one task: its blocks, tile by tile, into st (initialised here).
-void run_task(const SparseVerifyParams& p, const Task& task, const std::vector<int32_t>& blocks,
-              Scratch& sc, RowState st) {
+DUSTIN_CPU_INLINE void run_task_body(const SparseVerifyParams& p, const Task& task,
+                                     const std::vector<int32_t>& blocks, Scratch& sc,
+                                     RowState st) {
   const PagedKV& kv = p.kv;
   const int32_t group = p.num_qo_heads / kv.num_kv_heads;
-  const int32_t rows = group * p.q_len;
   const int32_t head_dim = kv.head_dim;
+  const int32_t d_pad = sc.d_pad;
   const int32_t kv_len = kv.kv_lens[task.b];
   const size_t elem = detail::dtype_size(kv.dtype);
 
-  std::vector<int32_t> row_pos(static_cast<size_t>(rows));
+  // Padding rows repeat the last query position and keep q = 0: finite, and ignored.
+  for (int32_t r = 0; r < sc.rows_pad; ++r) sc.row_pos[r] = kv_len - 1;
   for (int32_t i = 0; i < p.q_len; ++i) {
     for (int32_t g = 0; g < group; ++g) {
       const int32_t r = i * group + g;
-      row_pos[r] = kv_len - p.q_len + i;
+      sc.row_pos[r] = kv_len - p.q_len + i;
       const int64_t offset = task.b * p.q_stride_b + i * p.q_stride_t +
                              (task.h * group + g) * p.q_stride_h;
-      float* qrow = sc.q.data() + static_cast<size_t>(r) * head_dim;
+      float* qrow = sc.q.data() + static_cast<size_t>(r) * d_pad;
       load_row(static_cast<const char*>(p.q) + offset * static_cast<int64_t>(elem), kv.dtype,
                head_dim, qrow);
       for (int32_t d = 0; d < head_dim; ++d) qrow[d] *= p.sm_scale;
     }
   }
-  std::fill(st.o, st.o + static_cast<size_t>(rows) * head_dim, 0.f);
-  std::fill(st.m, st.m + rows, kNegInf);
-  std::fill(st.l, st.l + rows, 0.f);
+  std::fill(st.o, st.o + static_cast<size_t>(sc.rows_pad) * d_pad, 0.f);
+  std::fill(st.m, st.m + sc.rows_pad, kNegInf);
+  std::fill(st.l, st.l + sc.rows_pad, 0.f);
 
   const int32_t* table = kv.block_table + task.b * kv.block_table_stride;
   int32_t n = 0;
@@ -180,15 +234,46 @@ void run_task(const SparseVerifyParams& p, const Task& task, const std::vector<i
         sc.kt[static_cast<size_t>(d) * kTileTokens + n] = sc.row[d];
       }
       load_row(kv_row(kv.v, kv, page, task.h, t), kv.dtype, head_dim,
-               sc.v.data() + static_cast<size_t>(n) * head_dim);
+               sc.v.data() + static_cast<size_t>(n) * d_pad);
       sc.pos[n] = blk * kv.page_size + t;
       if (++n == kTileTokens) {
-        attend_tile(sc, n, rows, head_dim, row_pos.data(), st);
+        attend_tile_body(sc, n, st);
         n = 0;
       }
     }
   }
-  if (n > 0) attend_tile(sc, n, rows, head_dim, row_pos.data(), st);
+  if (n > 0) attend_tile_body(sc, n, st);
+}
+
+using RunTask = void (*)(const SparseVerifyParams&, const Task&, const std::vector<int32_t>&,
+                         Scratch&, RowState);
+
+void run_task_baseline(const SparseVerifyParams& p, const Task& task,
+                       const std::vector<int32_t>& blocks, Scratch& sc, RowState st) {
+  run_task_body(p, task, blocks, sc, st);
+}
+#if defined(DUSTIN_CPU_MULTIVERSION)
+DUSTIN_TARGET_AVX2 void run_task_avx2(const SparseVerifyParams& p, const Task& task,
+                                      const std::vector<int32_t>& blocks, Scratch& sc,
+                                      RowState st) {
+  run_task_body(p, task, blocks, sc, st);
+}
+DUSTIN_TARGET_AVX512 void run_task_avx512(const SparseVerifyParams& p, const Task& task,
+                                          const std::vector<int32_t>& blocks, Scratch& sc,
+                                          RowState st) {
+  run_task_body(p, task, blocks, sc, st);
+}
+#endif
+
+/// run_task compiled for the widest vectors this CPU has.
+RunTask pick_run_task() {
+  switch (detail::detect_cpu_isa()) {
+#if defined(DUSTIN_CPU_MULTIVERSION)
+    case detail::CpuIsa::kAvx512Fma: return run_task_avx512;
+    case detail::CpuIsa::kAvx2Fma: return run_task_avx2;
+#endif
+    default: return run_task_baseline;
+  }
 }
 
 }  // namespace
@@ -196,11 +281,14 @@ void run_task(const SparseVerifyParams& p, const Task& task, const std::vector<i
 Status sparse_verify(const SparseVerifyParams& p) {
   if (!valid_params(p)) return Status::kInvalidArgument;
   if (p.batch_size == 0) return Status::kOk;
+  static const RunTask run_task = pick_run_task();
   const PagedKV& kv = p.kv;
   const int32_t num_heads = kv.num_kv_heads;
   const int32_t group = p.num_qo_heads / num_heads;
   const int32_t rows = group * p.q_len;
   const int32_t head_dim = kv.head_dim;
+  const int32_t rows_pad = round_up(rows, kRowBlock);
+  const int32_t d_pad = round_up(head_dim, kColBlock);
 
   // Attended blocks per (b, list), then tasks: each (b, h) split into ~equal runs of blocks.
   std::vector<std::vector<int32_t>> blocks(static_cast<size_t>(p.batch_size) * p.num_lists);
@@ -226,23 +314,17 @@ Status sparse_verify(const SparseVerifyParams& p) {
   }
   first_task[pairs] = static_cast<int32_t>(tasks.size());
 
-  const size_t state_floats = static_cast<size_t>(rows) * (head_dim + 2);
+  const size_t o_floats = static_cast<size_t>(rows_pad) * d_pad;
+  const size_t state_floats = o_floats + 2 * static_cast<size_t>(rows_pad);
   std::vector<float> partials(tasks.size() * state_floats);
   auto state_of = [&](size_t task) {
     float* base = partials.data() + task * state_floats;
-    const size_t o_size = static_cast<size_t>(rows) * head_dim;
-    return RowState{base, base + o_size, base + o_size + rows};
+    return RowState{base, base + o_floats, base + o_floats + rows_pad};
   };
 
 #pragma omp parallel
   {
-    Scratch sc;
-    sc.q.resize(static_cast<size_t>(rows) * head_dim);
-    sc.kt.resize(static_cast<size_t>(head_dim) * kTileTokens);
-    sc.v.resize(static_cast<size_t>(kTileTokens) * head_dim);
-    sc.s.resize(static_cast<size_t>(rows) * kTileTokens);
-    sc.row.resize(static_cast<size_t>(head_dim));
-    sc.pos.resize(kTileTokens);
+    Scratch sc(rows, head_dim);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < static_cast<int64_t>(tasks.size()); ++t) {
       const Task& task = tasks[t];
@@ -268,7 +350,7 @@ Status sparse_verify(const SparseVerifyParams& p) {
           if (st.m[r] == kNegInf) continue;
           const float w = std::exp(st.m[r] - m_max);
           l_sum += st.l[r] * w;
-          const float* orow = st.o + static_cast<size_t>(r) * head_dim;
+          const float* orow = st.o + static_cast<size_t>(r) * d_pad;
           for (int32_t d = 0; d < head_dim; ++d) acc[d] += orow[d] * w;
         }
         const float inv_l = 1.f / l_sum;
@@ -276,9 +358,9 @@ Status sparse_verify(const SparseVerifyParams& p) {
         const int32_t i = r / group;
         const int32_t hq = h * group + r % group;
         const int64_t out_row = (static_cast<int64_t>(b) * p.q_len + i) * p.num_qo_heads + hq;
+        const int64_t out_bytes = static_cast<int64_t>(detail::dtype_size(kv.dtype)) * head_dim;
         detail::store_row(acc.data(), kv.dtype, head_dim,
-                          static_cast<char*>(p.out) +
-                              out_row * head_dim * static_cast<int64_t>(detail::dtype_size(kv.dtype)));
+                          static_cast<char*>(p.out) + out_row * out_bytes);
         p.lse[out_row] = m_max + std::log(l_sum);
       }
     }
