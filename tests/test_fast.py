@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dustin.cache import CacheFullError
 from dustin.config import ModelConfig
 from dustin.fast import GraphDecoder, streaming_lists
 from dustin.model import Transformer
@@ -212,3 +213,16 @@ def test_bad_settings_are_rejected():
         GraphDecoder(target, cache, draft, draft.new_cache(1, 64, page_size=8), Dense())
     with pytest.raises(ValueError, match="CUDA"):
         GraphDecoder(target, cache, gamma=0, use_graphs=True)
+
+
+def test_start_refuses_a_generation_the_cache_cannot_hold():
+    target, _ = tiny_pair(torch.float32, "cpu", 16)
+    cache = target.new_cache(2, 64, page_size=4)
+    cache.append(40)
+    decoder = GraphDecoder(target, cache, gamma=0, max_new_tokens=30)
+    first = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(CacheFullError, match="max_seq_len"):
+        decoder.start([40, 40], first, first)
+    decoder = GraphDecoder(target, cache, gamma=0, max_new_tokens=20)
+    decoder.start([40, 40], first, first)  # 40 + 20 + 1 fits: pages reserved, lengths kept
+    assert cache.lens == [40, 40] and cache.free_pages == cache.num_pages - 2 * 16
