@@ -7,11 +7,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import dustin
 import pytest
 import torch
 from hypothesis import settings
-
-import dustin
 
 # Hypothesis: no per-example deadline (first calls pay for lazy initialisation), few examples by
 # default so the CPU suite stays within minutes on two cores; tests raise it where it pays.

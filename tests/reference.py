@@ -60,7 +60,7 @@ def sparse_verify(
     kv_layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 ``(out [B, q, Hq, D], lse [B, q, Hq])`` of the sparse_verify contract."""
-    batch, q_len, num_qo_heads, head_dim = q.shape
+    batch, q_len, num_qo_heads = q.shape[:3]
     page_size = k_cache.shape[1] if kv_layout == "NHD" else k_cache.shape[2]
     num_kv_heads = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     group = num_qo_heads // num_kv_heads
@@ -114,9 +114,7 @@ def select_capacity(
     num_blocks: int, budget_blocks: int, n_sink: int, n_recent: int, q_len: int, block_size: int
 ) -> int:
     """K of docs/ops.md."""
-    forced_max = (
-        math.ceil(n_sink / block_size) + math.ceil((n_recent + q_len - 1) / block_size) + 1
-    )
+    forced_max = math.ceil(n_sink / block_size) + math.ceil((n_recent + q_len - 1) / block_size) + 1
     return min(num_blocks, max(budget_blocks, forced_max))
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 
-import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 import reference
+import torch
 from conftest import make_paged_cache
 from dustin import ops
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 # Float32 softmax and float32 sums into scores of up to Hs * n.
 SCORE_ATOL = 1e-5
@@ -20,20 +19,20 @@ SCORE_RTOL = 1e-5
 
 @st.composite
 def score_cases(draw):
-    return dict(
-        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
-        kv_layout=draw(st.sampled_from(["NHD", "HND"])),
-        page_size=draw(st.sampled_from([1, 3, 8, 16, 64, 128])),
-        block_size=draw(st.sampled_from([1, 3, 8, 16, 64, 128])),
-        num_queries=draw(st.sampled_from([1, 2, 5, 16])),
-        num_kv_heads=draw(st.integers(1, 3)),
-        num_heads=draw(st.integers(1, 4)),
-        head_dim=draw(st.sampled_from([16, 40, 64, 128])),
-        extra_lens=draw(st.lists(st.integers(0, 300), min_size=1, max_size=3)),
-        extra_blocks=draw(st.integers(0, 3)),
-        pooled=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
+    return {
+        "dtype": draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+        "kv_layout": draw(st.sampled_from(["NHD", "HND"])),
+        "page_size": draw(st.sampled_from([1, 3, 8, 16, 64, 128])),
+        "block_size": draw(st.sampled_from([1, 3, 8, 16, 64, 128])),
+        "num_queries": draw(st.sampled_from([1, 2, 5, 16])),
+        "num_kv_heads": draw(st.integers(1, 3)),
+        "num_heads": draw(st.integers(1, 4)),
+        "head_dim": draw(st.sampled_from([16, 40, 64, 128])),
+        "extra_lens": draw(st.lists(st.integers(0, 300), min_size=1, max_size=3)),
+        "extra_blocks": draw(st.integers(0, 3)),
+        "pooled": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
 
 
 def make_inputs(case):
@@ -88,7 +87,9 @@ def test_matches_reference(case):
         cache.kv_layout,
         scores.shape[1],
     )
-    torch.testing.assert_close(scores.double(), before.double() + added, atol=SCORE_ATOL, rtol=SCORE_RTOL)
+    torch.testing.assert_close(
+        scores.double(), before.double() + added, atol=SCORE_ATOL, rtol=SCORE_RTOL
+    )
     # Every (query, head) softmax sums to one, and blocks past a sequence get nothing.
     total = (scores.double() - before.double()).sum(dim=1)
     expected_total = q_srh.shape[1] * q_srh.shape[2]
@@ -100,20 +101,20 @@ def test_matches_reference(case):
 
 def fixed_case():
     return make_inputs(
-        dict(
-            dtype=torch.bfloat16,
-            kv_layout="HND",
-            page_size=16,
-            block_size=8,
-            num_queries=5,
-            num_kv_heads=2,
-            num_heads=3,
-            head_dim=64,
-            extra_lens=[600, 31],
-            extra_blocks=2,
-            pooled=False,
-            seed=1,
-        )
+        {
+            "dtype": torch.bfloat16,
+            "kv_layout": "HND",
+            "page_size": 16,
+            "block_size": 8,
+            "num_queries": 5,
+            "num_kv_heads": 2,
+            "num_heads": 3,
+            "head_dim": 64,
+            "extra_lens": [600, 31],
+            "extra_blocks": 2,
+            "pooled": False,
+            "seed": 1,
+        }
     )
 
 

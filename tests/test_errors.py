@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from conftest import make_paged_cache
 from dustin import ops
 
@@ -27,56 +26,56 @@ def verify_args(device: str) -> dict:
     cache = make_paged_cache([40, 20], 16, 2, 64, torch.bfloat16, "HND", device, gen)
     q = torch.randn(2, 3, 4, 64, generator=gen).to(torch.bfloat16).to(device)
     block_ids, block_counts = ops.dense_block_lists(cache.kv_lens, 16)  # K = 3
-    return dict(
-        q=q,
-        k_cache=cache.k_cache,
-        v_cache=cache.v_cache,
-        block_table=cache.block_table,  # [2, 4], 7 pages
-        kv_lens=cache.kv_lens,
-        block_ids=block_ids,
-        block_counts=block_counts,
-        sm_scale=SM_SCALE,
-        kv_layout="HND",
-        out=torch.empty_like(q),
-        lse=torch.empty(2, 3, 4, device=device),
-        workspace=None,
-    )
+    return {
+        "q": q,
+        "k_cache": cache.k_cache,
+        "v_cache": cache.v_cache,
+        "block_table": cache.block_table,  # [2, 4], 7 pages
+        "kv_lens": cache.kv_lens,
+        "block_ids": block_ids,
+        "block_counts": block_counts,
+        "sm_scale": SM_SCALE,
+        "kv_layout": "HND",
+        "out": torch.empty_like(q),
+        "lse": torch.empty(2, 3, 4, device=device),
+        "workspace": None,
+    }
 
 
 def scores_args(device: str) -> dict:
     """Valid block_scores arguments: B = 2, n = 3, Hs = 3, Hkv = 2, D = 64, P = 16, bs = 8."""
     gen = torch.Generator().manual_seed(1)
     cache = make_paged_cache([40, 20], 16, 2, 64, torch.bfloat16, "HND", device, gen)
-    return dict(
-        q_srh=torch.randn(2, 3, 3, 64, generator=gen).to(torch.bfloat16).to(device),
-        k_cache=cache.k_cache,
-        block_table=cache.block_table,
-        kv_lens=cache.kv_lens,
-        head_map=torch.tensor([0, 1, 1], dtype=torch.int32, device=device),
-        sm_scale=SM_SCALE,
-        block_size=8,
-        kv_layout="HND",
-        scores=torch.zeros(2, 5, device=device),
-        workspace=None,
-    )
+    return {
+        "q_srh": torch.randn(2, 3, 3, 64, generator=gen).to(torch.bfloat16).to(device),
+        "k_cache": cache.k_cache,
+        "block_table": cache.block_table,
+        "kv_lens": cache.kv_lens,
+        "head_map": torch.tensor([0, 1, 1], dtype=torch.int32, device=device),
+        "sm_scale": SM_SCALE,
+        "block_size": 8,
+        "kv_layout": "HND",
+        "scores": torch.zeros(2, 5, device=device),
+        "workspace": None,
+    }
 
 
 def select_args(device: str) -> dict:
     """Valid select_blocks_out arguments: B = 2, NB = 10, bs = 8, K = 4."""
     gen = torch.Generator().manual_seed(2)
-    return dict(
-        draft_scores=torch.randn(2, 10, generator=gen).to(device),
-        target_scores=torch.randn(2, 10, generator=gen).to(device),
-        kv_lens=torch.tensor([40, 20], dtype=torch.int32, device=device),
-        q_len=3,
-        block_size=8,
-        budget_blocks=4,
-        n_sink=4,
-        n_recent=8,
-        draft_share=0.5,
-        block_ids=torch.empty(2, 4, dtype=torch.int32, device=device),
-        block_counts=torch.empty(2, dtype=torch.int32, device=device),
-    )
+    return {
+        "draft_scores": torch.randn(2, 10, generator=gen).to(device),
+        "target_scores": torch.randn(2, 10, generator=gen).to(device),
+        "kv_lens": torch.tensor([40, 20], dtype=torch.int32, device=device),
+        "q_len": 3,
+        "block_size": 8,
+        "budget_blocks": 4,
+        "n_sink": 4,
+        "n_recent": 8,
+        "draft_share": 0.5,
+        "block_ids": torch.empty(2, 4, dtype=torch.int32, device=device),
+        "block_counts": torch.empty(2, dtype=torch.int32, device=device),
+    }
 
 
 def run_op(op: str, a: dict) -> None:
@@ -152,6 +151,8 @@ BS, SB, SBO = "block_scores", "select_blocks", "select_blocks_out"
 V, T, I, NI = ValueError, TypeError, IndexError, NotImplementedError
 bf16 = torch.bfloat16
 
+# One row per line reads as a table; keep the formatter out of it.
+# fmt: off
 ROWS = [
     # ---- sparse_verify: q
     R("q-rank", SV, replace("q", lambda a: a["q"][0]), V, r"q must have 4 dims \[B, q, Hq, D\]"),
@@ -429,6 +430,7 @@ ROWS = [
     R("counts-out-device", SBO, replace("block_counts", lambda a: other_device(a["block_counts"])),
       V, r"block_counts must be on the device of draft_scores"),
 ]
+# fmt: on
 
 
 def rows_for(device: str):

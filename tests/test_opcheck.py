@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_block_lists, make_paged_cache
 from dustin import ops
 
@@ -17,8 +16,17 @@ def verify_inputs(dtype=torch.bfloat16, kv_layout="HND", per_head=False):
     cache = make_paged_cache([45, 20], 16, 2, 64, dtype, kv_layout, generator=gen)
     q = torch.randn(2, 3, 4, 64, generator=gen).to(dtype)
     block_ids, block_counts = make_block_lists([45, 20], 16, 2 if per_head else None, gen)
-    return (q, cache.k_cache, cache.v_cache, cache.block_table, cache.kv_lens, block_ids,
-            block_counts, SM_SCALE, kv_layout)
+    return (
+        q,
+        cache.k_cache,
+        cache.v_cache,
+        cache.block_table,
+        cache.kv_lens,
+        block_ids,
+        block_counts,
+        SM_SCALE,
+        kv_layout,
+    )
 
 
 def scores_inputs(dtype=torch.bfloat16, kv_layout="NHD"):
@@ -26,8 +34,17 @@ def scores_inputs(dtype=torch.bfloat16, kv_layout="NHD"):
     cache = make_paged_cache([45, 20], 16, 2, 64, dtype, kv_layout, generator=gen)
     q_srh = torch.randn(2, 3, 3, 64, generator=gen).to(dtype)
     head_map = torch.tensor([0, 1, 1], dtype=torch.int32)
-    return (q_srh, cache.k_cache, cache.block_table, cache.kv_lens, head_map, SM_SCALE, 8,
-            kv_layout, torch.rand(2, 7, generator=gen))
+    return (
+        q_srh,
+        cache.k_cache,
+        cache.block_table,
+        cache.kv_lens,
+        head_map,
+        SM_SCALE,
+        8,
+        kv_layout,
+        torch.rand(2, 7, generator=gen),
+    )
 
 
 def select_inputs(per_head=False, with_target=True):
@@ -59,7 +76,8 @@ def test_opcheck_select_blocks(per_head, with_target):
     torch.library.opcheck(torch.ops.dustin.select_blocks.default, args)
     ids, counts = ops.select_blocks(*args)
     torch.library.opcheck(
-        torch.ops.dustin.select_blocks_out.default, (*args, torch.empty_like(ids), torch.empty_like(counts))
+        torch.ops.dustin.select_blocks_out.default,
+        (*args, torch.empty_like(ids), torch.empty_like(counts)),
     )
 
 
@@ -85,7 +103,7 @@ def test_meta_shapes_match_sparse_verify(dtype, per_head):
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("num_blocks", [1, 3, 12, 40])
 def test_meta_shapes_match_select_blocks(per_head, num_blocks):
-    draft, target, _, *scalars = select_inputs(per_head)
+    draft, _, _, *scalars = select_inputs(per_head)
     draft = draft[..., :1].expand(*draft.shape[:-1], num_blocks).contiguous()
     kv_lens = torch.tensor([3, 8 * num_blocks], dtype=torch.int32)
     args = (draft, None, kv_lens, *scalars)
@@ -105,11 +123,13 @@ def test_compile_fullgraph_on_cpu():
 
     def step(q, k_cache, v_cache, block_table, kv_lens, draft):
         scores = torch.zeros(2, 3)
-        ops.block_scores(q[:, :, :1], k_cache, block_table, kv_lens, head_map, sm_scale, 16,
-                         kv_layout, scores)
+        ops.block_scores(
+            q[:, :, :1], k_cache, block_table, kv_lens, head_map, sm_scale, 16, kv_layout, scores
+        )
         ids, counts = ops.select_blocks(scores + draft, None, kv_lens, 3, 16, 2, 0, 0, 1.0)
-        out, lse = ops.sparse_verify(q, k_cache, v_cache, block_table, kv_lens, ids, counts,
-                                     sm_scale, kv_layout)
+        out, lse = ops.sparse_verify(
+            q, k_cache, v_cache, block_table, kv_lens, ids, counts, sm_scale, kv_layout
+        )
         return out * 2, lse, ids
 
     args = (q, k_cache, v_cache, block_table, kv_lens, draft)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import math
 
+import reference
 import torch
+from dustin import ops
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import reference
-from dustin import ops
 
 NAN, INF = math.nan, math.inf
 
@@ -33,21 +32,23 @@ def selection_cases(draw):
     draft = torch.tensor(draw(st.lists(score_values, min_size=size, max_size=size))).view(shape)
     target = None
     if draw(st.booleans()):
-        target = torch.tensor(draw(st.lists(score_values, min_size=size, max_size=size))).view(shape)
+        target = torch.tensor(draw(st.lists(score_values, min_size=size, max_size=size))).view(
+            shape
+        )
     kv_lens = draw(
         st.lists(st.integers(q_len, num_blocks * block_size), min_size=batch, max_size=batch)
     )
-    return dict(
-        draft_scores=draft,
-        target_scores=target,
-        kv_lens=torch.tensor(kv_lens, dtype=torch.int32),
-        q_len=q_len,
-        block_size=block_size,
-        budget_blocks=draw(st.integers(0, 20)),
-        n_sink=draw(st.sampled_from([0, 1, 4, 17, 200])),
-        n_recent=draw(st.sampled_from([0, 1, 16, 33, 300])),
-        draft_share=draw(st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0))),
-    )
+    return {
+        "draft_scores": draft,
+        "target_scores": target,
+        "kv_lens": torch.tensor(kv_lens, dtype=torch.int32),
+        "q_len": q_len,
+        "block_size": block_size,
+        "budget_blocks": draw(st.integers(0, 20)),
+        "n_sink": draw(st.sampled_from([0, 1, 4, 17, 200])),
+        "n_recent": draw(st.sampled_from([0, 1, 16, 33, 300])),
+        "draft_share": draw(st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0))),
+    }
 
 
 def forced_blocks(kv_len, q_len, block_size, n_sink, n_recent):
@@ -100,8 +101,9 @@ def test_matches_reference_and_properties(case):
             assert (ids[b, h, count:] == -1).all(), "-1 past the count"
 
 
-def select(draft, target=None, kv_len=64, q_len=1, block_size=4, budget=4, n_sink=0, n_recent=0,
-           share=0.5):
+def select(
+    draft, target=None, kv_len=64, q_len=1, block_size=4, budget=4, n_sink=0, n_recent=0, share=0.5
+):
     ids, counts = ops.select_blocks(
         torch.tensor([draft], dtype=torch.float32),
         None if target is None else torch.tensor([target], dtype=torch.float32),
@@ -146,7 +148,12 @@ def test_nan_ranks_below_every_number():
 def test_forced_blocks_are_kept_past_the_budget():
     # 4 sink tokens -> block 0; 16 recent + 2 window tokens of 64 -> blocks 11..15.
     assert select([9.0] * 16, kv_len=64, q_len=2, budget=0, n_sink=4, n_recent=16) == [
-        0, 11, 12, 13, 14, 15
+        0,
+        11,
+        12,
+        13,
+        14,
+        15,
     ]
     # A short sequence: the list is every block it has.
     assert select([1.0] * 16, kv_len=6, budget=8) == [0, 1]

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import reference
 from conftest import make_block_lists, make_paged_cache
 from dustin import ops
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ||out - ref|| / ||ref||: the twin computes in float32 from the exact input values, so the
@@ -51,7 +50,9 @@ def run_and_check(cache, q, block_ids, block_counts, sm_scale):
     )
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-    assert torch.isfinite(out).all(), "out has NaN: the op read a slot past a length or a spare page"
+    assert torch.isfinite(out).all(), (
+        "out has NaN: the op read a slot past a length or a spare page"
+    )
     assert reference.relative_error(out, ref_out) < OUT_RTOL[q.dtype]
     torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_ATOL, rtol=0)
     return out, lse
@@ -59,19 +60,19 @@ def run_and_check(cache, q, block_ids, block_counts, sm_scale):
 
 @st.composite
 def verify_cases(draw):
-    return dict(
-        dtype=draw(st.sampled_from(DTYPES)),
-        kv_layout=draw(st.sampled_from(["NHD", "HND"])),
-        page_size=draw(st.sampled_from([1, 3, 8, 16, 64, 128])),
-        q_len=draw(st.sampled_from([1, 2, 3, 5, 8, 16])),
-        num_kv_heads=draw(st.integers(1, 3)),
-        group=draw(st.sampled_from([1, 2, 3, 4, 16])),
-        head_dim=draw(st.sampled_from([16, 40, 64, 128])),
-        extra_lens=draw(st.lists(st.integers(0, 300), min_size=1, max_size=3)),
-        list_form=draw(st.sampled_from(["sequence", "shared", "kv_head"])),
-        pooled=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
+    return {
+        "dtype": draw(st.sampled_from(DTYPES)),
+        "kv_layout": draw(st.sampled_from(["NHD", "HND"])),
+        "page_size": draw(st.sampled_from([1, 3, 8, 16, 64, 128])),
+        "q_len": draw(st.sampled_from([1, 2, 3, 5, 8, 16])),
+        "num_kv_heads": draw(st.integers(1, 3)),
+        "group": draw(st.sampled_from([1, 2, 3, 4, 16])),
+        "head_dim": draw(st.sampled_from([16, 40, 64, 128])),
+        "extra_lens": draw(st.lists(st.integers(0, 300), min_size=1, max_size=3)),
+        "list_form": draw(st.sampled_from(["sequence", "shared", "kv_head"])),
+        "pooled": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
 
 
 @settings(max_examples=60)
@@ -163,13 +164,13 @@ def call(cache, q, block_ids, block_counts, sm_scale=0.2):
 
 
 def test_empty_lists_attend_the_window_blocks_only():
-    _, kv_lens, cache, q = fixed_case()
+    _, _, cache, q = fixed_case()
     block_ids = torch.full((3, 4), -1, dtype=torch.int32)
     run_and_check(cache, q, block_ids, torch.zeros(3, dtype=torch.int32), 0.2)
 
 
 def test_listed_window_blocks_change_nothing():
-    _, kv_lens, cache, q = fixed_case()
+    _, _, cache, q = fixed_case()
     # P = 8, q = 4, kv_lens 70, 9, 41: the windows start in blocks 8, 0 and 4.
     before = torch.tensor([[1, 3, 7, -1], [-1, -1, -1, -1], [0, 2, -1, -1]], dtype=torch.int32)
     with_window = torch.tensor([[1, 3, 7, 8], [0, 1, -1, -1], [0, 2, 4, 5]], dtype=torch.int32)
@@ -184,7 +185,10 @@ def test_list_forms_agree():
     out, lse = call(cache, q, block_ids, block_counts)
     shared = call(cache, q, block_ids[:, None], block_counts[:, None])
     per_head = call(
-        cache, q, block_ids[:, None].expand(-1, 2, -1), block_counts[:, None].expand(-1, 2).contiguous()
+        cache,
+        q,
+        block_ids[:, None].expand(-1, 2, -1),
+        block_counts[:, None].expand(-1, 2).contiguous(),
     )
     for other_out, other_lse in (shared, per_head):
         assert torch.equal(out, other_out) and torch.equal(lse, other_lse)
@@ -241,7 +245,10 @@ def test_out_variant_writes_every_element():
 def test_workspace_bytes_is_zero_on_cpu():
     gen, kv_lens, cache, q = fixed_case()
     block_ids, _ = make_block_lists(kv_lens, 8, None, gen)
-    assert ops.sparse_verify_workspace_bytes(q, cache.k_cache, cache.block_table, block_ids, "HND") == 0
+    assert (
+        ops.sparse_verify_workspace_bytes(q, cache.k_cache, cache.block_table, block_ids, "HND")
+        == 0
+    )
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -262,7 +269,11 @@ def test_results_do_not_depend_on_the_thread_count():
     for threads in ("1", "2", "3"):
         env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONHASHSEED="0")
         proc = subprocess.run(
-            [sys.executable, "-c", script, tests_dir], env=env, capture_output=True, text=True, check=True
+            [sys.executable, "-c", script, tests_dir],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         results.add(proc.stdout)
     assert len(results) == 1, results
