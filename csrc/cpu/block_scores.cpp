@@ -54,8 +54,7 @@ void compute_logits(const BlockScoresParams& p, int32_t b, const std::vector<flo
 #pragma omp for collapse(2) schedule(dynamic, 4)
     for (int32_t kv_head = 0; kv_head < kv.num_kv_heads; ++kv_head) {
       for (int32_t tile = 0; tile < tiles; ++tile) {
-        if (std::find(p.head_map, p.head_map + p.num_heads, kv_head) ==
-            p.head_map + p.num_heads) {
+        if (std::find(p.head_map, p.head_map + p.num_heads, kv_head) == p.head_map + p.num_heads) {
           continue;
         }
         const int32_t start = tile * kTileTokens;
@@ -64,7 +63,8 @@ void compute_logits(const BlockScoresParams& p, int32_t b, const std::vector<flo
           const int32_t pos = start + c;
           load_row(kv_row(kv.k, kv, table[pos / kv.page_size], kv_head, pos % kv.page_size),
                    kv.dtype, head_dim, key.data());
-          for (int32_t d = 0; d < head_dim; ++d) kt[static_cast<size_t>(d) * kTileTokens + c] = key[d];
+          for (int32_t d = 0; d < head_dim; ++d)
+            kt[static_cast<size_t>(d) * kTileTokens + c] = key[d];
         }
         for (int32_t h = 0; h < p.num_heads; ++h) {
           if (p.head_map[h] != kv_head) continue;

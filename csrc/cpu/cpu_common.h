@@ -26,7 +26,9 @@ DUSTIN_CPU_INLINE uint32_t float_bits(float f) { return __builtin_bit_cast(uint3
 DUSTIN_CPU_INLINE float bits_float(uint32_t u) { return __builtin_bit_cast(float, u); }
 
 /// bfloat16 is the top half of a float32.
-DUSTIN_CPU_INLINE float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+DUSTIN_CPU_INLINE float bf16_to_float(uint16_t h) {
+  return bits_float(static_cast<uint32_t>(h) << 16);
+}
 
 /// IEEE half to float without branches, so tile conversion loops vectorise: the exponent and
 /// mantissa shifted into float position and multiplied by 2^112 rebias normals and turn half
@@ -160,25 +162,24 @@ inline bool valid_dtype(DType t) {
 }
 
 /// Address of element 0 of token `token` of physical page `page`, KV head `head`.
-DUSTIN_CPU_INLINE const void* kv_row(const void* base, const PagedKV& kv, int32_t page, int32_t head,
-                          int32_t token) {
+DUSTIN_CPU_INLINE const void* kv_row(const void* base, const PagedKV& kv, int32_t page,
+                                     int32_t head, int32_t token) {
   const int64_t offset = page * kv.page_stride + head * kv.head_stride + token * kv.token_stride;
   return static_cast<const char*>(base) + offset * static_cast<int64_t>(dtype_size(kv.dtype));
 }
 
 /// Checks the cache description and, for each of the batch_size sequences, that
 /// min_len <= kv_lens[b] <= max_pages * P and that every page it uses is in the pool.
-inline bool valid_paged_kv(const PagedKV& kv, bool needs_v, int32_t batch_size,
-                           int32_t min_len) {
+inline bool valid_paged_kv(const PagedKV& kv, bool needs_v, int32_t batch_size, int32_t min_len) {
   if (kv.k == nullptr || (needs_v && kv.v == nullptr) || kv.block_table == nullptr ||
-      kv.kv_lens == nullptr || !valid_dtype(kv.dtype) || kv.page_size < 1 ||
-      kv.num_kv_heads < 1 || kv.head_dim < 1 || kv.max_pages < 0 || kv.num_pages < 0 ||
-      kv.block_table_stride < 0) {
+      kv.kv_lens == nullptr || !valid_dtype(kv.dtype) || kv.page_size < 1 || kv.num_kv_heads < 1 ||
+      kv.head_dim < 1 || kv.max_pages < 0 || kv.num_pages < 0 || kv.block_table_stride < 0) {
     return false;
   }
   for (int32_t b = 0; b < batch_size; ++b) {
     const int32_t len = kv.kv_lens[b];
-    if (len < min_len || static_cast<int64_t>(len) > static_cast<int64_t>(kv.max_pages) * kv.page_size) {
+    if (len < min_len ||
+        static_cast<int64_t>(len) > static_cast<int64_t>(kv.max_pages) * kv.page_size) {
       return false;
     }
     const int32_t* row = kv.block_table + b * kv.block_table_stride;

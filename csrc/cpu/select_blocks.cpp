@@ -10,8 +10,8 @@ namespace dustin::cpu {
 namespace {
 
 bool valid_params(const SelectBlocksParams& p) {
-  if (p.batch_size < 0 || p.num_lists < 1 || p.num_blocks < 0 || p.capacity < 0 ||
-      p.q_len < 1 || p.block_size < 1 || p.budget_blocks < 0 || p.n_sink < 0 || p.n_recent < 0 ||
+  if (p.batch_size < 0 || p.num_lists < 1 || p.num_blocks < 0 || p.capacity < 0 || p.q_len < 1 ||
+      p.block_size < 1 || p.budget_blocks < 0 || p.n_sink < 0 || p.n_recent < 0 ||
       !(p.draft_share >= 0.0 && p.draft_share <= 1.0)) {
     return false;
   }

@@ -50,13 +50,13 @@ struct RowState {
 struct Scratch {
   int32_t rows_pad;
   int32_t d_pad;
-  std::vector<float> q;        // [rows_pad, d_pad] query rows pre-scaled by sm_scale
-  std::vector<float> kt;       // [d_pad, kTileTokens] K tile, transposed
-  std::vector<float> v;        // [kTileTokens, d_pad] V tile
-  std::vector<float> s;        // [rows_pad, kTileTokens] scores, then probabilities
-  std::vector<float> alpha;    // [rows_pad] rescale of each row's output for this tile
-  std::vector<float> row;      // [D] one converted K row
-  std::vector<int32_t> pos;    // [kTileTokens] absolute position of each tile token
+  std::vector<float> q;          // [rows_pad, d_pad] query rows pre-scaled by sm_scale
+  std::vector<float> kt;         // [d_pad, kTileTokens] K tile, transposed
+  std::vector<float> v;          // [kTileTokens, d_pad] V tile
+  std::vector<float> s;          // [rows_pad, kTileTokens] scores, then probabilities
+  std::vector<float> alpha;      // [rows_pad] rescale of each row's output for this tile
+  std::vector<float> row;        // [D] one converted K row
+  std::vector<int32_t> pos;      // [kTileTokens] absolute position of each tile token
   std::vector<int32_t> row_pos;  // [rows_pad] absolute position of each query row
 
   Scratch(int32_t rows, int32_t head_dim)
@@ -132,7 +132,8 @@ DUSTIN_CPU_INLINE void scores_block(const float* q, const float* kt, float* s, i
     const FloatBlock k = block_at(kt + static_cast<size_t>(d) * kTileTokens);
     for (int32_t r = 0; r < kRowBlock; ++r) acc[r] += q[static_cast<size_t>(r) * d_pad + d] * k;
   }
-  for (int32_t r = 0; r < kRowBlock; ++r) block_at(s + static_cast<size_t>(r) * kTileTokens) = acc[r];
+  for (int32_t r = 0; r < kRowBlock; ++r)
+    block_at(s + static_cast<size_t>(r) * kTileTokens) = acc[r];
 }
 
 /// o[r, cols] = alpha[r] * o[r, cols] + sum_t p[r, t] v[t, cols] for kRowBlock rows and
@@ -145,7 +146,8 @@ DUSTIN_CPU_INLINE void output_block(const float* p, const float* v, const float*
   }
   for (int32_t t = 0; t < n; ++t) {
     const FloatBlock vt = block_at(v + static_cast<size_t>(t) * d_pad);
-    for (int32_t r = 0; r < kRowBlock; ++r) acc[r] += p[static_cast<size_t>(r) * kTileTokens + t] * vt;
+    for (int32_t r = 0; r < kRowBlock; ++r)
+      acc[r] += p[static_cast<size_t>(r) * kTileTokens + t] * vt;
   }
   for (int32_t r = 0; r < kRowBlock; ++r) block_at(o + static_cast<size_t>(r) * d_pad) = acc[r];
 }
@@ -195,8 +197,7 @@ DUSTIN_CPU_INLINE void attend_tile_body(Scratch& sc, int32_t n, RowState st) {
 
 /// Runs one task: its blocks, tile by tile, into st (initialised here).
 DUSTIN_CPU_INLINE void run_task_body(const SparseVerifyParams& p, const Task& task,
-                                     const std::vector<int32_t>& blocks, Scratch& sc,
-                                     RowState st) {
+                                     const std::vector<int32_t>& blocks, Scratch& sc, RowState st) {
   const PagedKV& kv = p.kv;
   const int32_t group = p.num_qo_heads / kv.num_kv_heads;
   const int32_t head_dim = kv.head_dim;
@@ -210,8 +211,8 @@ DUSTIN_CPU_INLINE void run_task_body(const SparseVerifyParams& p, const Task& ta
     for (int32_t g = 0; g < group; ++g) {
       const int32_t r = i * group + g;
       sc.row_pos[r] = kv_len - p.q_len + i;
-      const int64_t offset = task.b * p.q_stride_b + i * p.q_stride_t +
-                             (task.h * group + g) * p.q_stride_h;
+      const int64_t offset =
+          task.b * p.q_stride_b + i * p.q_stride_t + (task.h * group + g) * p.q_stride_h;
       float* qrow = sc.q.data() + static_cast<size_t>(r) * d_pad;
       load_row(static_cast<const char*>(p.q) + offset * static_cast<int64_t>(elem), kv.dtype,
                head_dim, qrow);
@@ -269,10 +270,13 @@ DUSTIN_TARGET_AVX512 void run_task_avx512(const SparseVerifyParams& p, const Tas
 RunTask pick_run_task() {
   switch (detail::detect_cpu_isa()) {
 #if defined(DUSTIN_CPU_MULTIVERSION)
-    case detail::CpuIsa::kAvx512Fma: return run_task_avx512;
-    case detail::CpuIsa::kAvx2Fma: return run_task_avx2;
+    case detail::CpuIsa::kAvx512Fma:
+      return run_task_avx512;
+    case detail::CpuIsa::kAvx2Fma:
+      return run_task_avx2;
 #endif
-    default: return run_task_baseline;
+    default:
+      return run_task_baseline;
   }
 }
 
@@ -293,7 +297,8 @@ Status sparse_verify(const SparseVerifyParams& p) {
   // Attended blocks per (b, list), then tasks: each (b, h) split into ~equal runs of blocks.
   std::vector<std::vector<int32_t>> blocks(static_cast<size_t>(p.batch_size) * p.num_lists);
   for (int32_t b = 0; b < p.batch_size; ++b) {
-    for (int32_t s = 0; s < p.num_lists; ++s) blocks[b * p.num_lists + s] = attended_blocks(p, b, s);
+    for (int32_t s = 0; s < p.num_lists; ++s)
+      blocks[b * p.num_lists + s] = attended_blocks(p, b, s);
   }
   const int32_t pairs = p.batch_size * num_heads;
   const int32_t wanted_splits = std::max(1, (kTargetTasks + pairs - 1) / pairs);

@@ -6,8 +6,8 @@
 #include "torch/ops.h"
 
 #if defined(DUSTIN_WITH_CUDA)
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace dustin::torch_ops {
@@ -16,8 +16,8 @@ namespace {
 /// Metadata checks of every argument (no tensor values read) and the params they describe.
 BlockScoresParams check_args(const ArgCheck& check, const at::Tensor& q_srh,
                              const at::Tensor& k_cache, const at::Tensor& block_table,
-                             const at::Tensor& kv_lens, const at::Tensor& head_map,
-                             double sm_scale, int64_t block_size, const std::string& kv_layout,
+                             const at::Tensor& kv_lens, const at::Tensor& head_map, double sm_scale,
+                             int64_t block_size, const std::string& kv_layout,
                              const at::Tensor& scores) {
   check.dims("q_srh", q_srh, 4, "[B, n, Hs, D]");
   check_float_dtype(check, "q_srh", q_srh);
@@ -31,8 +31,8 @@ BlockScoresParams check_args(const ArgCheck& check, const at::Tensor& q_srh,
   check.fits_int32("q_srh.size(0) (B)", batch);
   check.fits_int32("q_srh.size(2) (Hs)", num_heads);
 
-  const PagedKV kv = check_paged_kv(check, "q_srh", q_srh, k_cache, std::nullopt, block_table,
-                                    kv_lens, kv_layout);
+  const PagedKV kv =
+      check_paged_kv(check, "q_srh", q_srh, k_cache, std::nullopt, block_table, kv_lens, kv_layout);
 
   check.dtype("head_map", head_map, at::kInt);
   check.same_shape("head_map", head_map, {num_heads});
@@ -70,9 +70,8 @@ BlockScoresParams check_args(const ArgCheck& check, const at::Tensor& q_srh,
 }
 
 /// Value checks (CPU tensors): lengths, pages, head_map entries and the room in scores.
-void check_values(const ArgCheck& check, const BlockScoresParams& p,
-                  const at::Tensor& block_table, const at::Tensor& kv_lens,
-                  const at::Tensor& head_map) {
+void check_values(const ArgCheck& check, const BlockScoresParams& p, const at::Tensor& block_table,
+                  const at::Tensor& kv_lens, const at::Tensor& head_map) {
   check_paged_kv_values(check, p.kv, block_table, kv_lens, "n", p.num_queries);
   const auto heads = head_map.accessor<int32_t, 1>();
   for (int64_t h = 0; h < heads.size(0); ++h) {
@@ -83,21 +82,20 @@ void check_values(const ArgCheck& check, const BlockScoresParams& p,
   for (int64_t b = 0; b < lens.size(0); ++b) {
     const int32_t needed = num_blocks_for(lens[b], p.block_size);
     check.index(needed <= p.num_blocks, "scores.size(1) (NB) must be at least ceil(kv_lens[", b,
-                "] / block_size) = ceil(", lens[b], " / ", p.block_size, ") = ", needed,
-                ", got ", p.num_blocks);
+                "] / block_size) = ceil(", lens[b], " / ", p.block_size, ") = ", needed, ", got ",
+                p.num_blocks);
   }
 }
 
 }  // namespace
 
-void block_scores(const at::Tensor& q_srh, const at::Tensor& k_cache,
-                  const at::Tensor& block_table, const at::Tensor& kv_lens,
-                  const at::Tensor& head_map, double sm_scale, int64_t block_size,
-                  const std::string& kv_layout, at::Tensor& scores,
+void block_scores(const at::Tensor& q_srh, const at::Tensor& k_cache, const at::Tensor& block_table,
+                  const at::Tensor& kv_lens, const at::Tensor& head_map, double sm_scale,
+                  int64_t block_size, const std::string& kv_layout, at::Tensor& scores,
                   const std::optional<at::Tensor>& workspace) {
   const ArgCheck check("block_scores");
-  BlockScoresParams p = check_args(check, q_srh, k_cache, block_table, kv_lens, head_map,
-                                   sm_scale, block_size, kv_layout, scores);
+  BlockScoresParams p = check_args(check, q_srh, k_cache, block_table, kv_lens, head_map, sm_scale,
+                                   block_size, kv_layout, scores);
   if (q_srh.is_cpu()) {
     check_values(check, p, block_table, kv_lens, head_map);
     check_workspace(check, workspace, q_srh.device(), 0);
@@ -147,8 +145,12 @@ void block_scores_meta(const at::Tensor& q_srh, const at::Tensor& k_cache,
   check.dtype("scores", scores, at::kFloat);
   const at::Tensor ws = workspace.value_or(at::Tensor());
   check_same_devices(check, "q_srh", q_srh,
-                     {{"k_cache", &k_cache}, {"block_table", &block_table}, {"kv_lens", &kv_lens},
-                      {"head_map", &head_map}, {"scores", &scores}, {"workspace", &ws}});
+                     {{"k_cache", &k_cache},
+                      {"block_table", &block_table},
+                      {"kv_lens", &kv_lens},
+                      {"head_map", &head_map},
+                      {"scores", &scores},
+                      {"workspace", &ws}});
 }
 
 }  // namespace dustin::torch_ops

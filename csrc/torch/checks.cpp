@@ -25,7 +25,8 @@ PagedKV check_paged_kv(const ArgCheck& check, const char* ref_name, const at::Te
   const int64_t batch = ref.size(0);
   const int64_t head_dim = ref.size(3);
 
-  check.dims("k_cache", k_cache, 4, nhd ? "[num_pages, P, Hkv, D] (NHD)" : "[num_pages, Hkv, P, D] (HND)");
+  check.dims("k_cache", k_cache, 4,
+             nhd ? "[num_pages, P, Hkv, D] (NHD)" : "[num_pages, Hkv, P, D] (HND)");
   check.same_dtype("k_cache", k_cache, ref_name, ref);
   check.same_device("k_cache", k_cache, ref_name, ref);
   check.inner_stride("k_cache", k_cache);

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Argument checks shared by the adapters; every message reads "dustin.<op>: <arg> <rule>, got <actual>".
+// Argument checks shared by the adapters; every message reads "dustin.<op>: <arg> <rule>, got
+// <actual>".
 #pragma once
 
 #include <ATen/ATen.h>
@@ -108,12 +109,18 @@ class ArgCheck {
 
   static const char* dtype_name(at::ScalarType t) {
     switch (t) {
-      case at::kFloat: return "float32";
-      case at::kHalf: return "float16";
-      case at::kBFloat16: return "bfloat16";
-      case at::kInt: return "int32";
-      case at::kByte: return "uint8";
-      default: return c10::toString(t);
+      case at::kFloat:
+        return "float32";
+      case at::kHalf:
+        return "float16";
+      case at::kBFloat16:
+        return "bfloat16";
+      case at::kInt:
+        return "int32";
+      case at::kByte:
+        return "uint8";
+      default:
+        return c10::toString(t);
     }
   }
 
@@ -135,9 +142,12 @@ inline void check_same_devices(
 /// DType of a supported float tensor (q, caches, outputs).
 inline DType to_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      return DType::kFloat32;
   }
 }
 

@@ -6,8 +6,8 @@
 #include "torch/ops.h"
 
 #if defined(DUSTIN_WITH_CUDA)
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace dustin::torch_ops {
@@ -16,11 +16,11 @@ namespace {
 constexpr int64_t kInt32Limit = int64_t{1} << 31;
 
 /// Scalar arguments: ranges that keep every int32 sum of the selection rules from overflowing.
-void check_scalars(const ArgCheck& check, int64_t q_len, int64_t block_size,
-                   int64_t budget_blocks, int64_t n_sink, int64_t n_recent, double draft_share) {
+void check_scalars(const ArgCheck& check, int64_t q_len, int64_t block_size, int64_t budget_blocks,
+                   int64_t n_sink, int64_t n_recent, double draft_share) {
   check.value(q_len >= 1 && q_len < kInt32Limit, "q_len must be in [1, 2^31), got ", q_len);
-  check.value(block_size >= 1 && block_size < kInt32Limit,
-              "block_size must be in [1, 2^31), got ", block_size);
+  check.value(block_size >= 1 && block_size < kInt32Limit, "block_size must be in [1, 2^31), got ",
+              block_size);
   check.fits_int32("budget_blocks", budget_blocks);
   check.fits_int32("n_sink", n_sink);
   check.fits_int32("n_recent", n_recent);
@@ -140,10 +140,12 @@ void launch(const ArgCheck& check, SelectBlocksParams p, const at::Tensor& draft
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> select_blocks(
-    const at::Tensor& draft_scores, const std::optional<at::Tensor>& target_scores,
-    const at::Tensor& kv_lens, int64_t q_len, int64_t block_size, int64_t budget_blocks,
-    int64_t n_sink, int64_t n_recent, double draft_share) {
+std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& draft_scores,
+                                                 const std::optional<at::Tensor>& target_scores,
+                                                 const at::Tensor& kv_lens, int64_t q_len,
+                                                 int64_t block_size, int64_t budget_blocks,
+                                                 int64_t n_sink, int64_t n_recent,
+                                                 double draft_share) {
   const ArgCheck check("select_blocks");
   SelectBlocksParams p = check_inputs(check, draft_scores, target_scores, kv_lens, q_len,
                                       block_size, budget_blocks, n_sink, n_recent, draft_share);
@@ -185,9 +187,9 @@ void validate_select_blocks(const at::Tensor& draft_scores,
                             int64_t budget_blocks, int64_t n_sink, int64_t n_recent,
                             double draft_share) {
   const ArgCheck check("select_blocks");
-  const SelectBlocksParams p = check_inputs(check, draft_scores, target_scores, kv_lens, q_len,
-                                            block_size, budget_blocks, n_sink, n_recent,
-                                            draft_share);
+  const SelectBlocksParams p =
+      check_inputs(check, draft_scores, target_scores, kv_lens, q_len, block_size, budget_blocks,
+                   n_sink, n_recent, draft_share);
   check_values(check, p, kv_lens.cpu());
 }
 

@@ -6,8 +6,8 @@
 #include "torch/ops.h"
 
 #if defined(DUSTIN_WITH_CUDA)
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace dustin::torch_ops {
@@ -34,8 +34,9 @@ SparseVerifyParams check_inputs(const ArgCheck& check, const at::Tensor& q,
 
   const PagedKV kv =
       check_paged_kv(check, "q", q, k_cache, v_cache, block_table, kv_lens, kv_layout);
-  check.value(num_qo_heads % kv.num_kv_heads == 0, "q heads Hq (size(2)) must be a multiple of Hkv = ",
-              kv.num_kv_heads, " (k_cache), got ", num_qo_heads);
+  check.value(num_qo_heads % kv.num_kv_heads == 0,
+              "q heads Hq (size(2)) must be a multiple of Hkv = ", kv.num_kv_heads,
+              " (k_cache), got ", num_qo_heads);
 
   check.dtype("block_ids", block_ids, at::kInt);
   check.value(block_ids.dim() == 2 || block_ids.dim() == 3,
@@ -90,9 +91,9 @@ SparseVerifyParams check_inputs(const ArgCheck& check, const at::Tensor& q,
 }
 
 /// Value checks (CPU tensors): lengths, pages, counts and listed ids.
-void check_values(const ArgCheck& check, const SparseVerifyParams& p,
-                  const at::Tensor& block_table, const at::Tensor& kv_lens,
-                  const at::Tensor& block_ids, const at::Tensor& block_counts) {
+void check_values(const ArgCheck& check, const SparseVerifyParams& p, const at::Tensor& block_table,
+                  const at::Tensor& kv_lens, const at::Tensor& block_ids,
+                  const at::Tensor& block_counts) {
   check_paged_kv_values(check, p.kv, block_table, kv_lens, "q", p.q_len);
   const bool per_head_form = block_ids.dim() == 3;
   // The per-list views must outlive their accessors, which point into their sizes and strides.
@@ -111,8 +112,8 @@ void check_values(const ArgCheck& check, const SparseVerifyParams& p,
       for (int32_t j = 0; j < count; ++j) {
         const int32_t id = ids[b][s][j];
         check.index(id >= 0 && id < nblk, "block_ids[", where, ", ", j,
-                    "] must be a block in [0, ceil(kv_lens[", b, "] / P)) = [0, ", nblk,
-                    "), got ", id);
+                    "] must be a block in [0, ceil(kv_lens[", b, "] / P)) = [0, ", nblk, "), got ",
+                    id);
         check.value(j == 0 || id > ids[b][s][j - 1], "block_ids[", where,
                     ", :block_counts] must be strictly ascending, got ", id, " after ",
                     j > 0 ? ids[b][s][j - 1] : 0, " at position ", j);
@@ -181,9 +182,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_verify(
 
 void sparse_verify_out(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& block_table, const at::Tensor& kv_lens,
-                       const at::Tensor& block_ids, const at::Tensor& block_counts,
-                       double sm_scale, const std::string& kv_layout, at::Tensor& out,
-                       at::Tensor& lse, const std::optional<at::Tensor>& workspace) {
+                       const at::Tensor& block_ids, const at::Tensor& block_counts, double sm_scale,
+                       const std::string& kv_layout, at::Tensor& out, at::Tensor& lse,
+                       const std::optional<at::Tensor>& workspace) {
   const ArgCheck check("sparse_verify_out");
   SparseVerifyParams p = check_inputs(check, q, k_cache, v_cache, block_table, kv_lens, block_ids,
                                       block_counts, sm_scale, kv_layout);
@@ -210,7 +211,8 @@ int64_t sparse_verify_workspace_bytes(const at::Tensor& q, const at::Tensor& k_c
   const ArgCheck check("sparse_verify_workspace_bytes");
   const KvLayout layout = parse_kv_layout(check, kv_layout);
   check.dims("q", q, 4, "[B, q, Hq, D]");
-  check.dims("k_cache", k_cache, 4, layout == KvLayout::kNHD ? "[num_pages, P, Hkv, D]" : "[num_pages, Hkv, P, D]");
+  check.dims("k_cache", k_cache, 4,
+             layout == KvLayout::kNHD ? "[num_pages, P, Hkv, D]" : "[num_pages, Hkv, P, D]");
   check.dims("block_table", block_table, 2, "[B, max_pages]");
   check.value(block_ids.dim() == 2 || block_ids.dim() == 3,
               "block_ids must have 2 dims [B, K] or 3 dims [B, Hkv, K], got shape ",
@@ -253,8 +255,11 @@ static void check_meta_inputs(const ArgCheck& check, const at::Tensor& q, const 
   check.dtype("block_ids", block_ids, at::kInt);
   check.dtype("block_counts", block_counts, at::kInt);
   check_same_devices(check, "q", q,
-                     {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"block_table", &block_table},
-                      {"kv_lens", &kv_lens}, {"block_ids", &block_ids},
+                     {{"k_cache", &k_cache},
+                      {"v_cache", &v_cache},
+                      {"block_table", &block_table},
+                      {"kv_lens", &kv_lens},
+                      {"block_ids", &block_ids},
                       {"block_counts", &block_counts}});
 }
 
