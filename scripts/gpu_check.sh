@@ -2,8 +2,9 @@
 # SPDX-License-Identifier: Apache-2.0
 # One call on the GPU machine: build from source (carried nvidia-cutlass wheel, no network),
 # run the tests (CPU and CUDA), a compute-sanitizer pass, and the benchmarks.
-#   scripts/gpu_check.sh [stage ...]     stages: build test sanitize bench-verify bench-scores
-#                                        bench-select native (default: build test sanitize)
+#   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native
+#                                        bench-<name> (runs bench/bench_<name>.py)
+#                                        (default: build test sanitize)
 # Carry the wheel folder: run(carry=[".whl"]). Logs and new bench/results files come back in
 # $OUT/run.tgz (the device tool returns at most 8 files).
 set -uo pipefail
@@ -33,10 +34,21 @@ for stage in "${stages[@]}"; do
       python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -n 30
       python3 -c "import dustin; assert dustin.built_with_cuda(), 'no CUDA kernels'; print('built with CUDA')" || exit 1
       ;;
+    diagnose)
+      # Native backtraces of host code run on CUDA tensors (value checks, CPU twin beside CUDA).
+      step diagnose
+      for call in "check_wrapper_value_checks()" "check_matches_cpu_twin('bfloat16', 'HND')"; do
+        echo "--- $call"
+        (cd tests && timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 -X faulthandler \
+          -c "import test_cuda_sparse_verify as t; t.$call" 2>&1 \
+          | grep -v '^\[New Thread\|^\[Thread\|^warning:' | tail -n 25) || status=1
+      done
+      ;;
     test)
       step tests
-      python3 -m pytest -q -ra -p no:cacheprovider tests -x --deselect tests/test_native.py \
-        --junitxml="$LOGS/junit.xml" 2>&1 | tee "$LOGS/test.log" | tail -n 60 || status=1
+      xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+      python3 -m pytest -q -ra -p no:cacheprovider $xdist tests \
+        --junitxml="$LOGS/junit.xml" 2>&1 | tee "$LOGS/test.log" | tail -n 40 || status=1
       ;;
     sanitize)
       step compute-sanitizer
