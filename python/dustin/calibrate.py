@@ -12,8 +12,10 @@ Three stages on teacher-forced windows of calibration text (``dustin.evaluate.te
    that most raises the recall of the summed scores until the gain is negligible;
 3. search the draft share on a grid: Dustin with the chosen heads verifies teacher-forced drafts
    at each share; the objective is acceptance retention (mean accepted length relative to dense
-   verification) plus a quarter of the attention recall, which breaks the ties a few hundred
-   drafts leave in retention. The uncalibrated defaults are measured alongside for reference.
+   verification), counted only up to 1, plus a quarter of the attention recall, which breaks the
+   ties a few hundred drafts leave in retention. Retention above 1 is not a gain: a sparse
+   verifier that accepts more drafts than dense has drifted toward the draft (its top-1
+   agreement with dense falls). The uncalibrated defaults are measured alongside for reference.
 
 The result is a ``PairConfig`` JSON the engine reads (``--pair-config``), plus a report.
 """
@@ -37,7 +39,7 @@ from dustin.policies import Dustin, PairConfig
 
 __all__ = ["add_arguments", "calibrate", "choose_heads", "head_recall", "run"]
 
-RECALL_WEIGHT = 0.25  # objective = retention + RECALL_WEIGHT * recall
+RECALL_WEIGHT = 0.25  # objective = min(retention, 1) + RECALL_WEIGHT * recall
 DEFAULT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -204,7 +206,7 @@ def calibrate(
         target, draft, windows, variants, gamma=gamma, steps=share_steps, progress=progress
     )
     objective = {
-        label: s["retention"] + RECALL_WEIGHT * s["attention_recall"]
+        label: min(s["retention"], 1.0) + RECALL_WEIGHT * s["attention_recall"]
         for label, s in searched.summaries.items()
     }
     best_share = max(shares, key=lambda s: (objective[f"share={s:g}"], -abs(s - 0.5)))
@@ -236,7 +238,7 @@ def calibrate(
         "target": target_report,
         "share_search": {
             "method": "grid",
-            "objective": f"retention + {RECALL_WEIGHT} * attention_recall",
+            "objective": f"min(retention, 1) + {RECALL_WEIGHT} * attention_recall",
             "results": searched.summaries,
             "objective_values": objective,
         },

@@ -74,6 +74,19 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
                 f"{name}: calibrated {mine['mean_accepted_length']:.3f} vs default config "
                 f"{d['mean_accepted_length']:.3f}: calibrated beats default: {verdict}"
             )
+            fidelity = (
+                "top1_agreement_with_dense" if mode == "teacher_forced" else "agreement_with_dense"
+            )
+            lines.append(
+                f"{name}: fidelity to dense, calibrated vs default: agreement {mine[fidelity]:.3f} vs "
+                f"{d[fidelity]:.3f}"
+                + (
+                    f", attention recall {mine['attention_recall']:.3f} vs {d['attention_recall']:.3f}, "
+                    f"perplexity {mine['perplexity']:.2f} vs {d['perplexity']:.2f}"
+                    if mode == "teacher_forced"
+                    else ""
+                )
+            )
     return lines
 
 
