@@ -15,31 +15,38 @@
 #include "dustin/status.h"
 #include "dustin/types.h"
 
+/// Marks the functions libdustin exports; everything else in it is hidden.
+#if defined(__GNUC__)
+#define DUSTIN_API __attribute__((visibility("default")))
+#else
+#define DUSTIN_API
+#endif
+
 namespace dustin {
 
 /// True when this build of libdustin contains the CUDA kernels.
-bool built_with_cuda();
+DUSTIN_API bool built_with_cuda();
 
 /// Fused gather-and-attend verification on the GPU (out, lse written; see SparseVerifyParams).
-Status sparse_verify(const SparseVerifyParams& params, cudaStream_t stream);
+DUSTIN_API Status sparse_verify(const SparseVerifyParams& params, cudaStream_t stream);
 /// Workspace bytes that let sparse_verify split long block lists across thread blocks on the
 /// current device; 0 when no split would be used. Reads device attributes, never device memory.
-size_t sparse_verify_workspace_bytes(const SparseVerifyParams& params);
+DUSTIN_API size_t sparse_verify_workspace_bytes(const SparseVerifyParams& params);
 
 /// Block importance from retrieval heads on the GPU, accumulated into params.scores.
-Status block_scores(const BlockScoresParams& params, cudaStream_t stream);
+DUSTIN_API Status block_scores(const BlockScoresParams& params, cudaStream_t stream);
 /// Workspace bytes block_scores needs for its softmax statistics (it fails without them).
-size_t block_scores_workspace_bytes(const BlockScoresParams& params);
+DUSTIN_API size_t block_scores_workspace_bytes(const BlockScoresParams& params);
 
 /// Budgeted block selection on the GPU, one launch.
-Status select_blocks(const SelectBlocksParams& params, cudaStream_t stream);
+DUSTIN_API Status select_blocks(const SelectBlocksParams& params, cudaStream_t stream);
 
 namespace cpu {
 /// CPU twins: same params, host pointers, same results (up to float rounding for attention;
 /// bit-identical for select_blocks). Workspace fields are ignored.
-Status sparse_verify(const SparseVerifyParams& params);
-Status block_scores(const BlockScoresParams& params);
-Status select_blocks(const SelectBlocksParams& params);
+DUSTIN_API Status sparse_verify(const SparseVerifyParams& params);
+DUSTIN_API Status block_scores(const BlockScoresParams& params);
+DUSTIN_API Status select_blocks(const SelectBlocksParams& params);
 }  // namespace cpu
 
 }  // namespace dustin
