@@ -21,7 +21,6 @@ from dustin.policies import (
 )
 from dustin.spec import (
     DecodeOptions,
-    _block_scores,
     autoregressive_decode,
     prefill,
     speculative_decode,
@@ -67,29 +66,6 @@ def test_a_small_budget_reads_less(models, name):
     assert all(len(t) == 8 for t in result.tokens)
     # Budget 6 blocks (+ forced sink/recent/window blocks) of about 25 per sequence.
     assert 0.1 < result.kv_read_share < 0.5
-
-
-def test_history_signal_is_the_softmax_of_the_recorded_queries(models):
-    target, draft = models
-    options = DecodeOptions(max_new_tokens=4, history_window=5)
-    state = prefill(target, draft, _prompts(), options, page_size=4)
-    heads = heads_by_layer(HEADS.target_heads, target.device)
-    queries = {l: state.target_queries[l][:, :, h] for l, h in heads.items()}
-    cache = state.target_cache
-    scores = _block_scores(target, cache, queries, heads, 4, cache.max_pages_per_seq)
-    group = target.config.num_heads // target.config.num_kv_heads
-    for b in range(2):
-        expected = torch.zeros(cache.max_pages_per_seq, dtype=torch.float64)
-        for layer, head_ids in heads.items():
-            keys, _ = cache.gather(layer, b)  # [Hkv, L, D]
-            length = keys.shape[1]
-            for i, head in enumerate(head_ids.tolist()):
-                q = queries[layer][b, :, i].double()  # [5, D] at positions L-5 .. L-1
-                logits = q @ keys[head // group].double().T * target.sm_scale
-                causal = torch.arange(length)[None] > torch.arange(length - 5, length)[:, None]
-                weights = logits.masked_fill(causal, float("-inf")).softmax(-1).sum(0)
-                expected.index_add_(0, torch.arange(length) // 4, weights)
-        torch.testing.assert_close(scores[b].double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def _select(policy, lookahead=None, history=None, kv_len=40, q_len=5):
@@ -165,3 +141,76 @@ def test_bad_policy_options():
         Streaming(budget_tokens=-1)
     with pytest.raises(ValueError, match="DraftOnly: needs the draft's retrieval heads"):
         DraftOnly()
+
+
+class _SignalSpy(Dustin):
+    """Dustin that keeps a copy of the signals of every step."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.seen = []
+
+    def select(self, signals, kv_lens, q_len, page_size):
+        self.seen.append((signals.lookahead.clone(), signals.history.clone()))
+        return super().select(signals, kv_lens, q_len, page_size)
+
+
+def _attention_blocks(model, tokens, heads, num_queries, block):
+    """Softmax attention of the last ``num_queries`` positions of ``tokens`` on ``heads``, summed
+    over queries and heads into blocks: the signals recomputed by a dense prefill."""
+    cache = model.new_cache(1, len(tokens), page_size=block)
+    _, queries = model.prefill(
+        torch.tensor(tokens), cache, 0, record_heads=heads, record_last=num_queries
+    )
+    group = model.config.num_heads // model.config.num_kv_heads
+    scores = torch.zeros(cache.max_pages_per_seq, dtype=torch.float64)
+    length = len(tokens)
+    positions = torch.arange(length - num_queries, length)
+    for layer, head_ids in heads.items():
+        keys, _ = cache.gather(layer, 0)
+        for i, head in enumerate(head_ids.tolist()):
+            logits = queries[layer][:, i].double() @ keys[head // group].double().T
+            causal = torch.arange(length)[None] > positions[:, None]
+            weights = (logits * model.sm_scale).masked_fill(causal, float("-inf")).softmax(-1)
+            scores.index_add_(0, torch.arange(length) // block, weights.sum(0))
+    return scores
+
+
+def _assert_blocks(scores: torch.Tensor, expected: torch.Tensor) -> None:
+    """Scores equal the recomputed ones on their blocks and are zero on later blocks."""
+    torch.testing.assert_close(scores[: len(expected)].double(), expected, rtol=1e-4, atol=1e-5)
+    assert not scores[len(expected) :].any()
+
+
+def test_signals_are_the_attention_of_the_drafted_and_verified_positions(models):
+    target, _ = models
+    gamma, block = 3, 4
+    # The target drafting for itself, verified at a whole-context budget, accepts every draft:
+    # nothing is rolled back and every step's signal can be recomputed from the final tokens.
+    options = DecodeOptions(max_new_tokens=3 * (gamma + 1) + 1, gamma=gamma)
+    prompt = _prompts()[0][:50]
+    state = prefill(target, target, [prompt], options, page_size=block)
+    spy = _SignalSpy(
+        HEADS.draft_heads, HEADS.target_heads, budget_tokens=state.target_cache.max_seq_len
+    )
+    result = speculative_decode(target, target, state, spy, options)
+    assert result.emitted_per_verification == gamma + 1 and len(spy.seen) == 3
+    tokens = prompt + result.tokens[0]
+    draft_heads = heads_by_layer(HEADS.draft_heads, target.device)
+    target_heads = heads_by_layer(HEADS.target_heads, target.device)
+    for step, (lookahead, history) in enumerate(spy.seen):
+        committed = len(prompt) + 1 + step * (gamma + 1)
+        # Lookahead: the draft's queries at the positions that produced the drafts.
+        expected = _attention_blocks(
+            target, tokens[: committed + gamma - 1], draft_heads, gamma, block
+        )
+        _assert_blocks(lookahead[0], expected)
+        # History: the previous verification window's queries (the prompt's end before any).
+        if step == 0:
+            expected = _attention_blocks(
+                target, prompt, target_heads, options.history_window, block
+            )
+        else:
+            end = committed - 1  # the previous window ends just before the last committed token
+            expected = _attention_blocks(target, tokens[:end], target_heads, gamma + 1, block)
+        _assert_blocks(history[0], expected)
