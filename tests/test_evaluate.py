@@ -13,7 +13,6 @@ from dustin.cache import PagedKVCache
 from dustin.evaluate import (
     Variant,
     Window,
-    attended_blocks,
     cut_windows,
     free_running,
     prefill_window,
@@ -21,6 +20,7 @@ from dustin.evaluate import (
 )
 from dustin.model import BlockSelection
 from dustin.policies import Dense, PairConfig, Quest, Streaming, make_policy
+from dustin.quality_metrics import attended_blocks
 from dustin.spec import DecodeOptions
 from tiny_models import load_tiny, save_tiny, tiny_tokenizer
 

@@ -33,9 +33,10 @@ import torch
 from tqdm import tqdm
 
 from dustin import ops
-from dustin.evaluate import PrefilledWindow, Variant, attended_blocks, teacher_forced
+from dustin.evaluate import PrefilledWindow, Variant, teacher_forced
 from dustin.model import BlockSelection, Transformer
 from dustin.policies import Dustin, PairConfig
+from dustin.quality_metrics import attended_blocks
 
 __all__ = ["add_arguments", "calibrate", "choose_heads", "head_recall", "run"]
 

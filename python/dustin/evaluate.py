@@ -22,7 +22,6 @@ attended set, and the share of KV blocks read.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,14 @@ from dustin import ops
 from dustin.cache import PagedKVCache
 from dustin.model import BlockSelection, Transformer
 from dustin.policies import Dense, Policy, Quest, Signals, heads_by_layer
+from dustin.quality_metrics import (
+    Tally,
+    attended_mask,
+    attention_recall,
+    per_head_block_scores,
+    token_nll,
+    true_attention_mass,
+)
 from dustin.spec import (
     DecodeOptions,
     Prefilled,
@@ -48,8 +55,6 @@ __all__ = [
     "PrefilledWindow",
     "Variant",
     "Window",
-    "attended_blocks",
-    "attended_mask",
     "build_cache",
     "cut_windows",
     "forward_per_layer",
@@ -282,126 +287,9 @@ class Variant:
     page_size: int
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-@dataclass
-class Tally:
-    """Per-variant sums over the teacher-forced steps of all windows."""
-
-    accepted: list[int] = field(default_factory=list)  # accepted drafts per (step, window)
-    nll: list[float] = field(default_factory=list)  # per predicted real token
-    agree: list[bool] = field(default_factory=list)  # argmax equals dense's, per real token
-    recall: list[float] = field(default_factory=list)  # per (step, window)
-    read_share: list[float] = field(default_factory=list)  # per step
-
-    def summary(self, gamma: int, dense: Tally | None) -> dict:
-        accepted = _mean(self.accepted)
-        out = {
-            "mean_accepted_length": accepted + 1.0,
-            "acceptance_rate": accepted / gamma,
-            "top1_agreement_with_dense": _mean([float(a) for a in self.agree]),
-            "perplexity": math.exp(_mean(self.nll)),
-            "attention_recall": _mean(self.recall),
-            "kv_read_share": _mean(self.read_share),
-            "steps": len(self.accepted),
-        }
-        if dense is not None:
-            out["retention"] = out["mean_accepted_length"] / (_mean(dense.accepted) + 1.0)
-        return out
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """Per-window tensor -> per-row (each window has a draft row and a real-text row)."""
     return x.repeat_interleave(2, dim=0)
-
-
-def _true_mass(
-    model: Transformer, cache: PagedKVCache, queries: dict[int, torch.Tensor]
-) -> torch.Tensor:
-    """``[B, L, Hkv, T]``: attention mass on each position, summed over each KV head's query
-    heads and the window's queries, per layer (``T`` = longest sequence)."""
-    c = model.config
-    group = c.num_heads // c.num_kv_heads
-    length = int(cache.kv_lens.max())
-    mass = torch.zeros(
-        cache.batch_size,
-        c.num_layers,
-        c.num_kv_heads,
-        length,
-        dtype=torch.float32,
-        device=model.device,
-    )
-    for layer, q in queries.items():
-        for g in range(c.num_kv_heads):
-            heads = q[:, :, g * group : (g + 1) * group].contiguous()
-            head_map = torch.full((group,), g, dtype=torch.int32, device=model.device)
-            ops.block_scores(
-                heads,
-                cache.k(layer),
-                cache.block_table,
-                cache.kv_lens,
-                head_map,
-                model.sm_scale,
-                1,
-                cache.layout,
-                mass[:, layer, g],
-            )
-    return mass
-
-
-def attended_blocks(
-    selection: BlockSelection | None,
-    kv_lens: torch.Tensor,
-    q_len: int,
-    page_size: int,
-    num_blocks: int,
-) -> torch.Tensor:
-    """``[B, Hs, NB]`` bool: blocks a verification attends (listed blocks plus the window's
-    blocks); ``Hs`` is 1 for shared lists and for None (dense), the list count otherwise."""
-    batch = kv_lens.shape[0]
-    block = torch.arange(num_blocks, device=kv_lens.device)
-    if selection is None:
-        return torch.ones(batch, 1, num_blocks, dtype=torch.bool, device=kv_lens.device)
-    first_window = ((kv_lens - q_len) // page_size).long()
-    ids, counts = selection.block_ids.long(), selection.block_counts
-    if ids.dim() == 2:
-        ids, counts = ids[:, None], counts[:, None]
-    listed = (
-        (torch.arange(ids.shape[-1], device=ids.device) < counts[..., None])
-        & (ids >= 0)
-        & (ids < num_blocks)
-    )
-    blocks = torch.zeros(
-        batch, ids.shape[1], num_blocks + 1, dtype=torch.bool, device=kv_lens.device
-    )
-    blocks.scatter_(
-        2, torch.where(listed, ids, num_blocks), True
-    )  # unlisted slots land in the spare column
-    return blocks[..., :num_blocks] | (block >= first_window[:, None, None])
-
-
-def attended_mask(
-    selection: BlockSelection | None, kv_lens: torch.Tensor, q_len: int, page_size: int, length: int
-) -> torch.Tensor:
-    """``[B, Hs, T]`` bool: ``attended_blocks`` spread over the first ``length`` positions."""
-    blocks = attended_blocks(selection, kv_lens, q_len, page_size, -(-length // page_size))
-    return blocks.repeat_interleave(page_size, dim=2)[..., :length]
-
-
-def _recall(mass: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` share of the true mass (``[B, L, Hkv, T]``) on attended positions; ``mask``
-    ``[B, Hs, T]`` (one mask for all layers) or ``[B, L, Hkv, T]`` (per layer and KV head)."""
-    if mask.dim() == 3:
-        mask = mask[:, None]
-    return (mass * mask).sum((1, 2, 3)) / mass.sum((1, 2, 3))
-
-
-def _nll(logits: torch.Tensor, targets: torch.Tensor) -> list[float]:
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    ).tolist()
 
 
 def _copy_tail(
@@ -422,37 +310,6 @@ class TeacherForcedResult:
     summaries: dict[str, dict]
     dense: dict
     head_data: list[dict] = field(default_factory=list)
-
-
-def _per_head_scores(
-    model: Transformer, cache: PagedKVCache, queries: dict[int, torch.Tensor], page_size: int
-) -> torch.Tensor:
-    """``[B, L * Hq, NB]``: each (layer, query head)'s block scores, head ``layer * Hq + h``."""
-    c = model.config
-    group = c.num_heads // c.num_kv_heads
-    num_blocks = -(-int(cache.kv_lens.max()) // page_size)
-    scores = torch.zeros(
-        cache.batch_size,
-        c.num_layers * c.num_heads,
-        num_blocks,
-        dtype=torch.float32,
-        device=model.device,
-    )
-    for layer, q in queries.items():
-        for h in range(c.num_heads):
-            head_map = torch.tensor([h // group], dtype=torch.int32, device=model.device)
-            ops.block_scores(
-                q[:, :, h : h + 1].contiguous(),
-                cache.k(layer),
-                cache.block_table,
-                cache.kv_lens,
-                head_map,
-                model.sm_scale,
-                page_size,
-                cache.layout,
-                scores[:, layer * c.num_heads + h],
-            )
-    return scores
 
 
 @torch.inference_mode()
@@ -569,8 +426,8 @@ def teacher_forced(
                 )
                 lookahead[key] = _rows(scores)
         if head_data_page_size:
-            draft_head_scores = _per_head_scores(draft, dcache, looked, head_data_page_size)
-            target_head_scores = _per_head_scores(
+            draft_head_scores = per_head_block_scores(draft, dcache, looked, head_data_page_size)
+            target_head_scores = per_head_block_scores(
                 target, caches[head_data_page_size], previous_dense_queries, head_data_page_size
             )[::2]
         dcache.truncate([c] * num_windows)
@@ -619,21 +476,23 @@ def teacher_forced(
 
         # 3. Dense reference on the first cache: acceptance, greedy tokens, true attention mass.
         logits, queries = target.forward(rows, reference, None, record_heads=every_target)
-        mass = _true_mass(target, reference, queries)[::2]  # recall is measured on the draft rows
+        mass = true_attention_mass(target, reference, queries)[
+            ::2
+        ]  # recall is measured on the draft rows
         dense_argmax = logits[1::2].argmax(-1)
         for tally, lg, mask in [(dense_tally, logits, None)] + [
             (tallies[v.label], logits_of[v.label], masks[v.label]) for v in variants
         ]:
             accepted, _ = accept_greedy(lg[::2], drafted)
             tally.accepted += accepted.tolist()
-            tally.nll += _nll(lg[1::2], labels)
+            tally.nll += token_nll(lg[1::2], labels)
             tally.agree += (lg[1::2].argmax(-1) == dense_argmax).flatten().tolist()
             full = (
                 torch.ones(1, 1, mass.shape[-1], dtype=torch.bool, device=device)
                 if mask is None
                 else mask[::2]
             )
-            tally.recall += _recall(mass, full).tolist()
+            tally.recall += attention_recall(mass, full).tolist()
         dense_tally.read_share.append(1.0)
         if head_data_page_size:
             p = head_data_page_size
