@@ -352,6 +352,8 @@ def teacher_forced(
     if not 1 <= gamma <= 15:
         raise ValueError(f"teacher_forced: gamma must be in [1, 15], got {gamma}")
     device = target.device
+    # Pairs may differ in embedding rows past their shared tokenizer: draft and score shared ids.
+    vocab = min(target.config.vocab_size, draft.config.vocab_size)
     text = torch.tensor([w.window.tokens for w in windows], device=device)  # [W, len]
     num_windows, q_len = len(windows), gamma + 1
     max_len = context + needed + q_len
@@ -404,8 +406,10 @@ def teacher_forced(
         window = text[:, c_draft:c]
         drafted, looked = [], {}
         for _ in range(gamma):
-            logits, queries = draft.forward(window, dcache, record_heads=every_draft)
-            window = logits[:, -1].argmax(-1, keepdim=True)
+            logits, queries = draft.forward(
+                window, dcache, record_heads=every_draft, last_logits_only=True
+            )
+            window = logits[:, -1, :vocab].argmax(-1, keepdim=True)
             drafted.append(window)
             for layer, q in queries.items():
                 looked.setdefault(layer, []).append(q[:, -1:])
@@ -471,14 +475,13 @@ def teacher_forced(
                 )
                 share = _kv_read_share(selection, kv_after, q_len, v.page_size)
             cache.truncate([c - 1] * cache.batch_size)
-            logits_of[v.label] = logits
+            logits_of[v.label] = logits[..., :vocab]
             tallies[v.label].read_share.append(share)
 
         # 3. Dense reference on the first cache: acceptance, greedy tokens, true attention mass.
         logits, queries = target.forward(rows, reference, None, record_heads=every_target)
-        mass = true_attention_mass(target, reference, queries)[
-            ::2
-        ]  # recall is measured on the draft rows
+        logits = logits[..., :vocab]
+        mass = true_attention_mass(target, reference, queries)[::2]  # recall: on the draft rows
         dense_argmax = logits[1::2].argmax(-1)
         for tally, lg, mask in [(dense_tally, logits, None)] + [
             (tallies[v.label], logits_of[v.label], masks[v.label]) for v in variants
