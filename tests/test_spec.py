@@ -239,3 +239,15 @@ def test_cuda_real_shapes_end_to_end():
     assert full.tokens == dense.tokens
     assert all(len(t) == 24 for r in (dense, sparse, plain) for t in r.tokens)
     assert sparse.kv_read_share < 0.35 and dense.kv_read_share == 1.0
+
+
+def test_a_draft_with_fewer_embedding_rows_drafts_from_the_shared_ids(pair, tmp_path):
+    _, target, _ = pair
+    family = target.config.arch
+    rows = target.config.vocab_size - 3  # still above the tokenizer's VOCAB ids
+    draft = load_tiny(save_tiny(tmp_path, family, "draft", seed=2, vocab_size=rows))
+    for temperature in (0.0, 0.9):
+        options = DecodeOptions(max_new_tokens=8, gamma=3, temperature=temperature)
+        state = prefill(target, draft, _prompts(), options)
+        spec = speculative_decode(target, draft, state, Dense(), options)
+        assert all(0 <= t < rows for seq in spec.tokens for t in seq)

@@ -390,6 +390,9 @@ def speculative_decode(
         )
     gamma, page_size, device = options.gamma, tcache.page_size, target.device
     num_blocks = tcache.max_pages_per_seq
+    # Pairs may differ in embedding rows past the shared tokenizer (Qwen2.5-0.5B has 151,936,
+    # -7B 152,064; dustin.checkpoint.check_compatible checks the tokens): draw from shared ids.
+    vocab = min(target.config.vocab_size, draft.config.vocab_size)
     generator = torch.Generator(device).manual_seed(options.seed)
     draft_heads = heads_by_layer(policy.draft_heads, device)
     target_heads = heads_by_layer(policy.target_heads, device)
@@ -397,7 +400,7 @@ def speculative_decode(
 
     _sync(device)
     start = time.perf_counter()
-    first, _ = _sample(state.first_logits, options.temperature, generator)
+    first, _ = _sample(state.first_logits[:, :vocab], options.temperature, generator)
     for seq, token in enumerate(first.tolist()):
         tracker.commit(seq, [token])
     if progress is not None:
@@ -418,7 +421,7 @@ def speculative_decode(
             logits, queries = draft.forward(
                 window, dcache, record_heads=draft_heads, last_logits_only=True
             )
-            token, probs = _sample(logits[:, -1], options.temperature, generator)
+            token, probs = _sample(logits[:, -1, :vocab], options.temperature, generator)
             drafted.append(token)
             draft_probs.append(probs)
             for layer, q in queries.items():
@@ -440,6 +443,7 @@ def speculative_decode(
             (torch.tensor([s[-1] for s in tracker.seqs], device=device)[:, None], drafted), 1
         )
         logits, queries = target.forward(window, tcache, selection, record_heads=target_heads)
+        logits = logits[..., :vocab]
         verifications += 1
         if target_heads:
             history = _block_scores(target, tcache, queries, target_heads, page_size, num_blocks)
