@@ -38,6 +38,8 @@ class CMakeBuild(build_ext):
         ]
         if "DUSTIN_CUDA_ARCHS" in os.environ:
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['DUSTIN_CUDA_ARCHS']}")
+        if "DUSTIN_EXT_CXX_STANDARD" in os.environ:
+            args.append(f"-DDUSTIN_EXT_CXX_STANDARD={os.environ['DUSTIN_EXT_CXX_STANDARD']}")
         if "CUTLASS_DIR" in os.environ:
             args.append(f"-DCUTLASS_DIR={os.environ['CUTLASS_DIR']}")
         cuda_home = os.environ.get("CUDA_HOME")

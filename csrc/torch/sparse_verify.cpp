@@ -105,18 +105,26 @@ void check_values(const ArgCheck& check, const SparseVerifyParams& p, const at::
   for (int64_t b = 0; b < p.batch_size; ++b) {
     const int32_t nblk = num_blocks_for(lens[b], p.kv.page_size);
     for (int64_t s = 0; s < p.num_lists; ++s) {
-      const std::string where = per_head_form ? c10::str(b, ", ", s) : c10::str(b);
+      // "b" or "b, s": the list's index as the user wrote it. Formatted only on failure, so a
+      // valid call does no string work per list.
+      const auto where = [&] { return per_head_form ? c10::str(b, ", ", s) : c10::str(b); };
       const int32_t count = counts[b][s];
-      check.index(count >= 0 && count <= p.max_blocks, "block_counts[", where,
-                  "] must be in [0, K] = [0, ", p.max_blocks, "], got ", count);
+      if (count < 0 || count > p.max_blocks) {
+        check.index(false, "block_counts[", where(), "] must be in [0, K] = [0, ", p.max_blocks,
+                    "], got ", count);
+      }
       for (int32_t j = 0; j < count; ++j) {
         const int32_t id = ids[b][s][j];
-        check.index(id >= 0 && id < nblk, "block_ids[", where, ", ", j,
-                    "] must be a block in [0, ceil(kv_lens[", b, "] / P)) = [0, ", nblk, "), got ",
-                    id);
-        check.value(j == 0 || id > ids[b][s][j - 1], "block_ids[", where,
-                    ", :block_counts] must be strictly ascending, got ", id, " after ",
-                    j > 0 ? ids[b][s][j - 1] : 0, " at position ", j);
+        if (id < 0 || id >= nblk) {
+          check.index(false, "block_ids[", where(), ", ", j,
+                      "] must be a block in [0, ceil(kv_lens[", b, "] / P)) = [0, ", nblk,
+                      "), got ", id);
+        }
+        if (j > 0 && id <= ids[b][s][j - 1]) {
+          check.value(false, "block_ids[", where(),
+                      ", :block_counts] must be strictly ascending, got ", id, " after ",
+                      ids[b][s][j - 1], " at position ", j);
+        }
       }
     }
   }
