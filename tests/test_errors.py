@@ -177,6 +177,15 @@ ROWS = [
     R("q-len-on-cuda", SV, lambda a: a.update(
         q=a["q"].repeat(1, 6, 1, 1)[:, :17], kv_lens=torch.full_like(a["kv_lens"], 20)), NI,
       r"q must hold at most 16 query tokens", ("cuda",)),
+    R("k-misaligned-on-cuda", SV, lambda a: a.update(
+        k_cache=torch.empty(a["k_cache"].numel() + 1, dtype=a["k_cache"].dtype,
+                            device=a["k_cache"].device)[1:].view(a["k_cache"].shape),
+        v_cache=torch.empty(a["v_cache"].numel() + 1, dtype=a["v_cache"].dtype,
+                            device=a["v_cache"].device)[1:].view(a["v_cache"].shape)), V,
+      r"k_cache must start 16-byte aligned on CUDA", ("cuda",)),
+    R("out-misaligned-on-cuda", SV, replace("out", lambda a: torch.empty(
+        a["out"].numel() + 1, dtype=a["out"].dtype, device=a["out"].device)[1:].view(
+        a["out"].shape)), V, r"out must start 16-byte aligned on CUDA", ("cuda",)),
     # ---- caches
     R("kv-layout", SV, replace("kv_layout", lambda a: "NDH"), V,
       r'kv_layout must be "NHD" or "HND", got "NDH"'),
@@ -320,6 +329,10 @@ ROWS = [
     R("q-srh-head-dim-on-cuda", BS, lambda a: a.update(
         q_srh=a["q_srh"][..., :32], k_cache=a["k_cache"][..., :32]), NI,
       r"head dim D must be in \{64, 128\} on CUDA, got 32", ("cuda",)),
+    R("q-srh-rows-on-cuda", BS, lambda a: a.update(
+        q_srh=a["q_srh"].repeat(1, 1, 15, 1)[:, :, :43],
+        head_map=torch.zeros(43, dtype=torch.int32, device=a["head_map"].device)),
+      NI, r"q_srh must have n \* Hs <= 128 query rows on CUDA", ("cuda",)),
     R("scores-k-dtype", BS, replace("k_cache", lambda a: a["k_cache"].half()), T,
       r"k_cache must have the dtype of q_srh"),
     R("scores-k-device", BS, replace("k_cache", lambda a: other_device(a["k_cache"])), V,

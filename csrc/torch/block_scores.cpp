@@ -104,6 +104,11 @@ void block_scores(const at::Tensor& q_srh, const at::Tensor& k_cache, const at::
   }
 #if defined(DUSTIN_WITH_CUDA)
   const c10::cuda::CUDAGuard device_guard(q_srh.device());
+  check.not_implemented(static_cast<int64_t>(p.num_queries) * p.num_heads <= kMaxScoreRows,
+                        "q_srh must have n * Hs <= ", kMaxScoreRows,
+                        " query rows on CUDA (one thread block holds them all), got ",
+                        p.num_queries, " * ", p.num_heads);
+  check_vector_aligned(check, "k_cache", k_cache);
   const size_t bytes = dustin::block_scores_workspace_bytes(p);
   check_workspace(check, workspace, q_srh.device(), bytes);
   at::Tensor ws = workspace.has_value() ? *workspace : at::Tensor();

@@ -170,6 +170,20 @@ inline void check_cuda_dtype_and_head_dim(const ArgCheck& check, const char* nam
                         kSupportedHeadDims[1], "} on CUDA, got ", head_dim);
 }
 
+/// The CUDA kernels copy 16-byte vectors: a tensor they read or write that way must start
+/// 16-byte aligned with every stride but the innermost a multiple of 8 elements (16 bytes of
+/// a 16-bit type). Views into a larger pool usually are; odd slices are not.
+inline void check_vector_aligned(const ArgCheck& check, const char* name, const at::Tensor& t) {
+  check.value(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
+              " must start 16-byte aligned on CUDA (the kernels load 16-byte vectors), got an "
+              "offset of ", reinterpret_cast<uintptr_t>(t.data_ptr()) % 16, " bytes");
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    check.value(t.size(d) == 1 || t.stride(d) % 8 == 0, name,
+                " strides must be multiples of 8 elements on CUDA (16-byte vectors), got stride ",
+                t.stride(d), " in dim ", d);
+  }
+}
+
 /// Parses kv_layout ("NHD" or "HND").
 inline KvLayout parse_kv_layout(const ArgCheck& check, const std::string& kv_layout) {
   check.value(kv_layout == "NHD" || kv_layout == "HND",

@@ -87,6 +87,10 @@ SparseVerifyParams check_inputs(const ArgCheck& check, const at::Tensor& q,
   p.num_lists = static_cast<int32_t>(num_lists);
   p.max_blocks = static_cast<int32_t>(block_ids.size(-1));
   p.sm_scale = static_cast<float>(sm_scale);
+  if (q.is_cuda()) {
+    check_vector_aligned(check, "k_cache", k_cache);
+    check_vector_aligned(check, "v_cache", v_cache);
+  }
   return p;
 }
 
@@ -140,6 +144,9 @@ void check_outputs(const ArgCheck& check, const at::Tensor& q, const at::Tensor&
   check.same_shape("lse", lse, {q.size(0), q.size(1), q.size(2)});
   check.same_device("lse", lse, "q", q);
   check.contiguous("lse", lse);
+  check.value(!out.is_cuda() || reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
+              "out must start 16-byte aligned on CUDA (the kernel stores 16-byte vectors), got "
+              "an offset of ", reinterpret_cast<uintptr_t>(out.data_ptr()) % 16, " bytes");
 }
 
 /// Runs the checked params on the device of q.

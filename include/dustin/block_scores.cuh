@@ -11,13 +11,14 @@
 #include <type_traits>
 
 #include "dustin/block_scores_params.h"
+#include "dustin/dispatch.h"
 
 namespace dustin::detail {
 
 // ---- plan: split lengths and workspace layout, shared by the host and both kernels ----------
 
-/// Query rows (heads x queries) one CTA can hold; bounded by shared memory on sm_80.
-inline constexpr int32_t kMaxScoreRows = 128;
+/// Query rows (heads x queries) one CTA can hold (dispatch.h: bounded by shared memory).
+inline constexpr int32_t kMaxScoreRows = ::dustin::kMaxScoreRows;
 /// Split-K work items per sequence the plan aims for: many short CTAs keep the last wave short
 /// whether the heads share one KV head or not (about 16 CTAs per SM of an H200 at B = 1).
 inline constexpr int32_t kScoreCtasPerSequenceTarget = 2048;

@@ -12,6 +12,9 @@ inline constexpr int32_t kSupportedHeadDims[] = {64, 128};
 /// Largest GQA group (Hq / Hkv) and query window the CUDA verify kernel handles.
 inline constexpr int32_t kMaxGroupSize = 16;
 inline constexpr int32_t kMaxQueryLen = 16;
+/// Most query rows (n queries x Hs retrieval heads) one block_scores call takes on CUDA; one
+/// CTA holds them all in shared memory, bounded by sm_80's capacity.
+inline constexpr int32_t kMaxScoreRows = 128;
 /// Page sizes the caches may use (any value in this range).
 inline constexpr int32_t kMinPageSize = 1;
 inline constexpr int32_t kMaxPageSize = 128;
