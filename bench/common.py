@@ -117,6 +117,10 @@ def git_commit() -> str:
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
+        # A copy of the tree without .git (the GPU machine): the commit recorded before sending.
+        recorded = Path(__file__).resolve().parents[1] / ".dustin-commit"
+        if recorded.exists():
+            return recorded.read_text().strip() + " (recorded in .dustin-commit)"
         return "unknown"
 
 

@@ -5,8 +5,10 @@
 #   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native
 #                                        bench-<name> (runs bench/bench_<name>.py)
 #                                        (default: build test sanitize)
-# Carry the wheel folder: run(carry=[".whl"]). Logs and new bench/results files come back in
-# $OUT/run.tgz (the device tool returns at most 8 files).
+# Carry the wheel folder and the commit: `git rev-parse --short=12 HEAD > .dustin-commit`, then
+# run(carry=[".whl", ".dustin-commit"]) (the machine gets no .git; results cite that commit).
+# .whl holds the wheels the machine lacks: nvidia-cutlass and gguf (docs/gpu-notes.md).
+# Logs and new bench/results files come back in $OUT/run.tgz (at most 8 files come back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dustin-out}
