@@ -7,11 +7,13 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "dustin/dispatch.h"
@@ -19,8 +21,49 @@
 
 namespace dustin::torch_ops {
 
+namespace detail {
+
+// Messages are assembled here without iostreams: on the GPU machine's toolchain (g++ 13.3,
+// torch 2.11) the ostream code that c10::str instantiates inside this extension crashed
+// (docs/gpu-notes.md). A single std::string handed to TORCH_CHECK is passed through as is.
+inline void append(std::string& out, const char* v) { out += v; }
+inline void append(std::string& out, const std::string& v) { out += v; }
+inline void append(std::string& out, bool v) { out += v ? "true" : "false"; }
+inline void append(std::string& out, double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  out += buf;
+}
+inline void append(std::string& out, float v) { append(out, static_cast<double>(v)); }
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+void append(std::string& out, T v) {
+  out += std::to_string(v);
+}
+inline void append(std::string& out, at::ScalarType v) { out += c10::toString(v); }
+inline void append(std::string& out, const at::Device& v) { out += v.str(); }
+inline void append(std::string& out, at::IntArrayRef v) {
+  out += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(v[i]);
+  }
+  out += ']';
+}
+
+template <typename... Args>
+std::string message(const char* op, const Args&... args) {
+  std::string out = "dustin.";
+  out += op;
+  out += ": ";
+  (append(out, args), ...);
+  return out;
+}
+
+}  // namespace detail
+
 /// Builds the message prefix "dustin.<op>: " once per op; each check raises the Python error
-/// type of docs/ops.md (TypeError, IndexError, NotImplementedError, ValueError).
+/// type of docs/ops.md (TypeError, IndexError, NotImplementedError, ValueError). Messages are
+/// formatted only when a check fails.
 class ArgCheck {
  public:
   explicit ArgCheck(const char* op) : op_(op) {}
@@ -29,19 +72,19 @@ class ArgCheck {
 
   template <typename... Args>
   void value(bool cond, const Args&... msg) const {
-    TORCH_CHECK_VALUE(cond, "dustin.", op_, ": ", msg...);
+    TORCH_CHECK_VALUE(cond, detail::message(op_, msg...));
   }
   template <typename... Args>
   void index(bool cond, const Args&... msg) const {
-    TORCH_CHECK_INDEX(cond, "dustin.", op_, ": ", msg...);
+    TORCH_CHECK_INDEX(cond, detail::message(op_, msg...));
   }
   template <typename... Args>
   void type(bool cond, const Args&... msg) const {
-    TORCH_CHECK_TYPE(cond, "dustin.", op_, ": ", msg...);
+    TORCH_CHECK_TYPE(cond, detail::message(op_, msg...));
   }
   template <typename... Args>
   void not_implemented(bool cond, const Args&... msg) const {
-    TORCH_CHECK_NOT_IMPLEMENTED(cond, "dustin.", op_, ": ", msg...);
+    TORCH_CHECK_NOT_IMPLEMENTED(cond, detail::message(op_, msg...));
   }
 
   void dtype(const char* name, const at::Tensor& t, at::ScalarType expected) const {
@@ -104,7 +147,7 @@ class ArgCheck {
                     " (no kernel for this configuration; see dustin.ops.SUPPORTED)");
     value(s != Status::kInvalidArgument && s != Status::kWorkspaceTooSmall, why,
           " for arguments that passed the adapter's checks");
-    TORCH_CHECK(false, "dustin.", op_, ": ", why, cuda_error_string());
+    TORCH_CHECK(false, detail::message(op_, why, cuda_error_string()));
   }
 
   static const char* dtype_name(at::ScalarType t) {

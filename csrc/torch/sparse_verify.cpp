@@ -111,7 +111,9 @@ void check_values(const ArgCheck& check, const SparseVerifyParams& p, const at::
     for (int64_t s = 0; s < p.num_lists; ++s) {
       // "b" or "b, s": the list's index as the user wrote it. Formatted only on failure, so a
       // valid call does no string work per list.
-      const auto where = [&] { return per_head_form ? c10::str(b, ", ", s) : c10::str(b); };
+      const auto where = [&] {
+        return per_head_form ? std::to_string(b) + ", " + std::to_string(s) : std::to_string(b);
+      };
       const int32_t count = counts[b][s];
       if (count < 0 || count > p.max_blocks) {
         check.index(false, "block_counts[", where(), "] must be in [0, K] = [0, ", p.max_blocks,
