@@ -51,6 +51,12 @@ class Tally:
         }
         if dense is not None:
             out["retention"] = out["mean_accepted_length"] / (_mean(dense.accepted) + 1.0)
+            # Paired over the same verifications: the noise a difference from dense must beat.
+            diffs = [a - d for a, d in zip(self.accepted, dense.accepted, strict=True)]
+            mean = _mean(diffs)
+            spread = sum((x - mean) ** 2 for x in diffs) / max(len(diffs) - 1, 1)
+            out["accepted_diff_vs_dense"] = mean
+            out["accepted_diff_stderr"] = math.sqrt(spread / len(diffs)) if diffs else float("nan")
         return out
 
 

@@ -90,6 +90,13 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
     return lines
 
 
+def _paired(row: dict) -> str:
+    """Paired difference of accepted drafts from dense, with its standard error (if recorded)."""
+    if "accepted_diff_vs_dense" not in row:
+        return "-"
+    return f"{row['accepted_diff_vs_dense']:+.3f} ± {row['accepted_diff_stderr']:.3f}"
+
+
 def _markdown(tag: str, meta: dict, results: dict) -> str:
     pair, default = meta["pair_config"], meta["default_pair_config"]
     out = [
@@ -128,8 +135,12 @@ def _markdown(tag: str, meta: dict, results: dict) -> str:
         windows = ", ".join(f"{w['text']}@{w['start']}" for w in meta["windows"][context])
         out += ["", f"## Context {context} ({windows})", "", "### Teacher-forced", ""]
         out += [
-            "| policy | budget | block | mean accepted length | acceptance rate | retention | top-1 agreement | perplexity | attention recall | KV read |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            (
+                "| policy | budget | block | mean accepted length | acceptance rate | retention "
+                "| accepted - dense (± s.e.) | top-1 agreement | perplexity | attention recall "
+                "| KV read |"
+            ),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         rows = [("dense", entry["dense"])] + sorted(
             entry["teacher_forced"].items(),
@@ -139,7 +150,8 @@ def _markdown(tag: str, meta: dict, results: dict) -> str:
             policy, budget, block = ("dense", "-", "-") if label == "dense" else _split(label)
             out.append(
                 f"| {policy} | {budget} | {block} | {r['mean_accepted_length']:.3f} | {r['acceptance_rate']:.3f} | "
-                f"{r['retention']:.3f} | {r['top1_agreement_with_dense']:.3f} | {r['perplexity']:.2f} | "
+                f"{r['retention']:.3f} | {_paired(r)} | {r['top1_agreement_with_dense']:.3f} | "
+                f"{r['perplexity']:.2f} | "
                 f"{r['attention_recall']:.3f} | {100 * r['kv_read_share']:.1f}% |"
             )
         free = entry.get("free_running")
