@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from torch import nn
 from dustin import ops
 from dustin.cache import PagedKVCache
 from dustin.config import ModelConfig
+
+if TYPE_CHECKING:
+    from dustin.parallel import TensorParallel
 
 __all__ = ["BlockSelection", "Transformer", "rope_inv_freq"]
 
@@ -164,6 +168,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.sm_scale = config.head_dim**-0.5
         self.inv_freq = rope_inv_freq(config)
+        # Set by dustin.parallel.sharded_model: this model holds one rank's share of the heads
+        # and MLP columns, and o_proj and down_proj outputs are partial sums over the ranks.
+        self.parallel: TensorParallel | None = None
 
     @classmethod
     def from_state_dict(
@@ -404,6 +411,9 @@ class Transformer(nn.Module):
             if record_heads and index in record_heads:
                 queries[index] = q[:, first:, record_heads[index]].to(self.dtype)
             out = attend(index, q, k, v)
-            h = h + attn.o_proj(out.reshape(*h.shape[:2], -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._sum_ranks(attn.o_proj(out.reshape(*h.shape[:2], -1)))
+            h = h + self._sum_ranks(layer.mlp(layer.post_attention_layernorm(h)))
         return h, queries
+
+    def _sum_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial if self.parallel is None else self.parallel.all_reduce(partial)
