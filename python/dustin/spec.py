@@ -324,7 +324,11 @@ def _block_scores(
     block_size: int,
     num_blocks: int,
 ) -> torch.Tensor:
-    """``[B, NB]`` float32 attention of the retrieval heads' queries summed into blocks."""
+    """``[B, NB]`` float32 attention of the retrieval heads' queries summed into blocks.
+
+    ``heads`` are the model's own (local) query heads; under tensor parallelism every rank must
+    call this, with or without heads, as the ranks' scores are summed.
+    """
     scores = torch.zeros(cache.batch_size, num_blocks, dtype=torch.float32, device=model.device)
     group = model.config.num_heads // model.config.num_kv_heads
     for layer, head_ids in heads.items():
@@ -339,7 +343,8 @@ def _block_scores(
             cache.layout,
             scores,
         )
-    return scores
+    # Tensor parallel: each rank scored the heads it holds (possibly none); sum the parts.
+    return scores if model.parallel is None else model.parallel.all_reduce(scores)
 
 
 def _kv_read_share(selection, kv_lens: torch.Tensor, q_len: int, page_size: int) -> float:
@@ -396,6 +401,8 @@ def speculative_decode(
     generator = torch.Generator(device).manual_seed(options.seed)
     draft_heads = heads_by_layer(policy.draft_heads, device)
     target_heads = heads_by_layer(policy.target_heads, device)
+    if target.parallel is not None:  # each rank records and scores the heads it holds
+        target_heads = target.parallel.local_heads(target_heads)
     tracker = _Progress(state.prompts, options)
 
     _sync(device)
@@ -406,7 +413,7 @@ def speculative_decode(
     if progress is not None:
         progress(len(state.prompts))
     history = None
-    if target_heads:
+    if policy.target_heads:
         prompt_queries = {l: state.target_queries[l][:, :, h] for l, h in target_heads.items()}
         history = _block_scores(target, tcache, prompt_queries, target_heads, page_size, num_blocks)
 
@@ -445,7 +452,7 @@ def speculative_decode(
         logits, queries = target.forward(window, tcache, selection, record_heads=target_heads)
         logits = logits[..., :vocab]
         verifications += 1
-        if target_heads:
+        if policy.target_heads:
             history = _block_scores(target, tcache, queries, target_heads, page_size, num_blocks)
 
         # 6. Accept, emit the bonus token, roll both caches back to the committed tokens.
