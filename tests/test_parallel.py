@@ -1,0 +1,173 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tensor-parallel decoding on 2 gloo processes equals single-process decoding token for token."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from dustin.checkpoint import load_checkpoint
+from dustin.model import Transformer
+from dustin.parallel import TensorParallel, shard_state_dict, sharded_model
+from dustin.policies import Dense, Dustin
+from dustin.spec import DecodeOptions, autoregressive_decode, prefill, speculative_decode
+from tiny_models import VOCAB, load_tiny, save_tiny
+
+WORLD_SIZE = 2
+TIMEOUT_S = 120  # a rank stuck in a collective fails the test instead of hanging it
+FAMILIES = ("llama", "qwen2")
+PROMPT_LENS = (37, 52, 18)
+OPTIONS = DecodeOptions(max_new_tokens=14, gamma=3)
+PAGE_SIZE = 4
+# Target heads on both ranks (4 query heads, 2 per rank): layer 1 only on rank 0, layer 2 only
+# on rank 1, so the history scores need both ranks' parts (test_history_needs_both_ranks_heads).
+DRAFT_HEADS, TARGET_HEADS = ((0, 1),), ((1, 0), (2, 3))
+BUDGET = {"budget_tokens": 24, "n_sink": 4, "n_recent": 4}
+POLICIES = {"dense": Dense(), "dustin": Dustin(DRAFT_HEADS, TARGET_HEADS, **BUDGET)}
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def _decode(target: Transformer, draft: Transformer) -> dict[str, dict]:
+    """Every method's tokens and step counts on the test prompts."""
+    state = prefill(target, draft, _prompts(), OPTIONS, page_size=PAGE_SIZE)
+    results = {"plain": autoregressive_decode(target, state.fork(), OPTIONS)}
+    for name, policy in POLICIES.items():
+        results[name] = speculative_decode(target, draft, state.fork(), policy, OPTIONS)
+    return {
+        name: {
+            "tokens": r.tokens,
+            "verifications": r.verifications,
+            "emitted_per_verification": r.emitted_per_verification,
+            "kv_read_share": r.kv_read_share,
+        }
+        for name, r in results.items()
+    }
+
+
+def _rank(rank: int, port: int, dirs: dict[str, list[str]], out: str) -> None:
+    """One rank: shard each family's target, keep the draft whole, decode; rank 0 writes."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
+    )
+    try:
+        results = {}
+        for family, (target_dir, draft_dir) in dirs.items():
+            config, state_dict, _ = load_checkpoint(Path(target_dir))
+            target = sharded_model(TensorParallel(config, rank, WORLD_SIZE), state_dict)
+            assert target.config.num_kv_heads == config.num_kv_heads // WORLD_SIZE
+            results[family] = _decode(target, load_tiny(Path(draft_dir)))
+        if rank == 0:
+            Path(out).write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, list[str]]:
+    """family -> [target dir, draft dir]; the draft is the target with 10% weight noise, so
+    steps accept some drafts and roll the caches back past the rest."""
+    dirs = {}
+    for family in FAMILIES:
+        target = save_tiny(tmp_path_factory.mktemp(f"{family}-target"), family, "target", seed=0)
+        draft = save_tiny(
+            tmp_path_factory.mktemp(f"{family}-draft"), family, "target", seed=0, noise=0.1
+        )
+        dirs[family] = [str(target), str(draft)]
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def parallel_results(pairs, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("tp") / "results.json"
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # children inherit it; gloo ignores it
+    context = mp.start_processes(
+        _rank,
+        args=(_free_port(), pairs, str(out)),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"tensor-parallel ranks did not finish within {TIMEOUT_S} s")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def single_results(pairs) -> dict:
+    return {
+        family: _decode(load_tiny(Path(target)), load_tiny(Path(draft)))
+        for family, (target, draft) in pairs.items()
+    }
+
+
+@pytest.mark.parametrize("method", ["plain", *POLICIES])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_equals_one_process(single_results, parallel_results, family, method):
+    alone = single_results[family][method]
+    together = parallel_results[family][method]
+    assert together["tokens"] == alone["tokens"]
+    assert all(len(t) == OPTIONS.max_new_tokens for t in alone["tokens"])
+    assert together["verifications"] == alone["verifications"]
+    assert together["kv_read_share"] == pytest.approx(alone["kv_read_share"])
+    if method != "plain":  # drafts were rejected and rolled back, not all accepted
+        assert 1.0 < alone["emitted_per_verification"] < OPTIONS.gamma + 1
+    if method == "dustin":  # the selection was sparse, so the scores mattered
+        assert alone["kv_read_share"] < 0.8
+
+
+def test_history_needs_both_ranks_heads(pairs, single_results):
+    """Scoring with one rank's heads alone changes the output: the test above would catch a
+    rank that selected blocks from its own part of the history scores."""
+    target, draft = (load_tiny(Path(d)) for d in pairs["llama"])
+    state = prefill(target, draft, _prompts(), OPTIONS, page_size=PAGE_SIZE)
+    for heads in TARGET_HEADS:
+        policy = Dustin(DRAFT_HEADS, (heads,), **BUDGET)
+        one_rank = speculative_decode(target, draft, state.fork(), policy, OPTIONS)
+        assert one_rank.tokens != single_results["llama"]["dustin"]["tokens"]
+
+
+def test_shards_split_heads_by_kv_group_and_mlp_columns(pairs):
+    config, state_dict, _ = load_checkpoint(Path(pairs["qwen2"][0]))
+    parts = [shard_state_dict(TensorParallel(config, r, 2), state_dict) for r in range(2)]
+    for name in state_dict:
+        if any(k in name for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            assert parts[0][name].shape[0] * 2 == state_dict[name].shape[0]
+            assert torch.equal(torch.cat([p[name] for p in parts]), state_dict[name])
+        elif any(k in name for k in ("o_proj", "down_proj")):
+            assert torch.equal(torch.cat([p[name] for p in parts], dim=1), state_dict[name])
+        else:  # embeddings, norms, lm_head: replicated
+            assert all(p[name] is state_dict[name] for p in parts)
+    local = TensorParallel(config, 1, 2)
+    assert local.first_head == config.num_heads // 2
+    heads = {1: torch.tensor([0, 1]), 2: torch.tensor([1, 3])}
+    assert {l: h.tolist() for l, h in local.local_heads(heads).items()} == {2: [1]}
+
+
+def test_bad_sizes_are_refused(pairs):
+    config, _, _ = load_checkpoint(Path(pairs["llama"][0]))
+    with pytest.raises(ValueError, match="num_kv_heads \\(2\\) must be a multiple of .* \\(4\\)"):
+        TensorParallel(config, 0, 4)
+    with pytest.raises(ValueError, match="rank must be in \\[0, 2\\), got 2"):
+        TensorParallel(config, 2, 2)
