@@ -5,7 +5,9 @@
 pair, fetched into the cache on first use), prefills one long prompt once, decodes it with each
 method from copies of that prefill, and prints tokens per second, tokens per verification,
 agreement with the dense-verified output and the share of the KV cache each verification read.
-``dustin fetch`` is the fetch module's command.
+``dustin fetch`` is the fetch module's command. ``--tp N`` splits the target over N ranks
+started by ``torchrun --nproc-per-node N -m dustin generate --tp N ...`` (``dustin.parallel``);
+rank 0 prints.
 """
 
 from __future__ import annotations
@@ -151,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV cache page layout (default: HND)",
     )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument(
+        "--tp",
+        type=_positive,
+        default=1,
+        help="tensor-parallel ranks the target is split over; launch with "
+        "`torchrun --nproc-per-node N -m dustin generate --tp N ...` (default: 1)",
+    )
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     gen.set_defaults(subparser=gen)
@@ -209,15 +218,27 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
 
 
-def _load(path: Path, role: str, dtype: torch.dtype, device: str, progress: bool):
+def _load(
+    path: Path,
+    role: str,
+    dtype: torch.dtype,
+    device: str,
+    progress: bool,
+    tp: tuple[int, int] | None = None,
+):
+    """``(model, its whole config, tokenizer)``; with ``tp`` (rank, world size) the rank's share."""
     from dustin.checkpoint import load_checkpoint
     from dustin.model import Transformer
+    from dustin.parallel import TensorParallel, sharded_model
 
     if progress:
         tqdm.write(f"loading {role}: {path}")
     config, state_dict, tokenizer = load_checkpoint(path, dtype=dtype, progress=progress)
-    model = Transformer.from_state_dict(config, state_dict, dtype=dtype, device=device)
-    return model, tokenizer
+    if tp is None:
+        model = Transformer.from_state_dict(config, state_dict, dtype=dtype, device=device)
+    else:
+        model = sharded_model(TensorParallel(config, *tp), state_dict, dtype=dtype, device=device)
+    return model, config, tokenizer
 
 
 def _prompts(tokenizer, args: argparse.Namespace) -> list[list[int]]:
@@ -248,24 +269,38 @@ def generate(args: argparse.Namespace) -> int:
     from dustin.policies import CONFIG_DIR, PairConfig, make_policy
     from dustin.spec import DecodeOptions, autoregressive_decode, prefill, speculative_decode
 
-    progress = not args.no_progress
+    tp = None
+    if args.tp > 1:
+        from dustin.parallel import init_from_env
+
+        tp = init_from_env(args.tp, args.device)
+    leader = tp is None or tp[0] == 0  # the rank that prints
+    progress = leader and not args.no_progress
     dtype = getattr(torch, args.dtype)
     real_pair = args.target is None
     if real_pair:
+        if not leader:  # rank 0 downloads; the others then find the files cached
+            torch.distributed.barrier()
         args.draft, args.target = fetch_real_pair(progress=progress)
-    target, target_tok = _load(args.target, "target", dtype, args.device, progress)
-    draft, draft_tok = _load(args.draft, "draft", dtype, args.device, progress)
-    check_compatible(draft.config, draft_tok, target.config, target_tok)
+        if leader and tp is not None:
+            torch.distributed.barrier()
+    # The target is split over the ranks; the (small) draft runs whole on every rank.
+    target, target_config, target_tok = _load(
+        args.target, "target", dtype, args.device, progress, tp
+    )
+    draft, _, draft_tok = _load(args.draft, "draft", dtype, args.device, progress)
+    check_compatible(draft.config, draft_tok, target_config, target_tok)
     if args.pair_config is not None:
         pair = PairConfig.load(args.pair_config)
     elif real_pair:
         pair = PairConfig.load(CONFIG_DIR / REAL_PAIR_CONFIG)
     else:
-        pair = PairConfig.default_for(draft.config, target.config)
-        tqdm.write(
-            "note: no --pair-config: using uncalibrated retrieval heads (PairConfig.default_for)"
-        )
-    pair.check(draft.config, target.config)
+        pair = PairConfig.default_for(draft.config, target_config)
+        if leader:
+            tqdm.write(
+                "note: no --pair-config: using uncalibrated retrieval heads (PairConfig.default_for)"
+            )
+    pair.check(draft.config, target_config)
 
     options = DecodeOptions(
         max_new_tokens=args.max_new_tokens,
@@ -304,10 +339,13 @@ def generate(args: argparse.Namespace) -> int:
                     target, draft, state.fork(), policy, options, bar.update
                 )
 
+    if not leader:
+        return 0
     reference = results.get("dense")
     plain = results.get("plain")
     print(
-        f"\n{target.config.arch} target {args.target.name} / draft {args.draft.name}; {args.device} {args.dtype}; "
+        f"\n{target.config.arch} target {args.target.name} / draft {args.draft.name}; {args.device} {args.dtype}"
+        f"{f', tensor-parallel {args.tp}' if tp else ''}; "
         f"batch {len(prompts)} x {args.context} prompt tokens, {options.max_new_tokens} new, gamma {options.gamma}, "
         f"budget {args.budget or pair.budget_tokens}, page {args.page_size}; prefill {state.seconds:.1f} s"
     )
@@ -372,3 +410,6 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"dustin {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
