@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dustin.checkpoint import load_checkpoint
+from dustin.cli import main
 from dustin.model import Transformer
 from dustin.parallel import TensorParallel, shard_state_dict, sharded_model
 from dustin.policies import Dense, Dustin
@@ -171,3 +174,46 @@ def test_bad_sizes_are_refused(pairs):
         TensorParallel(config, 0, 4)
     with pytest.raises(ValueError, match="rank must be in \\[0, 2\\), got 2"):
         TensorParallel(config, 2, 2)
+
+
+def _table(output: str) -> list[list[str]]:
+    """The rows of ``dustin generate``'s table without the timing columns, and the sample line."""
+    lines = output[output.index("method") :].splitlines()
+    rows = [
+        line.split() for line in lines if line.split()[:1] in (["plain"], ["dense"], ["dustin"])
+    ]
+    return [row[:1] + row[3:] for row in rows] + [lines[-1]]
+
+
+def test_generate_with_tp_under_torchrun_prints_the_single_process_table(pairs, tmp_path, capsys):
+    target, draft = pairs["qwen2"]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(f"w{(i * 7) % VOCAB}" for i in range(400)))
+    argv = ["generate", "--target", target, "--draft", draft, "--prompt-file", str(prompt)]
+    argv += ["--device", "cpu", "--context", "120", "--batch-size", "2", "--max-new-tokens", "12"]
+    argv += ["--budget", "24", "--page-size", "4", "--no-progress"]
+    assert main(argv) == 0
+    alone = _table(capsys.readouterr().out)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launch += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [*launch, "-m", "dustin", *argv, "--tp", "2"],
+        check=False,  # the assertion below shows stderr
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "tensor-parallel 2" in run.stdout
+    assert run.stdout.count("method") == 1  # only rank 0 prints
+    assert _table(run.stdout) == alone
+
+
+def test_tp_without_torchrun_is_refused(pairs, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    target, draft = pairs["qwen2"]
+    argv = ["generate", "--target", target, "--draft", draft, "--device", "cpu", "--tp", "2"]
+    assert main(argv) == 2
+    assert "start the command with `torchrun --nproc-per-node 2" in capsys.readouterr().err
