@@ -184,6 +184,8 @@ def score_blocks(
             scores,
             validate=validate,
         )
+    if model.parallel is not None:  # each rank scored the heads it holds (possibly none)
+        model.parallel.all_reduce(scores)
 
 
 def forward_window(
@@ -362,6 +364,8 @@ class GraphDecoder:
 
         self.draft_heads = heads_by_layer(policy.draft_heads, device) if policy else {}
         self.target_heads = heads_by_layer(policy.target_heads, device) if policy else {}
+        if target.parallel is not None:  # each rank records and scores the heads it holds
+            self.target_heads = target.parallel.local_heads(self.target_heads)
         self.looked = {
             layer: torch.zeros(
                 batch, gamma, len(heads), draft.config.head_dim, dtype=draft.dtype, device=device
@@ -396,7 +400,7 @@ class GraphDecoder:
             "lookahead": bool(self.draft_heads),
             "select": self._selection is not None,
             "verify": True,
-            "history": bool(self.target_heads),
+            "history": bool(policy and policy.target_heads),  # on every tensor-parallel rank
             "accept": True,
         }
         self._phase_fns = {name: getattr(self, f"_{name}") for name in names if wanted[name]}
@@ -479,7 +483,7 @@ class GraphDecoder:
         """``start`` from a prefill (``dustin.spec.prefill``): greedy first token, and the history
         score of the prompt's last target queries, as ``speculative_decode`` does."""
         history = None
-        if self.target_heads:
+        if "history" in self._phase_fns:
             queries = {l: state.target_queries[l][:, :, h] for l, h in self.target_heads.items()}
             history = torch.empty_like(self.history)
             score_blocks(
