@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""End-to-end decode throughput on one GPU: plain, classic speculative, MagicDec-style and Dustin.
+"""End-to-end decode throughput on one GPU or more: plain, classic speculative, MagicDec-style, Dustin.
 
 Every method runs through ``dustin.fast.GraphDecoder`` (each phase of a step one CUDA-graph
 replay, attention through the project's ``sparse_verify``, dense by listing every block):
@@ -25,6 +25,12 @@ replayed alone (one graph) right after the verification, with the step's lists a
     python bench/bench_e2e.py                 # quick: 32k context, batch 16, gamma 4 (< 4 min)
     python bench/bench_e2e.py --full          # contexts 8k/16k/32k x batch 8/16/32 x gamma 3-5
     python bench/bench_e2e.py --plot FILE.json   # redraw the stacked-bar plot of a run (no GPU)
+
+Tensor parallel (``dustin.parallel``; random weights only): the target's heads and MLP columns are
+split over the ranks, the draft runs whole on each, rank 0 reports:
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 8 bench/bench_e2e.py --tp 8 \
+        --pairs qwen2.5-72b/0.5b qwen2.5-32b/0.5b
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -40,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +55,7 @@ from dustin import ops
 from dustin.config import ModelConfig
 from dustin.fast import GraphDecoder, capture
 from dustin.model import Transformer, rope_inv_freq
+from dustin.parallel import TensorParallel, init_from_env
 from dustin.policies import CONFIG_DIR, Dense, Dustin, PairConfig
 
 from bench.common import RESULTS_DIR, Report, time_cuda
@@ -91,7 +100,17 @@ PAIRS = {
         qwen2_config(VOCAB, 1536, 8960, 28, 12, 2, 128, False, 131072),
         DRAFT_0_5B,
     ),
+    # Too large for one GPU at 32k x 16 (weights and KV cache): run them with --tp.
+    "qwen2.5-32b/0.5b": (
+        qwen2_config(VOCAB, 5120, 27648, 64, 40, 8, 128, False, 131072),
+        DRAFT_0_5B,
+    ),
+    "qwen2.5-72b/0.5b": (
+        qwen2_config(VOCAB, 8192, 29568, 80, 64, 8, 128, False, 131072),
+        DRAFT_0_5B,
+    ),
 }
+ONE_GPU_PAIRS = ["qwen2.5-7b/0.5b", "qwen2.5-coder-1.5b/0.5b"]  # the default --pairs
 REAL_PAIR = "qwen2.5-coder-1.5b/0.5b"
 REAL_PAIR_CONFIG = "qwen2.5-coder-0.5b_1.5b.json"
 
@@ -132,6 +151,17 @@ def random_model(config: ModelConfig, seed: int) -> Transformer:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config).to("cuda")
     return model.eval().requires_grad_(False)
+
+
+def random_target(config: ModelConfig, tp: int) -> Transformer:
+    """``random_model`` of the target, or with ``tp`` > 1 of this rank's share of it (every rank
+    draws the same numbers for its share: speed does not depend on them)."""
+    if tp == 1:
+        return random_model(config, 0)
+    parallel = TensorParallel(config, dist.get_rank(), tp)
+    model = random_model(parallel.local_config, 0)
+    model.parallel = parallel
+    return model
 
 
 def geometric_acceptance(gamma: int, mean: float) -> list[float]:
@@ -482,6 +512,12 @@ def run_sweep(args) -> Report:
             "no CUDA graphs (what the graphs save)"
         ),
     ]
+    if args.tp > 1:
+        report.notes.append(
+            f"tensor parallel over {args.tp} GPUs (NCCL, NCCL_NVLS_ENABLE="
+            f"{os.environ.get('NCCL_NVLS_ENABLE')}): target heads and MLP columns split, one "
+            "all-reduce after o_proj and after down_proj; draft whole on every GPU; times of rank 0"
+        )
     steps_total = args.warmup + args.steps + args.probe_steps
     gamma_max = max(args.gammas)
     reach_new = steps_total * (gamma_max + 1) + 1  # tokens a step loop may commit
@@ -493,8 +529,8 @@ def run_sweep(args) -> Report:
             pair_cfg = PairConfig.load(CONFIG_DIR / REAL_PAIR_CONFIG)
         else:
             target_cfg, draft_cfg = PAIRS[pair]
-            target, draft = random_model(target_cfg, 0), random_model(draft_cfg, 1)
-            pair_cfg = PairConfig.default_for(draft.config, target.config)
+            target, draft = random_target(target_cfg, args.tp), random_model(draft_cfg, 1)
+            pair_cfg = PairConfig.default_for(draft_cfg, target_cfg)
         report.notes.append(f"{pair}: retrieval heads and draft share: {pair_cfg.note}")
         for context in args.contexts:
             for batch in args.batches:
@@ -702,7 +738,7 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, help="prompt tokens (quick: 32768)")
     parser.add_argument("--batches", nargs="+", type=int, help="sequences (quick: 16)")
     parser.add_argument("--gammas", nargs="+", type=int, help="drafted tokens per step (quick: 4)")
-    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=ONE_GPU_PAIRS)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument(
         "--target", type=Path, help="real target checkpoint (HF dir or .gguf) for the Coder pair"
@@ -730,6 +766,12 @@ def main() -> None:
     parser.add_argument(
         "--plot", type=Path, metavar="JSON", help="only redraw the plot of a results file"
     )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="GPUs the target is split over (random weights; launch with torchrun --nproc-per-node N)",
+    )
     args = parser.parse_args()
     if args.plot is not None:
         print(plot(args.plot))
@@ -738,7 +780,16 @@ def main() -> None:
         parser.error("needs a CUDA GPU (use --plot to redraw a plot without one)")
     if (args.target is None) != (args.draft is None):
         parser.error("--target and --draft go together")
-    if args.target is None:
+    if args.tp < 1:
+        parser.error(f"--tp must be >= 1, got {args.tp}")
+    if args.tp > 1:
+        if args.target is not None:
+            parser.error("--tp runs random-weight pairs only; drop --target/--draft")
+        try:
+            init_from_env(args.tp, "cuda")
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.target is None:
         from dustin.fetch import cached_real_pair
 
         found = cached_real_pair()
@@ -765,6 +816,10 @@ def main() -> None:
 
     start = time.perf_counter()
     report = run_sweep(args)
+    if args.tp > 1:
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
+            return
     print("\n" + report.markdown())
     for note in report.notes:
         print(f"- {note}")
