@@ -127,7 +127,11 @@ def init_from_env(tp: int, device: str) -> tuple[int, int]:
 def shard_state_dict(
     parallel: TensorParallel, state_dict: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """The rank's share of Hugging Face-named weights (views; replicated tensors unchanged)."""
+    """The rank's share of Hugging Face-named weights.
+
+    Split tensors are contiguous copies, so the whole checkpoint can be freed once the model is
+    built; replicated ones (embeddings, norms, ``lm_head``) are the given tensors.
+    """
     local = parallel.local_config
     rank = parallel.rank
     rows = {  # weight (or bias) -> rows of the rank's share along dim 0
@@ -143,15 +147,14 @@ def shard_state_dict(
     }
     out = {}
     for name, tensor in state_dict.items():
-        module = ".".join(
-            name.split(".")[-3:-1]
-        )  # "model.layers.0.mlp.up_proj.weight" -> "mlp.up_proj"
+        # "model.layers.0.mlp.up_proj.weight" -> "mlp.up_proj"
+        module = ".".join(name.split(".")[-3:-1])
         if module in rows:
             size = rows[module]
-            out[name] = tensor[rank * size : (rank + 1) * size]
+            out[name] = tensor[rank * size : (rank + 1) * size].clone()
         elif module in columns:
             size = columns[module]
-            out[name] = tensor[:, rank * size : (rank + 1) * size]
+            out[name] = tensor[:, rank * size : (rank + 1) * size].contiguous()
         else:
             out[name] = tensor
     return out
