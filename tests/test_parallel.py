@@ -19,7 +19,7 @@ from dustin.checkpoint import load_checkpoint
 from dustin.cli import main
 from dustin.fast import GraphDecoder
 from dustin.model import Transformer
-from dustin.parallel import TensorParallel, shard_state_dict, sharded_model
+from dustin.parallel import TensorParallel, init_from_env, shard_state_dict, sharded_model
 from dustin.policies import Dense, Dustin
 from dustin.spec import DecodeOptions, autoregressive_decode, prefill, speculative_decode
 from tiny_models import VOCAB, load_tiny, save_tiny
@@ -230,6 +230,13 @@ def test_generate_with_tp_under_torchrun_prints_the_single_process_table(pairs, 
     assert "tensor-parallel 2" in run.stdout
     assert run.stdout.count("method") == 1  # only rank 0 prints
     assert _table(run.stdout) == alone
+
+
+def test_a_world_size_other_than_tp_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="--tp 2: torchrun started 3 processes"):
+        init_from_env(2, "cpu")
 
 
 def test_tp_without_torchrun_is_refused(pairs, capsys, monkeypatch):
