@@ -45,7 +45,7 @@ from dustin import ops
 from dustin.cache import PagedKVCache
 from dustin.model import Transformer
 from dustin.policies import Dense, DraftOnly, Dustin, HistoryOnly, Policy, Streaming, heads_by_layer
-from dustin.spec import Prefilled, accept_greedy
+from dustin.spec import Prefilled, accept_greedy, score_blocks
 
 __all__ = [
     "FastResult",
@@ -54,7 +54,6 @@ __all__ = [
     "capture",
     "dense_lists",
     "forward_window",
-    "score_blocks",
     "streaming_lists",
 ]
 
@@ -155,37 +154,6 @@ def streaming_lists(
         return ids, counts
 
     return lists
-
-
-def score_blocks(
-    model: Transformer,
-    cache: PagedKVCache,
-    queries: dict[int, torch.Tensor],
-    heads: dict[int, torch.Tensor],
-    block_size: int,
-    scores: torch.Tensor,
-    validate: bool = False,
-) -> None:
-    """Sets ``scores`` ``[B, NB]`` float32 to the retrieval heads' attention over ``cache`` summed
-    into blocks (``block_scores`` per layer, accumulated). The static-buffer form of the scoring
-    in ``dustin.spec``: it writes in place and checks values on the host only when asked."""
-    scores.zero_()
-    group = model.config.num_heads // model.config.num_kv_heads
-    for layer, head_ids in heads.items():
-        ops.block_scores(
-            queries[layer].contiguous(),
-            cache.k(layer),
-            cache.block_table,
-            cache.kv_lens,
-            (head_ids // group).to(torch.int32),
-            model.sm_scale,
-            block_size,
-            cache.layout,
-            scores,
-            validate=validate,
-        )
-    if model.parallel is not None:  # each rank scored the heads it holds (possibly none)
-        model.parallel.all_reduce(scores)
 
 
 def forward_window(

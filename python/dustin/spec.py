@@ -39,6 +39,7 @@ __all__ = [
     "accept_greedy",
     "autoregressive_decode",
     "prefill",
+    "score_blocks",
     "speculative_decode",
 ]
 
@@ -316,20 +317,23 @@ class _Progress:
         return out
 
 
-def _block_scores(
+def score_blocks(
     model: Transformer,
     cache: PagedKVCache,
     queries: dict[int, torch.Tensor],
-    heads,
+    heads: dict[int, torch.Tensor],
     block_size: int,
-    num_blocks: int,
-) -> torch.Tensor:
-    """``[B, NB]`` float32 attention of the retrieval heads' queries summed into blocks.
+    scores: torch.Tensor,
+    validate: bool = True,
+) -> None:
+    """Sets ``scores`` ``[B, NB]`` float32 to the retrieval heads' attention over ``cache``
+    summed into blocks (``block_scores`` per layer, accumulated), in place so a captured CUDA
+    graph can reuse the buffer; value checks on the host only when ``validate``.
 
     ``heads`` are the model's own (local) query heads; under tensor parallelism every rank must
     call this, with or without heads, as the ranks' scores are summed.
     """
-    scores = torch.zeros(cache.batch_size, num_blocks, dtype=torch.float32, device=model.device)
+    scores.zero_()
     group = model.config.num_heads // model.config.num_kv_heads
     for layer, head_ids in heads.items():
         ops.block_scores(
@@ -342,9 +346,24 @@ def _block_scores(
             block_size,
             cache.layout,
             scores,
+            validate=validate,
         )
-    # Tensor parallel: each rank scored the heads it holds (possibly none); sum the parts.
-    return scores if model.parallel is None else model.parallel.all_reduce(scores)
+    if model.parallel is not None:  # each rank scored the heads it holds (possibly none)
+        model.parallel.all_reduce(scores)
+
+
+def _block_scores(
+    model: Transformer,
+    cache: PagedKVCache,
+    queries: dict[int, torch.Tensor],
+    heads,
+    block_size: int,
+    num_blocks: int,
+) -> torch.Tensor:
+    """``score_blocks`` into a new ``[B, NB]`` float32 tensor."""
+    scores = torch.empty(cache.batch_size, num_blocks, dtype=torch.float32, device=model.device)
+    score_blocks(model, cache, queries, heads, block_size, scores)
+    return scores
 
 
 def _kv_read_share(selection, kv_lens: torch.Tensor, q_len: int, page_size: int) -> float:
