@@ -57,6 +57,40 @@ def _existing_path(text: str) -> Path:
     return path
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, shared by every command that loads models."""
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run (default: cuda when available)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="model and cache dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """``(device, dtype)`` with ``auto`` resolved: cuda when available; bfloat16 on the GPU,
+    float32 on the CPU.
+
+    Raises:
+        ValueError: cuda without a GPU, or float32 on cuda (the kernels take 16-bit inputs).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available to PyTorch")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    if device == "cuda" and dtype == "float32":
+        raise ValueError("--dtype float32: the CUDA kernels take bfloat16 or float16")
+    return device, dtype
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dustin", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -134,18 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_methods(DEFAULT_METHODS),
         help=f"comma-separated methods among {', '.join(METHODS)} (default: {DEFAULT_METHODS})",
     )
-    gen.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to run (default: cuda when available)",
-    )
-    gen.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="model and cache dtype (default: bfloat16 on GPU, float32 on CPU)",
-    )
+    add_device_arguments(gen)
     gen.add_argument(
         "--kv-layout",
         choices=("HND", "NHD"),
@@ -197,17 +220,13 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Fills device-dependent defaults and checks options that depend on each other."""
     if (args.target is None) != (args.draft is None):
         parser.error("--target and --draft go together: give both or neither")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is available to PyTorch")
+    try:
+        args.device, args.dtype = resolve_device_dtype(args.device, args.dtype)
+    except ValueError as exc:
+        parser.error(str(exc))
     for name, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    if args.device == "cuda" and args.dtype == "float32":
-        parser.error("--dtype float32: the CUDA kernels take bfloat16 or float16")
     if not 1 <= args.gamma <= 15:
         parser.error(
             f"--gamma must be in [1, 15] (the verification window gamma + 1 <= 16), got {args.gamma}"

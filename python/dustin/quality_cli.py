@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dustin.cli import add_device_arguments, resolve_device_dtype
 from dustin.evaluate import (
     Variant,
     cut_windows,
@@ -99,18 +100,7 @@ def add_model_arguments(
     parser.add_argument(
         "--gamma", type=int, default=4, help="drafted tokens per verification, 1..15 (default: 4)"
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to run (default: cuda when available)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="model and cache dtype (default: bfloat16 on GPU, float32 on CPU)",
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--store",
         type=Path,
@@ -137,16 +127,8 @@ def prepare(args: argparse.Namespace, contexts: Sequence[int], continuation: int
         raise ValueError(
             f"--gamma must be in [1, 15] (the window gamma + 1 <= 16), got {args.gamma}"
         )
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available to PyTorch")
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(
-        args.dtype
-    ) or getattr(torch, args.dtype)
-    if device == "cuda" and dtype == torch.float32:
-        raise ValueError("--dtype float32: the CUDA kernels take bfloat16 or float16")
+    device, dtype_name = resolve_device_dtype(args.device, args.dtype)
+    dtype = getattr(torch, dtype_name)
     progress = not args.no_progress
     if args.target is None:
         args.draft, args.target = fetch_real_pair(progress=progress)
@@ -158,7 +140,7 @@ def prepare(args: argparse.Namespace, contexts: Sequence[int], continuation: int
         prefilled[context] = [
             prefill_window(target, draft, w, store, key, progress) for w in windows
         ]
-    args.resolved_device, args.resolved_dtype = device, str(dtype).removeprefix("torch.")
+    args.resolved_device, args.resolved_dtype = device, dtype_name
     return target, draft, prefilled
 
 
