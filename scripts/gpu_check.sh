@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # One call on the GPU machine: build from source (carried nvidia-cutlass wheel, no network),
 # run the tests (CPU and CUDA), a compute-sanitizer pass, and the benchmarks.
-#   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native
+#   scripts/gpu_check.sh [stage ...]     stages: build diagnose backtrace test sanitize native
 #                                        bench-<name> (runs bench/bench_<name>.py)
 #                                        (default: build test sanitize)
 # Carry the wheel folder and the commit: `git rev-parse --short=12 HEAD > .dustin-commit`, then
@@ -37,8 +37,11 @@ for stage in "${stages[@]}"; do
       python3 -c "import dustin; assert dustin.built_with_cuda(), 'no CUDA kernels'; print('built with CUDA')" || exit 1
       ;;
     diagnose)
+      step diagnose; bash scripts/diagnose_crash.sh 2>&1 | tee "$LOGS/diagnose.log"
+      ;;
+    backtrace)
       # Native backtraces of host code run on CUDA tensors (value checks, CPU twin beside CUDA).
-      step diagnose
+      step backtrace
       for call in "check_wrapper_value_checks()" "check_matches_cpu_twin('bfloat16', 'HND')"; do
         echo "--- $call"
         (cd tests && timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 -X faulthandler \
