@@ -183,7 +183,7 @@ ROWS = [
         v_cache=torch.empty(a["v_cache"].numel() + 1, dtype=a["v_cache"].dtype,
                             device=a["v_cache"].device)[1:].view(a["v_cache"].shape)), V,
       r"k_cache must start 16-byte aligned on CUDA", ("cuda",)),
-    R("out-misaligned-on-cuda", SV, replace("out", lambda a: torch.empty(
+    R("out-misaligned-on-cuda", SVO, replace("out", lambda a: torch.empty(
         a["out"].numel() + 1, dtype=a["out"].dtype, device=a["out"].device)[1:].view(
         a["out"].shape)), V, r"out must start 16-byte aligned on CUDA", ("cuda",)),
     # ---- caches
