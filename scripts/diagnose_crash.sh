@@ -10,6 +10,7 @@ g++ --version | head -n 1
 so=$(ls python/dustin/_C*.so)
 echo "--- libstdc++ needed/mapped"
 ldd "$so" | grep -E "stdc|gcc_s|dustin"
+echo "libstdc++ the linker uses: $(g++ -print-file-name=libstdc++.so)"; file -L "$(g++ -print-file-name=libstdc++.so)"; head -c 300 "$(g++ -print-file-name=libstdc++.so)" | grep -a INPUT
 python3 -c "import torch, dustin; print(''.join(sorted({l.split()[-1] + chr(10) for l in open('/proc/self/maps') if 'stdc++' in l or 'gcc_s' in l})))"
 echo "--- what _C defines itself (W = weak copy in _C)"
 nm -C "$so" | grep -E " [WVuT] .*(_M_insert<|num_put<char|numpunct<char|locale::id)" | head -n 20

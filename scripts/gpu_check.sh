@@ -4,7 +4,12 @@
 # run the tests (CPU and CUDA), a compute-sanitizer pass, and the benchmarks.
 #   scripts/gpu_check.sh [stage ...]     stages: build diagnose backtrace test sanitize native
 #                                        bench-<name> (runs bench/bench_<name>.py)
+#                                        weights (joins the real pair sent in slices, below)
+#                                        quality-<context> (dustin eval at that context)
 #                                        (default: build test sanitize)
+# The real GGUF pair reaches the machine in 56 MiB slices (python -c "from dustin.fetch import
+# split_for_transfer; ..." into .weights/), one call per slice copying it to ~/xfer; the
+# `weights` stage joins them into the dustin cache and verifies every SHA-256.
 # Carry the wheel folder and the commit: `git rev-parse --short=12 HEAD > .dustin-commit`, then
 # run(carry=[".whl", ".dustin-commit"]) (the machine gets no .git; results cite that commit).
 # .whl holds the wheels the machine lacks: nvidia-cutlass and gguf (docs/gpu-notes.md).
@@ -52,7 +57,8 @@ for stage in "${stages[@]}"; do
     test)
       step tests
       xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-      python3 -m pytest -q -ra -p no:cacheprovider $xdist tests \
+      # Eight workers on 16 cores: keep each worker's OpenMP pool small.
+      OMP_NUM_THREADS=2 python3 -m pytest -q -ra -p no:cacheprovider $xdist tests \
         --junitxml="$LOGS/junit.xml" 2>&1 | tee "$LOGS/test.log" | tail -n 40 || status=1
       ;;
     sanitize)
@@ -66,6 +72,22 @@ for stage in "${stages[@]}"; do
       step native
       DUSTIN_NATIVE_CUDA=ON python3 -m pytest -q -p no:cacheprovider tests/test_native.py || status=1
       ;;
+    weights)
+      step weights
+      python3 -c "import glob, os, sys; from dustin.fetch import cache_dir, join_slices
+found = sorted(glob.glob(os.path.expanduser('~/xfer/*.manifest.json')))
+sys.exit('no manifests in ~/xfer') if not found else None
+for m in found: print('verified', join_slices(m, cache_dir()))" || exit 1
+      ;;
+    quality-*)
+      ctx=${stage#quality-}
+      step "quality $ctx"
+      timeout "${QUALITY_TIMEOUT:-400}" python3 -m dustin eval --no-progress --contexts "$ctx" \
+        --texts "${QUALITY_TEXTS:-prideprejudice,persuasion}" --steps "${QUALITY_STEPS:-24}" \
+        --free-tokens "${QUALITY_FREE_TOKENS:-32}" \
+        --pair-config bench/results/quality/qwen2.5-coder-0.5b_1.5b.calibrated.json \
+        --tag "cuda-$ctx" 2>&1 | tee "$LOGS/quality_$ctx.log" | tail -n 60 || status=1
+      ;;
     bench-*)
       name=${stage#bench-}
       step "bench $name"
@@ -73,8 +95,9 @@ for stage in "${stages[@]}"; do
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
+  # Ship what is done after every stage: a call cut off by its time limit still returns it.
+  find bench/results -newer "$LOGS/.start" -type f -print0 | xargs -0 -r cp --parents -t "$LOGS"
+  tar czf "$OUT/run.tgz" -C "$LOGS" .
 done
-find bench/results -newer "$LOGS/.start" -type f -print0 | xargs -0 -r cp --parents -t "$LOGS"
-tar czf "$OUT/run.tgz" -C "$LOGS" .
 echo "results: $(tar tzf "$OUT/run.tgz" | grep -c results/) files in run.tgz"
 exit $status
