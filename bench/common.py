@@ -12,12 +12,13 @@ import datetime as _dt
 import json
 import platform
 import statistics
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from dustin.provenance import source_commit
 
 # Streaming read ceiling measured on one H200 (design.md section 4), decimal TB/s.
 READ_CEILING_TBPS = 4.48
@@ -100,29 +101,6 @@ def pct_of_ceiling(num_bytes: float, time_us: float) -> float:
     return 100.0 * tbps(num_bytes, time_us) / READ_CEILING_TBPS
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (the GPU machine): the commit recorded before sending.
-        recorded = Path(__file__).resolve().parents[1] / ".dustin-commit"
-        if recorded.exists():
-            return recorded.read_text().strip() + " (recorded in .dustin-commit)"
-        return "unknown"
-
 
 def machine_info() -> dict:
     info = {
@@ -177,7 +155,7 @@ class Report:
         meta = {
             "benchmark": self.name,
             "date": now.isoformat(timespec="seconds"),
-            "commit": git_commit(),
+            "commit": source_commit(),
             **machine_info(),
         }
         stem = f"{self.name}{'-' + tag if tag else ''}-{now:%Y%m%d-%H%M%S}"

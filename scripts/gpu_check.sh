@@ -11,7 +11,7 @@
 # split_for_transfer; ..." into .weights/), one call per slice copying it to ~/xfer; the
 # `weights` stage joins them into the dustin cache and verifies every SHA-256.
 # Carry the wheel folder and the commit: `git rev-parse --short=12 HEAD > .dustin-commit`, then
-# run(carry=[".whl", ".dustin-commit"]) (the machine gets no .git; results cite that commit).
+# run(carry=[".whl", ".dustin-commit"]) (a .git there, if any, is stale; results cite that commit).
 # .whl holds the wheels the machine lacks: nvidia-cutlass and gguf (docs/gpu-notes.md).
 # Logs and new bench/results files come back in $OUT/run.tgz (at most 8 files come back).
 set -uo pipefail
@@ -25,6 +25,7 @@ stages=("$@")
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export DUSTIN_CUDA=ON DUSTIN_CUDA_ARCHS=${DUSTIN_CUDA_ARCHS:-90a} DUSTIN_BUILD_JOBS=$(nproc)
 status=0
+[ -f .dustin-commit ] && export DUSTIN_COMMIT="$(cat .dustin-commit) (recorded in .dustin-commit)"
 
 step() { echo; echo "=== $* ($(date +%T))"; }
 

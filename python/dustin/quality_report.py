@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import subprocess
 from pathlib import Path
+
+from dustin.provenance import source_commit
 
 __all__ = ["CAVEAT", "target_checks", "write_results"]
 
@@ -17,15 +18,6 @@ CAVEAT = (
 )
 RETENTION_TARGET = 0.97  # issue 6: Dustin keeps >= 97% of dense's mean accepted length at 512
 
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _split(label: str) -> tuple[str, int, int]:
@@ -243,7 +235,7 @@ def write_results(out_dir: Path, tag: str, meta: dict, results: dict) -> list[Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         **meta,
-        "commit": _commit(),
+        "commit": source_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "caveat": CAVEAT,
     }

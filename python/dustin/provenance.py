@@ -1,0 +1,41 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Which source produced a result: the commit written into every benchmark and quality file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def source_commit() -> str:
+    """The commit of the source tree, e.g. ``61f0e7530dda`` or ``61f0e7530dda-dirty``.
+
+    ``$DUSTIN_COMMIT`` wins: scripts/gpu_check.sh sets it from ``.dustin-commit`` (written before
+    a copy of the tree is sent to the GPU machine, whose ``.git``, if any, is stale). Then ``git``;
+    then ``.dustin-commit`` itself; ``unknown`` when nothing answers.
+    """
+    if os.environ.get("DUSTIN_COMMIT"):
+        return os.environ["DUSTIN_COMMIT"]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=_REPO,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=_REPO,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        recorded = _REPO / ".dustin-commit"
+        if recorded.is_file():
+            return recorded.read_text().strip() + " (recorded in .dustin-commit)"
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
