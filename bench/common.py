@@ -12,12 +12,11 @@ import datetime as _dt
 import json
 import platform
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-
 from dustin.provenance import source_commit
 
 # Streaming read ceiling measured on one H200 (design.md section 4), decimal TB/s.

@@ -5,7 +5,6 @@ import re
 import shutil
 
 import pytest
-
 from dustin.provenance import source_commit
 
 

@@ -29,6 +29,7 @@ def source_commit() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
+            check=False,
             capture_output=True,
             text=True,
             cwd=_REPO,
