@@ -512,6 +512,12 @@ def run_sweep(args) -> Report:
             "no CUDA graphs (what the graphs save)"
         ),
     ]
+    report.notes.append(
+        "layer glue (norms, projections, RoPE, MLP) compiled by torch.compile "
+        "(Transformer.compile_layers), attention through dustin's ops, for every method"
+        if args.compile
+        else "layer glue run as eager PyTorch ops (--no-compile)"
+    )
     if args.tp > 1:
         report.notes.append(
             f"tensor parallel over {args.tp} GPUs (NCCL, NCCL_NVLS_ENABLE="
@@ -531,6 +537,9 @@ def run_sweep(args) -> Report:
             target_cfg, draft_cfg = PAIRS[pair]
             target, draft = random_target(target_cfg, args.tp), random_model(draft_cfg, 1)
             pair_cfg = PairConfig.default_for(draft_cfg, target_cfg)
+        if args.compile:
+            target.compile_layers()
+            draft.compile_layers()
         report.notes.append(f"{pair}: retrieval heads and draft share: {pair_cfg.note}")
         for context in args.contexts:
             for batch in args.batches:
@@ -754,6 +763,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per method")
     parser.add_argument("--probe-steps", type=int, default=6, help="steps with the attention probe")
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="run the layer glue as eager ops instead of torch.compile'd kernels",
+    )
     parser.add_argument(
         "--no-peers", dest="peers", action="store_false", help="skip the dense attention peer check"
     )

@@ -145,6 +145,37 @@ def test_graph_replay_matches_eager_loop_on_cuda(draft_kind):
     check_against_eager("cuda", torch.bfloat16, 64, draft_kind)
 
 
+def check_compiled_layers(device: str, dtype: torch.dtype, backend: str) -> None:
+    """Compiled layer glue (``Transformer.compile_layers``) decodes what the eager glue does."""
+    options = DecodeOptions(max_new_tokens=24, gamma=4)
+    prompts = prompts_of([70, 45, 90], seed=7)
+    tokens = []
+    for compiled in (False, True):
+        target, draft = tiny_pair(dtype, device, 64, "near-copy")
+        if compiled:
+            target.compile_layers(backend), draft.compile_layers(backend)
+        state = prefill(target, draft, prompts, options, page_size=16)
+        policy = dustin_policy(target, draft, budget=32)
+        tokens.append(
+            [
+                fast_tokens(target, None, state.fork(), None, options),
+                fast_tokens(target, draft, state.fork(), policy, options),
+                fast_tokens(target, draft, state.fork(), policy, options, draft_window=32),
+            ]
+        )
+    assert tokens[1] == tokens[0]
+
+
+def test_compiled_layers_decode_like_eager_layers_on_cpu():
+    # aot_eager traces and functionalizes the glue as inductor would, without a C++ build.
+    check_compiled_layers("cpu", torch.float32, "aot_eager")
+
+
+@pytest.mark.cuda
+def test_compiled_layers_decode_like_eager_layers_on_cuda():
+    check_compiled_layers("cuda", torch.bfloat16, "inductor")
+
+
 @pytest.mark.cuda
 def test_graph_replay_matches_direct_calls_on_cuda():
     target, draft = tiny_pair(torch.bfloat16, "cuda", 64, "near-copy")

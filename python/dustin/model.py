@@ -144,6 +144,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    # The glue around attention, in two pieces ``Transformer.compile_layers`` can compile: at
+    # decode sizes each layer is a few dozen tiny kernels, which cost more than its weights' read.
+    def attention_input(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k, v of the residual stream ``h``: RMSNorm, projections, RoPE."""
+        return self.self_attn.project(self.input_layernorm(h), cos, sin)
+
+    def mlp_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP's contribution to the residual stream (a partial sum under tensor parallelism)."""
+        return self.mlp(self.post_attention_layernorm(h))
+
 
 class Transformer(nn.Module):
     """A Llama/Qwen2-family decoder. Parameter names follow Hugging Face without ``model.``.
@@ -171,6 +181,9 @@ class Transformer(nn.Module):
         # Set by dustin.parallel.sharded_model: this model holds one rank's share of the heads
         # and MLP columns, and o_proj and down_proj outputs are partial sums over the ranks.
         self.parallel: TensorParallel | None = None
+        # Replaced by their compiled versions in compile_layers.
+        self._attention_input = DecoderLayer.attention_input
+        self._mlp_output = DecoderLayer.mlp_output
 
     @classmethod
     def from_state_dict(
@@ -219,6 +232,24 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(config).to(device)
         return model.eval().requires_grad_(False)
+
+    def compile_layers(self, backend: str = "inductor") -> Transformer:
+        """Compiles each layer's glue (norms, projections, RoPE, MLP) with ``torch.compile``.
+
+        Attention and the cache writes stay outside, so the ops, the block lists and CUDA-graph
+        capture work as before. One compiled graph serves every layer (the layers are inputs, not
+        constants) and every batch and window size (``dynamic=True``; sizes 1 get their own).
+        Compilation happens on the first call of each kind, so warm up before a CUDA-graph
+        capture (``GraphDecoder`` does). Returns the model.
+        """
+        # Both models of a pair, windows of 1 and of gamma + 1, prefill chunks: more variants
+        # than the default limit of 8 compiled graphs per function.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self._attention_input = torch.compile(
+            DecoderLayer.attention_input, dynamic=True, backend=backend
+        )
+        self._mlp_output = torch.compile(DecoderLayer.mlp_output, dynamic=True, backend=backend)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -406,13 +437,12 @@ class Transformer(nn.Module):
         h = self.embed_tokens(tokens)
         queries = {}
         for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
+            q, k, v = self._attention_input(layer, h, cos, sin)
             if record_heads and index in record_heads:
                 queries[index] = q[:, first:, record_heads[index]].to(self.dtype)
             out = attend(index, q, k, v)
-            h = h + self._sum_ranks(attn.o_proj(out.reshape(*h.shape[:2], -1)))
-            h = h + self._sum_ranks(layer.mlp(layer.post_attention_layernorm(h)))
+            h = h + self._sum_ranks(layer.self_attn.o_proj(out.reshape(*h.shape[:2], -1)))
+            h = h + self._sum_ranks(self._mlp_output(layer, h))
         return h, queries
 
     def _sum_ranks(self, partial: torch.Tensor) -> torch.Tensor:
