@@ -59,7 +59,8 @@ for stage in "${stages[@]}"; do
       step tests
       xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
       # Eight workers on 16 cores: keep each worker's OpenMP pool small.
-      OMP_NUM_THREADS=2 python3 -m pytest -q -ra -p no:cacheprovider $xdist tests \
+      # TESTS narrows the run, e.g. TESTS="tests/test_fast.py -k cuda".
+      OMP_NUM_THREADS=2 python3 -m pytest -q -ra -p no:cacheprovider $xdist ${TESTS:-tests} \
         --junitxml="$LOGS/junit.xml" 2>&1 | tee "$LOGS/test.log" | tail -n 40 || status=1
       ;;
     sanitize)
@@ -92,7 +93,8 @@ for m in found: print('verified', join_slices(m, cache_dir()))" || exit 1
     bench-*)
       name=${stage#bench-}
       step "bench $name"
-      python3 "bench/bench_${name}.py" 2>&1 | tee "$LOGS/bench_${name}.log" || status=1
+      # BENCH_ARGS are passed on, e.g. BENCH_ARGS="--pairs qwen2.5-7b/0.5b".
+      python3 "bench/bench_${name}.py" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench_${name}.log" || status=1
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac

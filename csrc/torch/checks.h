@@ -24,8 +24,9 @@ namespace dustin::torch_ops {
 namespace detail {
 
 // Messages are assembled here without iostreams: on the GPU machine's toolchain (g++ 13.3,
-// torch 2.11) the ostream code that c10::str instantiates inside this extension crashed
-// (docs/gpu-notes.md). A single std::string handed to TORCH_CHECK is passed through as is.
+// torch 2.11) formatting a number through an ostream inside any torch extension crashes,
+// torch's own load_inline ones too (docs/gpu-notes.md). A single std::string handed to
+// TORCH_CHECK is passed through as is.
 inline void append(std::string& out, const char* v) { out += v; }
 inline void append(std::string& out, const std::string& v) { out += v; }
 inline void append(std::string& out, bool v) { out += v ? "true" : "false"; }
