@@ -353,10 +353,11 @@ def test_gguf_matches_transformers(tiny_gguf):
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-6, msg=name)
     their_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    # Text tokens only: transformers versions disagree on whether their GGUF Llama tokenizer
-    # honours tokenizer.ggml.add_bos_token (5.24 does, the GPU machine's does not); the BOS rule
-    # is checked against the file itself in the test above.
-    for text in SAMPLES:
+    # Ordinary text only: transformers versions disagree on whether their GGUF Llama tokenizer
+    # honours tokenizer.ggml.add_bos_token and on the whitespace around special tokens (5.24
+    # agrees with us on both, the GPU machine's version on neither); BOS and special tokens are
+    # checked against the tokenizers library in the test above.
+    for text in (t for t in SAMPLES if "<|" not in t):
         ours = tok.encode(text, add_special_tokens=False).ids
         assert ours == their_tok(text, add_special_tokens=False)["input_ids"], text
 
