@@ -513,10 +513,11 @@ def run_sweep(args) -> Report:
         ),
     ]
     report.notes.append(
-        "layer glue (norms, projections, RoPE, MLP) compiled by torch.compile "
-        "(Transformer.compile_layers), attention through dustin's ops, for every method"
-        if args.compile
-        else "layer glue run as eager PyTorch ops (--no-compile)"
+        "layer glue (norms, projections, RoPE, MLP) compiled by torch.compile, q/k/v and "
+        "gate/up fused into one GEMM each (Transformer.compile_layers), attention through "
+        "dustin's ops, for every method"
+        if args.compile and args.tp == 1
+        else "layer glue run as eager PyTorch ops (--no-compile, or --tp)"
     )
     if args.tp > 1:
         report.notes.append(
@@ -537,7 +538,7 @@ def run_sweep(args) -> Report:
             target_cfg, draft_cfg = PAIRS[pair]
             target, draft = random_target(target_cfg, args.tp), random_model(draft_cfg, 1)
             pair_cfg = PairConfig.default_for(draft_cfg, target_cfg)
-        if args.compile:
+        if args.compile and args.tp == 1:
             target.compile_layers()
             draft.compile_layers()
         report.notes.append(f"{pair}: retrieval heads and draft share: {pair_cfg.note}")

@@ -39,9 +39,12 @@ def checkpoint(request, tmp_path_factory):
     )  # transformers edits dicts
 
 
+@pytest.mark.parametrize("glue", ["eager", "compiled"])
 @pytest.mark.parametrize("layout, page_size", [("HND", 4), ("NHD", 1), ("HND", 16)])
-def test_logits_match_transformers(checkpoint, layout, page_size):
+def test_logits_match_transformers(checkpoint, layout, page_size, glue):
     model = load_tiny(checkpoint)
+    if glue == "compiled":  # fused projections, traced as inductor would (no C++ build here)
+        model.compile_layers("aot_eager")
     torch.manual_seed(1)
     lens = [30, 21]
     tokens = torch.randint(0, VOCAB, (2, 40))
@@ -129,3 +132,29 @@ def test_bad_inputs(checkpoint):
     )
     with pytest.raises(NotImplementedError, match="rope_scaling type 'yarn' is not supported"):
         rope_inv_freq(scaled)
+
+
+def test_compile_layers_fuses_projections_without_copies(checkpoint):
+    model = load_tiny(checkpoint)
+    before = {name: w.clone() for name, w in model.state_dict().items()}
+    model.compile_layers("aot_eager")
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for name, w in before.items():
+        torch.testing.assert_close(after[name], w, rtol=0, atol=0, msg=name)
+    for layer in model.layers:
+        fused = {
+            layer.self_attn.fused_qkv[0].untyped_storage().data_ptr(): layer.self_attn,
+            layer.mlp.fused_gate_up[0].untyped_storage().data_ptr(): layer.mlp,
+        }
+        for proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            owner = layer.self_attn if proj[0] in "qkv" else layer.mlp
+            storage = getattr(owner, proj).weight.untyped_storage().data_ptr()
+            assert fused.get(storage) is owner, f"{proj} is not a view of the fused weight"
+
+
+def test_compile_layers_refuses_tensor_parallel_ranks(checkpoint):
+    model = load_tiny(checkpoint)
+    model.parallel = object()  # any rank of a group
+    with pytest.raises(NotImplementedError, match="tensor parallelism"):
+        model.compile_layers()

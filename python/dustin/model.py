@@ -18,7 +18,7 @@ whose attention gives Dustin its scoring signals.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -98,6 +98,24 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """One weight (and bias) for linears that read the same input, so that one GEMM computes all
+    their outputs; the linears' parameters become views of it, so nothing is stored twice.
+
+    Returns ``(weight, bias, sizes)``: split the GEMM's last dimension by ``sizes``.
+    """
+    sizes = [m.out_features for m in linears]
+    weight = torch.cat([m.weight for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    for m, w, b in zip(
+        linears, weight.split(sizes), [None] * len(sizes) if bias is None else bias.split(sizes)
+    ):
+        m.weight = nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            m.bias = nn.Parameter(b, requires_grad=False)
+    return weight, bias, sizes
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -113,13 +131,24 @@ class Attention(nn.Module):
             config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias
         )
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+
+    def fuse_projections(self) -> None:
+        """q, k and v from one GEMM (``_fuse_linears``). Do it once the weights are in place:
+        moving the module afterwards moves the views, not the fused copy."""
+        self.fused_qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of hidden states ``x [B, n, H]``."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        if self.fused_qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            weight, bias, sizes = self.fused_qkv
+            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+        q = q.view(b, n, self.num_heads, self.head_dim)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
@@ -131,9 +160,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+
+    def fuse_projections(self) -> None:
+        """gate and up from one GEMM (``_fuse_linears``), as ``Attention.fuse_projections``."""
+        self.fused_gate_up = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            weight, _, sizes = self.fused_gate_up
+            gate, up = F.linear(x, weight).split(sizes, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -150,9 +189,16 @@ class DecoderLayer(nn.Module):
         """q, k, v of the residual stream ``h``: RMSNorm, projections, RoPE."""
         return self.self_attn.project(self.input_layernorm(h), cos, sin)
 
-    def mlp_output(self, h: torch.Tensor) -> torch.Tensor:
-        """The MLP's contribution to the residual stream (a partial sum under tensor parallelism)."""
-        return self.mlp(self.post_attention_layernorm(h))
+    def layer_output(
+        self,
+        h: torch.Tensor,
+        attn_out: torch.Tensor,
+        sum_ranks: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The residual stream after o_proj of the attention output ``[B, n, Hq * D]`` and the
+        MLP; ``sum_ranks`` adds the partial sums of tensor-parallel ranks (else identity)."""
+        h = h + sum_ranks(self.self_attn.o_proj(attn_out))
+        return h + sum_ranks(self.mlp(self.post_attention_layernorm(h)))
 
 
 class Transformer(nn.Module):
@@ -183,7 +229,7 @@ class Transformer(nn.Module):
         self.parallel: TensorParallel | None = None
         # Replaced by their compiled versions in compile_layers.
         self._attention_input = DecoderLayer.attention_input
-        self._mlp_output = DecoderLayer.mlp_output
+        self._layer_output = DecoderLayer.layer_output
 
     @classmethod
     def from_state_dict(
@@ -234,21 +280,35 @@ class Transformer(nn.Module):
         return model.eval().requires_grad_(False)
 
     def compile_layers(self, backend: str = "inductor") -> Transformer:
-        """Compiles each layer's glue (norms, projections, RoPE, MLP) with ``torch.compile``.
+        """Fewer, fused kernels per layer: q/k/v and gate/up each become one GEMM
+        (``fuse_projections``), and the glue around attention (norms, projections, RoPE,
+        residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer.
 
         Attention and the cache writes stay outside, so the ops, the block lists and CUDA-graph
         capture work as before. One compiled graph serves every layer (the layers are inputs, not
         constants) and every batch and window size (``dynamic=True``; sizes 1 get their own).
         Compilation happens on the first call of each kind, so warm up before a CUDA-graph
-        capture (``GraphDecoder`` does). Returns the model.
+        capture (``GraphDecoder`` does). Call it once the model is on its device. Returns the
+        model.
+
+        Raises:
+            NotImplementedError: the model is one rank of a tensor-parallel group (its
+                all-reduces would sit inside the compiled regions; not tried).
         """
+        if self.parallel is not None:
+            raise NotImplementedError(
+                "Transformer.compile_layers: not with tensor parallelism (untested)"
+            )
+        for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
         # Both models of a pair, windows of 1 and of gamma + 1, prefill chunks: more variants
         # than the default limit of 8 compiled graphs per function.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._attention_input = torch.compile(
             DecoderLayer.attention_input, dynamic=True, backend=backend
         )
-        self._mlp_output = torch.compile(DecoderLayer.mlp_output, dynamic=True, backend=backend)
+        self._layer_output = torch.compile(DecoderLayer.layer_output, dynamic=True, backend=backend)
         return self
 
     @property
@@ -441,8 +501,7 @@ class Transformer(nn.Module):
             if record_heads and index in record_heads:
                 queries[index] = q[:, first:, record_heads[index]].to(self.dtype)
             out = attend(index, q, k, v)
-            h = h + self._sum_ranks(layer.self_attn.o_proj(out.reshape(*h.shape[:2], -1)))
-            h = h + self._sum_ranks(self._mlp_output(layer, h))
+            h = self._layer_output(layer, h, out.reshape(*h.shape[:2], -1), self._sum_ranks)
         return h, queries
 
     def _sum_ranks(self, partial: torch.Tensor) -> torch.Tensor:
