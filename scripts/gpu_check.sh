@@ -87,7 +87,7 @@ for m in found: print('verified', join_slices(m, cache_dir()))" || exit 1
       timeout "${QUALITY_TIMEOUT:-400}" python3 -m dustin eval --no-progress --contexts "$ctx" \
         --texts "${QUALITY_TEXTS:-prideprejudice,persuasion}" --steps "${QUALITY_STEPS:-24}" \
         --free-tokens "${QUALITY_FREE_TOKENS:-32}" \
-        --pair-config bench/results/quality/qwen2.5-coder-0.5b_1.5b.calibrated.json \
+        --pair-config "${QUALITY_PAIR_CONFIG:-bench/results/quality/qwen2.5-coder-0.5b_1.5b.calibrated.json}" \
         --tag "cuda-$ctx" 2>&1 | tee "$LOGS/quality_$ctx.log" | tail -n 60 || status=1
       ;;
     bench-*)
