@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -78,12 +77,12 @@ def _decode(target: Transformer, draft: Transformer) -> dict[str, dict]:
     return out
 
 
-def _rank(rank: int, port: int, dirs: dict[str, list[str]], out: str) -> None:
+def _rank(rank: int, store: str, dirs: dict[str, list[str]], out: str) -> None:
     """One rank: shard each family's target, keep the draft whole, decode; rank 0 writes."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
-    )
+    # A file store, not a TCP port: a free port picked by the parent can be taken before the
+    # ranks bind it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
     try:
         results = {}
         for family, (target_dir, draft_dir) in dirs.items():
@@ -95,12 +94,6 @@ def _rank(rank: int, port: int, dirs: dict[str, list[str]], out: str) -> None:
             Path(out).write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +112,12 @@ def pairs(tmp_path_factory) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def parallel_results(pairs, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("tp") / "results.json"
+    folder = tmp_path_factory.mktemp("tp")
+    out = folder / "results.json"
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # children inherit it; gloo ignores it
     context = mp.start_processes(
         _rank,
-        args=(_free_port(), pairs, str(out)),
+        args=(str(folder / "store"), pairs, str(out)),
         nprocs=WORLD_SIZE,
         join=False,
         start_method="spawn",
@@ -215,8 +209,15 @@ def test_generate_with_tp_under_torchrun_prints_the_single_process_table(pairs, 
     argv += ["--budget", "24", "--page-size", "4", "--no-progress"]
     assert main(argv) == 0
     alone = _table(capsys.readouterr().out)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    launch += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    # --standalone: the launcher binds a free port itself (no port picked here and raced for).
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [*launch, "-m", "dustin", *argv, "--tp", "2"],
