@@ -58,7 +58,7 @@ from dustin.model import Transformer, rope_inv_freq
 from dustin.parallel import TensorParallel, init_from_env
 from dustin.policies import CONFIG_DIR, Dense, Dustin, PairConfig
 
-from bench.common import RESULTS_DIR, Report, time_cuda
+from bench.common import READ_CEILING_TBPS, RESULTS_DIR, Report, time_cuda
 
 OUT_DIR = RESULTS_DIR / "e2e"
 DTYPE = torch.bfloat16
@@ -482,6 +482,8 @@ def run_sweep(args) -> Report:
             "vs_magicdec",
             "emitted_per_step",
             "step_ms",
+            "floor_ms",
+            "pct_of_floor",
             *[f"{c}_ms" for c in CATEGORIES],
             "attention_vs_dense",
         ],
@@ -510,6 +512,11 @@ def run_sweep(args) -> Report:
         (
             "rows named '<method>-eager': the same phases as direct PyTorch calls from Python, "
             "no CUDA graphs (what the graphs save)"
+        ),
+        (
+            f"floor_ms: the bytes a step must read once (weights of every forward pass, the KV "
+            f"it attends, the keys its scoring reads) at the {READ_CEILING_TBPS} TB/s read "
+            "ceiling; pct_of_floor = floor_ms / step_ms"
         ),
     ]
     report.notes.append(
@@ -613,6 +620,8 @@ def sweep_gammas(report, setup, pair_cfg, args, weights, steps_total, reach_new)
                 args.probe_steps,
             )
             row = summarize(setup, gamma, label, weights, result, decoder)
+            row["floor_ms"] = step_floor_ms(setup, method, decoder.gamma, pair_cfg, args)
+            row["pct_of_floor"] = 100.0 * row["floor_ms"] / row["step_ms"]
             row["setup_s"] = round(setup_s, 2)
             del decoder
             gc.collect()
@@ -637,6 +646,46 @@ def sweep_gammas(report, setup, pair_cfg, args, weights, steps_total, reach_new)
                     rows["classic"]["verify_attention_ms"] / row["verify_attention_ms"]
                 )
             report.add(**row)
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of the weights one forward pass reads: every parameter once, the embedding table
+    only where it doubles as the LM head (a lookup reads a few rows)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
+
+
+def kv_bytes(model: Transformer, batch: int, tokens: int) -> int:
+    """Keys and values of ``tokens`` positions of every layer and sequence."""
+    c = model.config
+    itemsize = torch.finfo(model.dtype).bits // 8
+    return 2 * batch * c.num_layers * tokens * c.num_kv_heads * c.head_dim * itemsize
+
+
+def key_bytes(model: Transformer, heads, batch: int, tokens: int) -> int:
+    """Keys that scoring on retrieval ``heads`` ((layer, query head) pairs) reads: each KV head
+    those heads map to, once per layer."""
+    c = model.config
+    group = c.num_heads // c.num_kv_heads
+    kv_heads = {(layer, head // group) for layer, head in heads}
+    return len(kv_heads) * batch * tokens * c.head_dim * (torch.finfo(model.dtype).bits // 8)
+
+
+def step_floor_ms(setup, method: Method, gamma: int, pair_cfg: PairConfig, args) -> float:
+    """The time a step cannot beat on this GPU: the bytes it must read once (the weights of every
+    forward pass, the KV it attends, the keys its scoring reads) at the read ceiling."""
+    ctx, batch = setup.context, setup.batch
+    attended = min(ctx, args.budget + gamma + 1) if method.sparse else ctx
+    total = weight_bytes(setup.target) + kv_bytes(setup.target, batch, attended)
+    if method.speculative:
+        drafted = min(ctx, args.draft_window) if method.streaming_draft else ctx
+        total += gamma * (weight_bytes(setup.draft) + kv_bytes(setup.draft, batch, drafted))
+    if method.sparse:
+        total += key_bytes(setup.draft, pair_cfg.draft_heads, batch, ctx)
+        total += key_bytes(setup.target, pair_cfg.target_heads, batch, ctx)
+    return total / (READ_CEILING_TBPS * 1e12) * 1e3
 
 
 def summarize(setup, gamma, label, weights, result, decoder) -> dict:
