@@ -274,8 +274,8 @@ def forward_per_layer(
         )
         return out
 
-    h, _ = model._run_layers(tokens, positions, attend, None)
-    return model._logits(h), chosen
+    h, _ = model.run_layers(tokens, positions, attend, None)
+    return model.logits(h), chosen
 
 
 @dataclass(frozen=True)

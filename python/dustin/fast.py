@@ -219,8 +219,8 @@ def forward_window(
         )
         return out  # consumed by o_proj before the next layer overwrites it
 
-    h, queries = model._run_layers(tokens, positions, attend, record_heads)
-    return model._logits(h[:, -1] if last_only else h), queries
+    h, queries = model.run_layers(tokens, positions, attend, record_heads)
+    return model.logits(h[:, -1] if last_only else h), queries
 
 
 def capture(fn: Callable[[], None]) -> Callable[[], None]:

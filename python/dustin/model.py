@@ -354,7 +354,8 @@ class Transformer(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of final hidden states ``h`` (final norm, then the LM head)."""
         return self.lm_head(self.norm(h)).float()
 
     @torch.inference_mode()
@@ -412,8 +413,8 @@ class Transformer(nn.Module):
             )
             return out
 
-        h, queries = self._run_layers(tokens, positions, attend, record_heads)
-        return self._logits(h[:, -1:] if last_logits_only else h), queries
+        h, queries = self.run_layers(tokens, positions, attend, record_heads)
+        return self.logits(h[:, -1:] if last_logits_only else h), queries
 
     @torch.inference_mode()
     def prefill(
@@ -475,7 +476,7 @@ class Transformer(nn.Module):
                 )
                 return out.transpose(1, 2)
 
-            h, queries = self._run_layers(chunk, positions, attend, record_heads, record_last)
+            h, queries = self.run_layers(chunk, positions, attend, record_heads, record_last)
             for layer, q in queries.items():
                 kept[layer] = (kept.get(layer, []) + [q[0]])[-2:]  # two chunks cover record_last
             if progress is not None:
@@ -484,10 +485,16 @@ class Transformer(nn.Module):
         for layer, parts in kept.items():
             recent = torch.cat(parts)
             queries[layer] = recent[recent.shape[0] - record_last :]
-        return self._logits(h[0, -1]), queries
+        return self.logits(h[0, -1]), queries
 
-    def _run_layers(self, tokens, positions, attend, record_heads, record_last=None):
+    def run_layers(self, tokens, positions, attend, record_heads, record_last=None):
         """Embedding and decoder layers; ``attend(layer, q, k, v)`` supplies the attention.
+
+        The extension point of ``forward``, ``prefill`` and of callers with their own cache
+        handling (``dustin.fast.forward_window``, ``dustin.evaluate.forward_per_layer``):
+        ``positions`` ``[B, n]`` are the tokens' absolute positions (for RoPE), and ``attend``
+        returns ``[B, n, Hq, D]``. Returns ``(h, queries)``: final hidden states ``[B, n, H]``
+        (``logits`` turns them into logits) and the recorded queries by layer.
 
         Records the queries of ``record_heads`` at the last ``record_last`` positions (all when
         None), so a long prefill keeps only what scoring needs.

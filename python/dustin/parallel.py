@@ -7,7 +7,7 @@ rank's attention, paged cache and retrieval-head scoring need nothing from the o
 - q/k/v projections (and their Qwen2 biases) split by KV-head group, ``o_proj`` by its input
   columns; MLP ``gate_proj``/``up_proj`` split by output rows, ``down_proj`` by input columns;
   the partial outputs of ``o_proj`` and ``down_proj`` are summed by one all-reduce each
-  (``Transformer.parallel``, used in ``Transformer._run_layers``);
+  (``Transformer.parallel``, used in ``Transformer.run_layers``);
 - embeddings, norms and ``lm_head`` are replicated: every rank then computes the same full
   logits with no gather, and acceptance, sampling and cache bookkeeping run identically on
   every rank (same inputs, same seed) with nothing to broadcast;
