@@ -523,7 +523,7 @@ def run_sweep(args) -> Report:
         "layer glue (norms, projections, RoPE, MLP) compiled by torch.compile, q/k/v and "
         "gate/up fused into one GEMM each (Transformer.compile_layers), attention through "
         "dustin's ops, for every method"
-        if args.compile and args.tp == 1
+        if args.compile
         else "layer glue run as eager PyTorch ops (--no-compile, or --tp)"
     )
     if args.tp > 1:
@@ -545,7 +545,7 @@ def run_sweep(args) -> Report:
             target_cfg, draft_cfg = PAIRS[pair]
             target, draft = random_target(target_cfg, args.tp), random_model(draft_cfg, 1)
             pair_cfg = PairConfig.default_for(draft_cfg, target_cfg)
-        if args.compile and args.tp == 1:
+        if args.compile:
             target.compile_layers()
             draft.compile_layers()
         report.notes.append(f"{pair}: retrieval heads and draft share: {pair_cfg.note}")
@@ -660,8 +660,7 @@ def weight_bytes(model: Transformer) -> int:
 def kv_bytes(model: Transformer, batch: int, tokens: int) -> int:
     """Keys and values of ``tokens`` positions of every layer and sequence."""
     c = model.config
-    itemsize = torch.finfo(model.dtype).bits // 8
-    return 2 * batch * c.num_layers * tokens * c.num_kv_heads * c.head_dim * itemsize
+    return 2 * batch * c.num_layers * tokens * c.num_kv_heads * c.head_dim * model.dtype.itemsize
 
 
 def key_bytes(model: Transformer, heads, batch: int, tokens: int) -> int:
@@ -670,7 +669,7 @@ def key_bytes(model: Transformer, heads, batch: int, tokens: int) -> int:
     c = model.config
     group = c.num_heads // c.num_kv_heads
     kv_heads = {(layer, head // group) for layer, head in heads}
-    return len(kv_heads) * batch * tokens * c.head_dim * (torch.finfo(model.dtype).bits // 8)
+    return len(kv_heads) * batch * tokens * c.head_dim * model.dtype.itemsize
 
 
 def step_floor_ms(setup, method: Method, gamma: int, pair_cfg: PairConfig, args) -> float:
@@ -817,7 +816,7 @@ def main() -> None:
         "--no-compile",
         dest="compile",
         action="store_false",
-        help="run the layer glue as eager ops instead of torch.compile'd kernels",
+        help="run the layer glue as eager ops instead of torch.compile'd kernels (always with --tp)",
     )
     parser.add_argument(
         "--no-peers", dest="peers", action="store_false", help="skip the dense attention peer check"
@@ -850,6 +849,7 @@ def main() -> None:
     if args.tp > 1:
         if args.target is not None:
             parser.error("--tp runs random-weight pairs only; drop --target/--draft")
+        args.compile = False  # Transformer.compile_layers refuses tensor-parallel ranks
         try:
             init_from_env(args.tp, "cuda")
         except ValueError as exc:

@@ -2,14 +2,14 @@
 # SPDX-License-Identifier: Apache-2.0
 # One call on the GPU machine: build from source (carried nvidia-cutlass wheel, no network),
 # run the tests (CPU and CUDA), a compute-sanitizer pass, and the benchmarks.
-#   scripts/gpu_check.sh [stage ...]     stages: build diagnose backtrace test sanitize native
+#   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native
 #                                        bench-<name> (runs bench/bench_<name>.py)
 #                                        weights (joins the real pair sent in slices, below)
 #                                        quality-<context> (dustin eval at that context)
 #                                        (default: build test sanitize)
-# The real GGUF pair reaches the machine in 56 MiB slices (python -c "from dustin.fetch import
-# split_for_transfer; ..." into .weights/), one call per slice copying it to ~/xfer; the
-# `weights` stage joins them into the dustin cache and verifies every SHA-256.
+# The real GGUF pair reaches the machine in 56 MiB slices (`dustin fetch split FILE .weights`
+# here), one call per slice copying it to ~/xfer; the `weights` stage joins them into the
+# dustin cache (`dustin fetch join`), which verifies every SHA-256.
 # Carry the wheel folder and the commit: `git rev-parse --short=12 HEAD > .dustin-commit`, then
 # run(carry=[".whl", ".dustin-commit"]) (a .git there, if any, is stale; results cite that commit).
 # .whl holds the wheels the machine lacks: nvidia-cutlass and gguf (docs/gpu-notes.md).
@@ -45,16 +45,6 @@ for stage in "${stages[@]}"; do
     diagnose)
       step diagnose; bash scripts/diagnose_crash.sh 2>&1 | tee "$LOGS/diagnose.log"
       ;;
-    backtrace)
-      # Native backtraces of host code run on CUDA tensors (value checks, CPU twin beside CUDA).
-      step backtrace
-      for call in "check_wrapper_value_checks()" "check_matches_cpu_twin('bfloat16', 'HND')"; do
-        echo "--- $call"
-        (cd tests && timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 -X faulthandler \
-          -c "import test_cuda_sparse_verify as t; t.$call" 2>&1 \
-          | grep -v '^\[New Thread\|^\[Thread\|^warning:' | tail -n 25) || status=1
-      done
-      ;;
     test)
       step tests
       xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
@@ -76,10 +66,12 @@ for stage in "${stages[@]}"; do
       ;;
     weights)
       step weights
-      python3 -c "import glob, os, sys; from dustin.fetch import cache_dir, join_slices
-found = sorted(glob.glob(os.path.expanduser('~/xfer/*.manifest.json')))
-sys.exit('no manifests in ~/xfer') if not found else None
-for m in found: print('verified', join_slices(m, cache_dir()))" || exit 1
+      manifests=(~/xfer/*.manifest.json)
+      [ -f "${manifests[0]}" ] || { echo "no manifests in ~/xfer"; exit 1; }
+      cache=$(python3 -c "from dustin.fetch import cache_dir; print(cache_dir())")
+      for manifest in "${manifests[@]}"; do
+        python3 -m dustin fetch --quiet join "$manifest" --out-dir "$cache" || exit 1
+      done
       ;;
     quality-*)
       ctx=${stage#quality-}
