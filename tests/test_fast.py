@@ -167,15 +167,15 @@ def test_compiled_layers_decode_like_eager_layers_on_cpu():
     assert tokens[1] == tokens[0]
 
 
-def prefill_and_window_logits(dtype: torch.dtype, compiled: bool) -> torch.Tensor:
-    """float64 logits of a 90-token prefill and a 5-token window after it, on CUDA."""
-    target, _ = tiny_pair(dtype, "cuda", 64, "near-copy")
+def prefill_and_window_logits(dtype: torch.dtype, device: str, compiled: bool) -> torch.Tensor:
+    """float64 logits of a 90-token prefill and a 5-token window after it."""
+    target, _ = tiny_pair(dtype, device, 64, "near-copy")
     if compiled:
         target.compile_layers()
     cache = target.new_cache(1, 128)
-    first, _ = target.prefill(torch.tensor(prompts_of([90], seed=11)[0], device="cuda"), cache, 0)
-    after, _ = target.forward(torch.tensor(prompts_of([5], seed=12), device="cuda"), cache)
-    return torch.cat([first.flatten(), after.flatten()]).double()
+    first, _ = target.prefill(torch.tensor(prompts_of([90], seed=11)[0], device=device), cache, 0)
+    after, _ = target.forward(torch.tensor(prompts_of([5], seed=12), device=device), cache)
+    return torch.cat([first.flatten(), after.flatten()]).double().cpu()
 
 
 @pytest.mark.cuda
@@ -183,12 +183,14 @@ def test_compiled_layers_compute_the_eager_logits_on_cuda():
     def error(x: torch.Tensor) -> float:
         return ((x - reference).norm() / reference.norm()).item()
 
-    reference = prefill_and_window_logits(torch.float32, compiled=False)
-    assert error(prefill_and_window_logits(torch.float32, compiled=True)) < 1e-4
+    # The CUDA kernels take 16-bit inputs only, so the float32 reference runs on the CPU (the
+    # weights do not depend on the device).
+    reference = prefill_and_window_logits(torch.float32, "cpu", compiled=False)
     # In bf16 inductor rounds once where eager rounds after every op, so greedy tokens of the
     # tiny models can flip; the compiled glue must be at least about as accurate.
-    eager = error(prefill_and_window_logits(torch.bfloat16, compiled=False))
-    compiled = error(prefill_and_window_logits(torch.bfloat16, compiled=True))
+    eager = error(prefill_and_window_logits(torch.bfloat16, "cuda", compiled=False))
+    compiled = error(prefill_and_window_logits(torch.bfloat16, "cuda", compiled=True))
+    assert eager < 0.1, f"bf16 eager logit error {eager:.3e}"  # 0.045 on the CPU
     assert compiled <= 1.25 * eager, f"bf16 logit error: compiled {compiled:.3e}, eager {eager:.3e}"
 
 
