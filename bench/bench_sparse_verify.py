@@ -95,10 +95,26 @@ class PagedCase:
         return gather(self.k), gather(self.v)
 
 
-def dustin_fn(case: PagedCase, q: torch.Tensor, ids, counts):
+def split_bytes(q: torch.Tensor) -> int:
+    """Workspace of one split: fp32 partial output and lse of every output row."""
+    batch, q_len, heads, head_dim = q.shape
+    return batch * q_len * heads * (head_dim + 1) * 4
+
+
+def planned_splits(case: PagedCase, q: torch.Tensor, ids: torch.Tensor) -> int:
+    """The split count the kernel's planner picks (read back from the workspace it asks for)."""
+    nbytes = ops.sparse_verify_workspace_bytes(q, case.k, case.table, ids, "HND")
+    return max(nbytes // split_bytes(q), 1)
+
+
+def dustin_fn(case: PagedCase, q: torch.Tensor, ids, counts, splits: int | None = None):
+    """The out-variant call; `splits` caps the split count through the workspace it is given
+    (the kernel splits only as far as its workspace allows), None leaves the planner's choice."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device="cuda")
     nbytes = ops.sparse_verify_workspace_bytes(q, case.k, case.table, ids, "HND")
+    if splits is not None:
+        nbytes = splits * split_bytes(q) if splits > 1 else 0
     workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     scale = case.shape.head_dim**-0.5
     op = torch.ops.dustin.sparse_verify_out
@@ -194,6 +210,7 @@ def bench_dustin(report: Report, args, gen: torch.Generator) -> dict:
                                 q=q_len,
                                 P=page,
                                 mode=mode,
+                                splits=planned_splits(case, q, ids),
                                 graph_us=t.graph_us,
                                 eager_us=t.eager_us,
                                 tbps=tbps(nbytes, t.best_us),
@@ -208,6 +225,41 @@ def bench_dustin(report: Report, args, gen: torch.Generator) -> dict:
                     del case
                     torch.cuda.empty_cache()
     return times
+
+
+def bench_split_sweep(report: Report, args, gen: torch.Generator) -> None:
+    """The planner's split count against forced ones at the headline points (B=16, 32k, q=5,
+    P=16): shows whether it picks the fastest plan and what splitting costs or buys."""
+    for shape_name in args.sweep_shapes:
+        shape = SHAPES[shape_name]
+        case = PagedCase(shape, 16, 32768, 16, gen)
+        q = torch.randn(16, 5, shape.num_qo_heads, shape.head_dim, device="cuda", dtype=DTYPE)
+        for budget in (None, 512):
+            ids, counts, tokens = case.lists(budget, 5)
+            nbytes = case.kv_bytes(tokens) + 2 * q.numel() * ELEM
+            chosen = planned_splits(case, q, ids)
+            mode = "dense" if budget is None else f"sparse-{budget}"
+            for splits in sorted({1, 2, 3, 4, 8, chosen}):
+                fn, _ = dustin_fn(case, q, ids, counts, splits)
+                t = time_cuda(fn, reps=args.reps)
+                label = f"{splits}" + (" (planner)" if splits == chosen else "")
+                report.add(
+                    variant="dustin-splits",
+                    shape=shape_name,
+                    B=16,
+                    ctx=32768,
+                    q=5,
+                    P=16,
+                    mode=mode,
+                    splits=label,
+                    graph_us=t.graph_us,
+                    eager_us=t.eager_us,
+                    tbps=tbps(nbytes, t.best_us),
+                    pct_ceiling=pct_of_ceiling(nbytes, t.best_us),
+                )
+                print(f"split sweep {shape_name} {mode} splits={label}: {t.best_us:.1f} us")
+        del case
+        torch.cuda.empty_cache()
 
 
 def add_peer_row(
@@ -410,6 +462,13 @@ def main() -> None:
     parser.add_argument("--flex-shapes", nargs="+", default=["qwen2.5-72b"], choices=list(SHAPES))
     parser.add_argument("--flex-q", nargs="+", type=int, default=[5])
     parser.add_argument("--flex-budgets", nargs="+", type=int, default=[512])
+    parser.add_argument(
+        "--sweep-shapes",
+        nargs="*",
+        default=["qwen2.5-coder-1.5b", "qwen2.5-7b", "qwen2.5-72b"],
+        choices=list(SHAPES),
+        help="shapes of the split-count sweep (none: skip it)",
+    )
     parser.add_argument("--tag", default="")
     parser.add_argument("--commit", default=None, help="commit measured, noted in the results")
     parser.add_argument(
@@ -431,6 +490,7 @@ def main() -> None:
             "q",
             "P",
             "mode",
+            "splits",
             "graph_us",
             "eager_us",
             "tbps",
@@ -442,6 +502,7 @@ def main() -> None:
     if args.commit:
         report.notes.append(f"commit {args.commit} (given on the command line)")
     start = time.time()
+    bench_split_sweep(report, args, gen)
     ours = bench_dustin(report, args, gen)
     if args.peers:
         bench_peers(report, args, gen, ours)

@@ -16,9 +16,9 @@ namespace {
 
 /// Most partial results one output row is split into; bounds the workspace and the merge.
 constexpr int kMaxSplits = 128;
-/// A split count is good enough once the last wave of CTAs fills this share of the GPU's
-/// CTA slots; the smallest such count is taken, since each split adds merge traffic.
-constexpr double kMinWaveEfficiency = 0.85;
+/// What a merge costs besides its partials' traffic (its tail and the CTAs' start), expressed
+/// as the bytes one SM streams at its share of the read bandwidth in about 2 us (H100/H200).
+constexpr double kMergeFixedBytesPerSm = 64.0 * 1024.0;
 constexpr int kMaxDevices = 64;
 constexpr int kMergeThreads = 128;
 
@@ -76,28 +76,20 @@ Status validate(const SparseVerifyParams& p, bool need_data) {
   return Status::kOk;
 }
 
-/// Sets the kernel's shared-memory limit and returns how many of its CTAs fit on one SM, once
-/// per device (host-side queries only: nothing synchronises, so graph capture is safe).
+/// Raises the kernel's shared-memory limit, once per device (a host-side call only: nothing
+/// synchronises, so graph capture is safe).
 template <typename T, int kHeadDim, int kMTiles>
-cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
+cudaError_t prepare_kernel(int device) {
   static std::mutex mutex;
-  static int cached[kMaxDevices] = {};
+  static bool done[kMaxDevices] = {};
   std::lock_guard<std::mutex> lock(mutex);
-  if (device < kMaxDevices && cached[device] > 0) {
-    *ctas_per_sm = cached[device];
-    return cudaSuccess;
-  }
+  if (device < kMaxDevices && done[device]) return cudaSuccess;
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
-  const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  int n = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  if (device < kMaxDevices) cached[device] = std::max(n, 1);
-  *ctas_per_sm = std::max(n, 1);
-  return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(detail::sparse_verify_kernel<T, kHeadDim, kMTiles>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (err == cudaSuccess && device < kMaxDevices) done[device] = true;
+  return err;
 }
 
 /// A device attribute of `device`, looked up once.
@@ -115,20 +107,25 @@ cudaError_t device_attribute(int device, int* value) {
   return err;
 }
 
-/// Smallest split count whose last wave keeps kMinWaveEfficiency of the CTA slots busy, else
-/// the most efficient one; never more splits than KV tiles.
-int choose_splits(int64_t base_ctas, int64_t max_tiles, int64_t slots) {
+/// The split count with the smallest estimated time. The kernel is bound by reading KV, and the
+/// CTAs of a wave spread over the SMs, so a plan costs what its busiest SM reads: its CTAs' KV
+/// tiles, plus, when split, the fp32 partials written and read back (spread over all SMs) and
+/// the merge's fixed cost. Splitting thus pays only when it brings idle SMs to work on lists
+/// long enough to repay the merge; ties go to fewer splits. One CTA per SM streams at the SM's
+/// share of the bandwidth (its cp.async pipeline keeps two KV tiles in flight).
+int choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, double tile_bytes,
+                  double split_partial_bytes) {
   const int limit = static_cast<int>(std::min<int64_t>(max_tiles, kMaxSplits));
   int best = 1;
-  double best_efficiency = 0.0;
+  double best_cost = 0.0;
   for (int s = 1; s <= limit; ++s) {
-    const int64_t ctas = base_ctas * s;
-    const int64_t waves = (ctas + slots - 1) / slots;
-    const double efficiency = static_cast<double>(ctas) / static_cast<double>(waves * slots);
-    if (efficiency >= kMinWaveEfficiency) return s;
-    if (efficiency > best_efficiency) {
+    const int64_t ctas_per_sm = (base_ctas * s + sms - 1) / sms;
+    const int64_t tiles_per_cta = (max_tiles + s - 1) / s;
+    double cost = static_cast<double>(ctas_per_sm * tiles_per_cta) * tile_bytes;
+    if (s > 1) cost += kMergeFixedBytesPerSm + 2.0 * s * split_partial_bytes / sms;
+    if (s == 1 || cost < best_cost) {
       best = s;
-      best_efficiency = efficiency;
+      best_cost = cost;
     }
   }
   return best;
@@ -141,26 +138,25 @@ cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   int sms = 0;
-  int ctas_per_sm = 0;
   err = device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms);
   if (err != cudaSuccess) return err;
-  if ((err = prepare_kernel<T, kHeadDim, kMTiles>(device, &ctas_per_sm)) != cudaSuccess) {
-    return err;
-  }
+  if ((err = prepare_kernel<T, kHeadDim, kMTiles>(device)) != cudaSuccess) return err;
   const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
   plan->m_tiles = kMTiles;
   plan->row_chunks = (rows + Cfg::kRows - 1) / Cfg::kRows;
   const int64_t base_ctas =
       static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * plan->row_chunks;
   const int64_t max_tiles = (max_attended_slots(p) + Cfg::kTileN - 1) / Cfg::kTileN;
-  plan->num_splits = choose_splits(base_ctas, max_tiles, static_cast<int64_t>(sms) * ctas_per_sm);
   plan->split_bytes =
       static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads * (kHeadDim + 1) * sizeof(float);
+  plan->num_splits = choose_splits(base_ctas, max_tiles, sms, Cfg::kStageElems * 2.0,
+                                   static_cast<double>(plan->split_bytes));
   return cudaSuccess;
 }
 
 template <typename T, int kHeadDim, int kMTiles>
-Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, size_t* workspace_bytes) {
+Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, bool hopper,
+                       size_t* workspace_bytes) {
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
   LaunchPlan plan;
   if (make_plan<T, kHeadDim, kMTiles>(p, &plan) != cudaSuccess) return Status::kCudaError;
@@ -182,10 +178,21 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, size_t*
   if (splits > 1) {
     const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
     const int64_t rows_per_cta = splits >= detail::kMergeSplitsPerCta ? 1 : kMergeThreads / 32;
-    detail::sparse_verify_merge_kernel<T, kHeadDim>
-        <<<static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta), kMergeThreads, 0,
-           stream>>>(p, splits);
-    if (cudaPeekAtLastError() != cudaSuccess) return Status::kCudaError;
+    // On Hopper the merge is a programmatic dependent launch: its CTAs start while the
+    // attention grid drains and wait on the grid dependency before reading the partials.
+    cudaLaunchAttribute dependent;
+    dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    dependent.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta));
+    config.blockDim = dim3(kMergeThreads);
+    config.stream = stream;
+    config.attrs = &dependent;
+    config.numAttrs = hopper ? 1 : 0;
+    if (cudaLaunchKernelEx(&config, detail::sparse_verify_merge_kernel<T, kHeadDim>, p, splits) !=
+        cudaSuccess) {
+      return Status::kCudaError;
+    }
   }
   return Status::kOk;
 }
@@ -202,18 +209,19 @@ Status dispatch(const SparseVerifyParams& p, cudaStream_t stream, size_t* worksp
     return Status::kCudaError;
   }
   const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
-  const int m_tiles = m_tiles_for(rows, cc_major == 9);
+  const bool hopper = cc_major == 9;
+  const int m_tiles = m_tiles_for(rows, hopper);
   return DUSTIN_DISPATCH_DTYPE16(p.kv.dtype, [&] {
     return DUSTIN_DISPATCH_HEAD_DIM(p.kv.head_dim, [&] {
       switch (m_tiles) {
         case 1:
-          return plan_and_launch<DTypeKV, kHeadDim, 1>(p, stream, workspace_bytes);
+          return plan_and_launch<DTypeKV, kHeadDim, 1>(p, stream, hopper, workspace_bytes);
         case 2:
-          return plan_and_launch<DTypeKV, kHeadDim, 2>(p, stream, workspace_bytes);
+          return plan_and_launch<DTypeKV, kHeadDim, 2>(p, stream, hopper, workspace_bytes);
         case 3:
-          return plan_and_launch<DTypeKV, kHeadDim, 3>(p, stream, workspace_bytes);
+          return plan_and_launch<DTypeKV, kHeadDim, 3>(p, stream, hopper, workspace_bytes);
         default:
-          return plan_and_launch<DTypeKV, kHeadDim, 4>(p, stream, workspace_bytes);
+          return plan_and_launch<DTypeKV, kHeadDim, 4>(p, stream, hopper, workspace_bytes);
       }
     });
   });

@@ -240,6 +240,9 @@ __global__ void __launch_bounds__(128)
     }
   };
 
+  // The merge (when split) may now be scheduled: it waits for this grid's completion itself.
+  allow_dependent_launch();
+
   // Prologue: kStages - 1 tiles in flight (empty groups keep the wait counts uniform).
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {

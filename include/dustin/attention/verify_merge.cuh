@@ -25,6 +25,8 @@ __global__ void __launch_bounds__(128)
   const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  // Launched as a programmatic dependent of the attention grid: its partials are read below.
+  wait_for_preceding_grid();
   const bool cta_per_row = num_splits >= kMergeSplitsPerCta;
   const int64_t row = cta_per_row ? blockIdx.x : blockIdx.x * int64_t{kWarps} + warp;
   if (row >= rows) return;  // whole warps only, and never with cta_per_row (grid = rows)
