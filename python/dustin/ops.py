@@ -122,9 +122,9 @@ def sparse_verify_out(
             as for ``sparse_verify``.
         out: ``[B, q, Hq, D]`` contiguous, dtype of q.
         lse: ``[B, q, Hq]`` contiguous float32.
-        workspace: uint8 ``[bytes]`` on q's device with at least
-            ``sparse_verify_workspace_bytes(...)`` bytes, or None to let the op allocate it from
-            PyTorch's caching allocator.
+        workspace: uint8 ``[bytes]`` on q's device, ``sparse_verify_workspace_bytes(...)``
+            bytes, or None to let the op allocate it from PyTorch's caching allocator. A smaller
+            one caps how far the kernel splits long lists (same results; empty: no split).
         validate: as for ``sparse_verify``.
 
     Raises:
