@@ -19,6 +19,10 @@ constexpr int kMaxSplits = 128;
 /// What a merge costs besides its partials' traffic (its tail and the CTAs' start), expressed
 /// as the bytes one SM streams at its share of the read bandwidth in about 2 us (H100/H200).
 constexpr double kMergeFixedBytesPerSm = 64.0 * 1024.0;
+/// Read throughput of an SM running one CTA, relative to two or more: one warpgroup alone
+/// leaves KV loads and its own serial softmax exposed (H200, 72B shape, dense 32k, B = 16:
+/// 1.77 us per 64-token tile with one CTA per SM, 1.19 us per tile per SM with two).
+constexpr double kSingleCtaThroughput = 0.67;
 constexpr int kMaxDevices = 64;
 constexpr int kMergeThreads = 128;
 
@@ -76,20 +80,28 @@ Status validate(const SparseVerifyParams& p, bool need_data) {
   return Status::kOk;
 }
 
-/// Raises the kernel's shared-memory limit, once per device (a host-side call only: nothing
-/// synchronises, so graph capture is safe).
+/// Raises the kernel's shared-memory limit and returns how many of its CTAs fit on one SM, once
+/// per device (host-side queries only: nothing synchronises, so graph capture is safe).
 template <typename T, int kHeadDim, int kMTiles>
-cudaError_t prepare_kernel(int device) {
+cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
   static std::mutex mutex;
-  static bool done[kMaxDevices] = {};
+  static int cached[kMaxDevices] = {};
   std::lock_guard<std::mutex> lock(mutex);
-  if (device < kMaxDevices && done[device]) return cudaSuccess;
+  if (device < kMaxDevices && cached[device] > 0) {
+    *ctas_per_sm = cached[device];
+    return cudaSuccess;
+  }
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
-  const cudaError_t err =
-      cudaFuncSetAttribute(detail::sparse_verify_kernel<T, kHeadDim, kMTiles>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (err == cudaSuccess && device < kMaxDevices) done[device] = true;
-  return err;
+  const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  int n = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  *ctas_per_sm = std::max(n, 1);
+  if (device < kMaxDevices) cached[device] = *ctas_per_sm;
+  return cudaSuccess;
 }
 
 /// A device attribute of `device`, looked up once.
@@ -107,21 +119,22 @@ cudaError_t device_attribute(int device, int* value) {
   return err;
 }
 
-/// The split count with the smallest estimated time. The kernel is bound by reading KV, and the
-/// CTAs of a wave spread over the SMs, so a plan costs what its busiest SM reads: its CTAs' KV
-/// tiles, plus, when split, the fp32 partials written and read back (spread over all SMs) and
-/// the merge's fixed cost. Splitting thus pays only when it brings idle SMs to work on lists
-/// long enough to repay the merge; ties go to fewer splits. One CTA per SM streams at the SM's
-/// share of the bandwidth (its cp.async pipeline keeps two KV tiles in flight).
-int choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, double tile_bytes,
-                  double split_partial_bytes) {
+/// The split count with the smallest estimated time. The kernel is bound by reading KV and its
+/// CTAs spread over the SMs, so a plan costs what its busiest SM reads (its CTAs' KV tiles, at
+/// a lower rate when it holds only one CTA at a time) plus, when split, the fp32 partials
+/// written and read back (spread over all SMs) and the merge's fixed cost. Splitting thus pays
+/// when it brings idle SMs or idle CTA slots to work on lists long enough to repay the merge;
+/// ties go to fewer splits.
+int choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, int ctas_per_sm,
+                  double tile_bytes, double split_partial_bytes) {
   const int limit = static_cast<int>(std::min<int64_t>(max_tiles, kMaxSplits));
   int best = 1;
   double best_cost = 0.0;
   for (int s = 1; s <= limit; ++s) {
-    const int64_t ctas_per_sm = (base_ctas * s + sms - 1) / sms;
+    const int64_t sm_ctas = (base_ctas * s + sms - 1) / sms;
     const int64_t tiles_per_cta = (max_tiles + s - 1) / s;
-    double cost = static_cast<double>(ctas_per_sm * tiles_per_cta) * tile_bytes;
+    const double rate = std::min<int64_t>(sm_ctas, ctas_per_sm) > 1 ? 1.0 : kSingleCtaThroughput;
+    double cost = static_cast<double>(sm_ctas * tiles_per_cta) * tile_bytes / rate;
     if (s > 1) cost += kMergeFixedBytesPerSm + 2.0 * s * split_partial_bytes / sms;
     if (s == 1 || cost < best_cost) {
       best = s;
@@ -140,7 +153,10 @@ cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
   int sms = 0;
   err = device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms);
   if (err != cudaSuccess) return err;
-  if ((err = prepare_kernel<T, kHeadDim, kMTiles>(device)) != cudaSuccess) return err;
+  int ctas_per_sm = 0;
+  if ((err = prepare_kernel<T, kHeadDim, kMTiles>(device, &ctas_per_sm)) != cudaSuccess) {
+    return err;
+  }
   const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
   plan->m_tiles = kMTiles;
   plan->row_chunks = (rows + Cfg::kRows - 1) / Cfg::kRows;
@@ -149,7 +165,7 @@ cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
   const int64_t max_tiles = (max_attended_slots(p) + Cfg::kTileN - 1) / Cfg::kTileN;
   plan->split_bytes =
       static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads * (kHeadDim + 1) * sizeof(float);
-  plan->num_splits = choose_splits(base_ctas, max_tiles, sms, Cfg::kStageElems * 2.0,
+  plan->num_splits = choose_splits(base_ctas, max_tiles, sms, ctas_per_sm, Cfg::kStageElems * 2.0,
                                    static_cast<double>(plan->split_bytes));
   return cudaSuccess;
 }
