@@ -16,13 +16,17 @@ namespace {
 
 /// Most partial results one output row is split into; bounds the workspace and the merge.
 constexpr int kMaxSplits = 128;
-/// What a merge costs besides its partials' traffic (its tail and the CTAs' start), expressed
-/// as the bytes one SM streams at its share of the read bandwidth in about 2 us (H100/H200).
-constexpr double kMergeFixedBytesPerSm = 64.0 * 1024.0;
-/// Read throughput of an SM running one CTA, relative to two or more: one warpgroup alone
-/// leaves KV loads and its own serial softmax exposed (H200, 72B shape, dense 32k, B = 16:
-/// 1.77 us per 64-token tile with one CTA per SM, 1.19 us per tile per SM with two).
+/// Time model of the split planner, from the split-count sweep of bench_sparse_verify.py on the
+/// H200 (B = 16, 32k, q = 5, P = 16; the sweep rows in bench/results show its fit):
+/// an SM holding two or more CTAs reads KV at about 27.5 KB/us (a 64-token D = 128 tile per
+/// 1.19 us, 78% of its share of the HBM ceiling); one CTA alone, whose warpgroup leaves loads
+/// and its serial softmax exposed, at two thirds of that (1.77 us per tile).
+constexpr double kSmBytesPerUs = 27.5e3;
 constexpr double kSingleCtaThroughput = 0.67;
+/// From a CTA's start to its first KV tile: the dependent loads of lengths, ids and pages.
+constexpr double kCtaStartUs = 3.0;
+/// The merge launch's tail beyond reading the partials back.
+constexpr double kMergeUs = 2.0;
 constexpr int kMaxDevices = 64;
 constexpr int kMergeThreads = 128;
 
@@ -119,26 +123,37 @@ cudaError_t device_attribute(int device, int* value) {
   return err;
 }
 
-/// The split count with the smallest estimated time. The kernel is bound by reading KV and its
-/// CTAs spread over the SMs, so a plan costs what its busiest SM reads (its CTAs' KV tiles, at
-/// a lower rate when it holds only one CTA at a time) plus, when split, the fp32 partials
-/// written and read back (spread over all SMs) and the merge's fixed cost. Splitting thus pays
-/// when it brings idle SMs or idle CTA slots to work on lists long enough to repay the merge;
-/// ties go to fewer splits.
+/// Estimated microseconds of a plan with `splits` CTAs per list: the busiest SM runs its CTAs
+/// in waves of `ctas_per_sm` (a lone CTA at the single-CTA rate), each wave paying a CTA start;
+/// a split plan adds the fp32 partials written and read back (spread over all SMs) and the
+/// merge's tail.
+double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ctas_per_sm,
+               double tile_bytes, double split_partial_bytes) {
+  const int64_t sm_ctas = (base_ctas * splits + sms - 1) / sms;
+  const double cta_read_us = static_cast<double>((max_tiles + splits - 1) / splits) * tile_bytes /
+                             kSmBytesPerUs;
+  const auto wave_us = [&](int64_t ctas) {
+    return kCtaStartUs + ctas * cta_read_us / (ctas > 1 ? 1.0 : kSingleCtaThroughput);
+  };
+  double us = static_cast<double>(sm_ctas / ctas_per_sm) * wave_us(ctas_per_sm);
+  if (sm_ctas % ctas_per_sm != 0) us += wave_us(sm_ctas % ctas_per_sm);
+  if (splits > 1) us += kMergeUs + 2.0 * splits * split_partial_bytes / sms / kSmBytesPerUs;
+  return us;
+}
+
+/// The split count with the smallest estimated time (ties: fewer splits). Splitting pays when it
+/// brings idle SMs or CTA slots to work on lists long enough to repay the merge.
 int choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, int ctas_per_sm,
                   double tile_bytes, double split_partial_bytes) {
   const int limit = static_cast<int>(std::min<int64_t>(max_tiles, kMaxSplits));
   int best = 1;
-  double best_cost = 0.0;
+  double best_us = 0.0;
   for (int s = 1; s <= limit; ++s) {
-    const int64_t sm_ctas = (base_ctas * s + sms - 1) / sms;
-    const int64_t tiles_per_cta = (max_tiles + s - 1) / s;
-    const double rate = std::min<int64_t>(sm_ctas, ctas_per_sm) > 1 ? 1.0 : kSingleCtaThroughput;
-    double cost = static_cast<double>(sm_ctas * tiles_per_cta) * tile_bytes / rate;
-    if (s > 1) cost += kMergeFixedBytesPerSm + 2.0 * s * split_partial_bytes / sms;
-    if (s == 1 || cost < best_cost) {
+    const double us =
+        plan_us(base_ctas, max_tiles, s, sms, ctas_per_sm, tile_bytes, split_partial_bytes);
+    if (s == 1 || us < best_us) {
       best = s;
-      best_cost = cost;
+      best_us = us;
     }
   }
   return best;

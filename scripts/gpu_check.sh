@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # One call on the GPU machine: build from source (carried nvidia-cutlass wheel, no network),
 # run the tests (CPU and CUDA), a compute-sanitizer pass, and the benchmarks.
-#   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native
+#   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native profile
 #                                        bench-<name> (runs bench/bench_<name>.py)
 #                                        weights (joins the real pair sent in slices, below)
 #                                        quality-<context> (dustin eval at that context)
@@ -63,6 +63,20 @@ for stage in "${stages[@]}"; do
     native)
       step native
       DUSTIN_NATIVE_CUDA=ON python3 -m pytest -q -p no:cacheprovider tests/test_native.py || status=1
+      ;;
+    profile)
+      # Nsight Compute on one launch per case (PROFILE_CASES: ';'-separated argument lists of
+      # scripts/profile_sparse_verify.py); needs the Firecracker runtime's counters.
+      step profile
+      IFS=';' read -ra cases <<< "${PROFILE_CASES:---budget 512;--budget 0}"
+      for case in "${cases[@]}"; do
+        echo "--- $case" | tee -a "$LOGS/profile.log"
+        ncu --clock-control none -k regex:sparse_verify_kernel -s 3 -c 1 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+          python3 scripts/profile_sparse_verify.py $case 2>&1 | tee -a "$LOGS/profile.log" \
+          | grep -v "^==PROF==" | tail -n 120 || status=1
+      done
       ;;
     weights)
       step weights
