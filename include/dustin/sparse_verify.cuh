@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cutlass/fast_math.h>
 
 #include "dustin/attention/tile_primitives.cuh"
 #include "dustin/attention/verify_merge.cuh"
@@ -50,13 +49,10 @@ struct VerifyTileConfig {
   /// tiles that read them: one pair of dependent global loads per chunk instead of per tile.
   static constexpr int kChunkBlocks = 128;
   static constexpr int kChunkOffsetBytes = kPosOffsetBytes + kStages * kTileN * 4;
-  /// Per stage: whether its tile is clean (every slot a valid listed token, so visible to every
-  /// query row), which lets the softmax skip the mask.
-  static constexpr int kCleanOffsetBytes = kChunkOffsetBytes + 2 * kChunkBlocks * 4;
   /// wgmma reads K and V through 128-byte-swizzle descriptors, whose atoms are 1024-byte
   /// aligned; the launch adds this much so the kernel can align its base.
   static constexpr int kSmemAlign = 1024;
-  static constexpr int kSmemBytes = kCleanOffsetBytes + kStages * 4 + kSmemAlign;
+  static constexpr int kSmemBytes = kChunkOffsetBytes + 2 * kChunkBlocks * 4 + kSmemAlign;
   /// 64 rows are one warpgroup's wgmma M: on sm_90a the tensor cores then read each KV tile
   /// from shared memory once for all rows (mma.sync re-reads it per 16-row warp).
   static constexpr bool kWarpgroupMma = kMTiles == 4;
@@ -127,7 +123,6 @@ __global__ void __launch_bounds__(128)
   // [kChunkBlocks] logical block id (-1: skipped) and physical page of attended blocks.
   int32_t* chunk_block = reinterpret_cast<int32_t*>(smem + Cfg::kChunkOffsetBytes);
   int32_t* chunk_page = chunk_block + Cfg::kChunkBlocks;
-  int32_t* stage_clean = reinterpret_cast<int32_t*>(smem + Cfg::kCleanOffsetBytes);  // [kStages]
 
   const PagedKV& kv = p.kv;
   const int num_kv_heads = kv.num_kv_heads;
@@ -184,7 +179,6 @@ __global__ void __launch_bounds__(128)
   // outside the sequence, are skipped, never read), then every block of the window.
   constexpr int kChunkPerThread = Cfg::kChunkBlocks / Cfg::kThreads;
   int chunk_first = -Cfg::kChunkBlocks;  // first attended block held in chunk_*
-  bool chunk_listed_valid = false;       // every listed block of the chunk will be read
   auto fill_chunk = [&](int first) {
     __syncthreads();  // the previous chunk has no readers left
     int block[kChunkPerThread];
@@ -203,16 +197,14 @@ __global__ void __launch_bounds__(128)
     int page[kChunkPerThread];
 #pragma unroll
     for (int j = 0; j < kChunkPerThread; ++j) page[j] = valid[j] ? __ldg(seq.table + block[j]) : -1;
-    bool listed_ok = true;
 #pragma unroll
     for (int j = 0; j < kChunkPerThread; ++j) {
       const bool ok = valid[j] && page[j] >= 0 && page[j] < kv.num_pages;
-      if (first + tid + j * Cfg::kThreads < seq.count) listed_ok &= ok;
       chunk_block[tid + j * Cfg::kThreads] = ok ? block[j] : -1;
       chunk_page[tid + j * Cfg::kThreads] = page[j];
     }
     chunk_first = first;
-    chunk_listed_valid = __syncthreads_and(listed_ok) != 0;
+    __syncthreads();
   };
 
   // ---- gather of one KV tile into a stage (called by all threads alike) ------------------
@@ -220,36 +212,31 @@ __global__ void __launch_bounds__(128)
   const T* v_base = static_cast<const T*>(kv.v);
   const int load_chunk = tid % kChunks;
   const int load_row0 = tid / kChunks;
-  const int64_t head_offset = h * kv.head_stride + load_chunk * 8;
-  // Slot indices fit in int32 (the launcher checks): multiply-shift division by the page size.
-  const cutlass::FastDivmod page_divmod(page_size);
-  const int listed_slots = seq.count * page_size;
   auto load_tile = [&](int tile, int stage) {
-    const int first_vblock = page_divmod.div(tile * kTileN);
-    const int last_vblock = page_divmod.div(tile * kTileN + kTileN - 1);
+    const int first_vblock = tile * kTileN / page_size;
+    const int last_vblock = (tile * kTileN + kTileN - 1) / page_size;
     if (first_vblock < chunk_first || last_vblock >= chunk_first + Cfg::kChunkBlocks) {
       fill_chunk(first_vblock);
     }
-    // Listed blocks lie before the window, so their tokens precede every query.
-    const bool clean = chunk_listed_valid && tile * kTileN + kTileN <= listed_slots;
-    if (tid == 0) stage_clean[stage] = clean;
     T* k_stage = stage_base + stage * Cfg::kStageElems;
     T* v_stage = k_stage + Cfg::kKvTileElems;
 #pragma unroll
     for (int i = 0; i < Cfg::kLoadRowsPerThread; ++i) {
       const int r = load_row0 + i * Cfg::kLoadRowStep;
-      int vblock, offset;
-      page_divmod(vblock, offset, tile * kTileN + r);
+      // Slot counts fit in int32 (the launcher checks), so the division is 32-bit.
+      const int slot = tile * kTileN + r;
+      const int vblock = slot / page_size;
+      const int offset = slot - vblock * page_size;
       const int block = chunk_block[vblock - chunk_first];
       const int page = chunk_page[vblock - chunk_first];
       const int pos = block * page_size + offset;
       const bool valid = block >= 0 && pos < seq.kv_len;
-      const int64_t src =
-          static_cast<int64_t>(page) * kv.page_stride + offset * kv.token_stride + head_offset;
+      const int64_t src = static_cast<int64_t>(page) * kv.page_stride + h * kv.head_stride +
+                          offset * kv.token_stride + load_chunk * 8;
       const int dst = swizzle<kTileN>(r, load_chunk);
       cp_async_16(smem_addr(k_stage + dst), valid ? k_base + src : k_base, valid);
       cp_async_16(smem_addr(v_stage + dst), valid ? v_base + src : v_base, valid);
-      if (load_chunk == 0 && !clean) pos_smem[stage * kTileN + r] = valid ? pos : kMaskedPos;
+      if (load_chunk == 0) pos_smem[stage * kTileN + r] = valid ? pos : kMaskedPos;
     }
   };
 
@@ -346,27 +333,16 @@ __global__ void __launch_bounds__(128)
       }
     }
 
-    // Causal and slot masks (clean tiles need none), then the online softmax in the log2 domain.
+    // Causal and slot masks, then the online softmax in the log2 domain.
     float tile_max[2] = {kNegInf, kNegInf};
-    if (stage_clean[stage]) {
 #pragma unroll
-      for (int nt = 0; nt < kWarpN / 8; ++nt) {
+    for (int nt = 0; nt < kWarpN / 8; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[nt][e] *= scale_log2;
-          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < kWarpN / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-          const bool visible = pos_tile[col] <= row_pos[e >> 1];
-          s[nt][e] = visible ? s[nt][e] * scale_log2 : kNegInf;
-          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
-        }
+      for (int e = 0; e < 4; ++e) {
+        const int col = n0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+        const bool visible = pos_tile[col] <= row_pos[e >> 1];
+        s[nt][e] = visible ? s[nt][e] * scale_log2 : kNegInf;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
       }
     }
     float alpha[2];
@@ -381,15 +357,12 @@ __global__ void __launch_bounds__(128)
       row_max[hr] = m_new;
       row_sum[hr] *= alpha[hr];
     }
-    // Once the running maxima settle, most tiles change no row's max: skip the rescale then.
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
-        o[dt][0] *= alpha[0];
-        o[dt][1] *= alpha[0];
-        o[dt][2] *= alpha[1];
-        o[dt][3] *= alpha[1];
-      }
+    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
     }
 #pragma unroll
     for (int nt = 0; nt < kWarpN / 8; ++nt) {
