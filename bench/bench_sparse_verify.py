@@ -95,6 +95,16 @@ class PagedCase:
         return gather(self.k), gather(self.v)
 
 
+def timing_columns(t, nbytes: int) -> dict:
+    """Graph and eager times, and the bandwidth on `nbytes`, as report columns."""
+    return {
+        "graph_us": t.graph_us,
+        "eager_us": t.eager_us,
+        "tbps": tbps(nbytes, t.best_us),
+        "pct_ceiling": pct_of_ceiling(nbytes, t.best_us),
+    }
+
+
 def split_bytes(q: torch.Tensor) -> int:
     """Workspace of one split: fp32 partial output and lse of every output row."""
     batch, q_len, heads, head_dim = q.shape
@@ -211,10 +221,7 @@ def bench_dustin(report: Report, args, gen: torch.Generator) -> dict:
                                 P=page,
                                 mode=mode,
                                 splits=planned_splits(case, q, ids),
-                                graph_us=t.graph_us,
-                                eager_us=t.eager_us,
-                                tbps=tbps(nbytes, t.best_us),
-                                pct_ceiling=pct_of_ceiling(nbytes, t.best_us),
+                                **timing_columns(t, nbytes),
                             )
                             print(
                                 f"dustin {shape_name} B={batch} ctx={context} q={q_len} "
@@ -252,10 +259,7 @@ def bench_split_sweep(report: Report, args, gen: torch.Generator) -> None:
                     P=16,
                     mode=mode,
                     splits=label,
-                    graph_us=t.graph_us,
-                    eager_us=t.eager_us,
-                    tbps=tbps(nbytes, t.best_us),
-                    pct_ceiling=pct_of_ceiling(nbytes, t.best_us),
+                    **timing_columns(t, nbytes),
                 )
                 print(f"split sweep {shape_name} {mode} splits={label}: {t.best_us:.1f} us")
         del case
@@ -283,10 +287,7 @@ def add_peer_row(
         q=q_len,
         P=page,
         mode=mode,
-        graph_us=t.graph_us,
-        eager_us=t.eager_us,
-        tbps=tbps(nbytes, t.best_us),
-        pct_ceiling=pct_of_ceiling(nbytes, t.best_us),
+        **timing_columns(t, nbytes),
         dustin_speedup=t.best_us / mine if mine else None,
         backend=backend,
     )
