@@ -100,7 +100,6 @@ def pct_of_ceiling(num_bytes: float, time_us: float) -> float:
     return 100.0 * tbps(num_bytes, time_us) / READ_CEILING_TBPS
 
 
-
 def machine_info() -> dict:
     info = {
         "torch": torch.__version__,
@@ -160,7 +159,9 @@ class Report:
         stem = f"{self.name}{'-' + tag if tag else ''}-{now:%Y%m%d-%H%M%S}"
         json_path = out_dir / f"{stem}.json"
         md_path = out_dir / f"{stem}.md"
-        json_path.write_text(json.dumps({"meta": meta, "notes": self.notes, "rows": self.rows}, indent=1))
+        json_path.write_text(
+            json.dumps({"meta": meta, "notes": self.notes, "rows": self.rows}, indent=1)
+        )
         header = [f"# {self.name}", ""]
         header += [f"- {k}: {v}" for k, v in meta.items()]
         header += [f"- note: {n}" for n in self.notes]

@@ -32,7 +32,6 @@ constexpr int kMergeThreads = 128;
 
 /// How one call is cut into CTAs.
 struct LaunchPlan {
-  int m_tiles = 1;         // 16-row MMA tiles of query rows per CTA
   int row_chunks = 1;      // CTAs sharing one (b, h) when G * q exceeds 64 rows
   int num_splits = 1;      // CTAs sharing one (b, h, row chunk)'s block list
   size_t split_bytes = 0;  // workspace per split
@@ -173,7 +172,6 @@ cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
     return err;
   }
   const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
-  plan->m_tiles = kMTiles;
   plan->row_chunks = (rows + Cfg::kRows - 1) / Cfg::kRows;
   const int64_t base_ctas =
       static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * plan->row_chunks;

@@ -194,6 +194,17 @@ def test_compiled_layers_compute_the_eager_logits_on_cuda():
     assert compiled <= 1.25 * eager, f"bf16 logit error: compiled {compiled:.3e}, eager {eager:.3e}"
 
 
+def assert_graphs_match_direct_calls(target, draft, state, policy, options, draft_window):
+    """The same tokens from CUDA-graph replays and from direct calls, with the full-KV draft
+    and with a streaming draft of ``draft_window`` tokens."""
+    for window in (None, draft_window):
+        graphs = fast_tokens(target, draft, state.fork(), policy, options, draft_window=window)
+        direct = fast_tokens(
+            target, draft, state.fork(), policy, options, draft_window=window, use_graphs=False
+        )
+        assert graphs == direct
+
+
 @pytest.mark.cuda
 def test_compiled_layers_replay_in_graphs_like_direct_calls_on_cuda():
     target, draft = tiny_pair(torch.bfloat16, "cuda", 64, "near-copy")
@@ -201,12 +212,7 @@ def test_compiled_layers_replay_in_graphs_like_direct_calls_on_cuda():
     options = DecodeOptions(max_new_tokens=24, gamma=4)
     state = prefill(target, draft, prompts_of([70, 45, 90], seed=7), options, page_size=16)
     policy = dustin_policy(target, draft, budget=32)
-    for window in (None, 32):
-        graphs = fast_tokens(target, draft, state.fork(), policy, options, draft_window=window)
-        direct = fast_tokens(
-            target, draft, state.fork(), policy, options, draft_window=window, use_graphs=False
-        )
-        assert graphs == direct
+    assert_graphs_match_direct_calls(target, draft, state, policy, options, draft_window=32)
 
 
 @pytest.mark.cuda
@@ -215,12 +221,7 @@ def test_graph_replay_matches_direct_calls_on_cuda():
     options = DecodeOptions(max_new_tokens=40, gamma=4)
     state = prefill(target, draft, prompts_of([300, 200, 257, 512], seed=3), options, page_size=16)
     policy = dustin_policy(target, draft, budget=64)
-    for window in (None, 64):
-        graphs = fast_tokens(target, draft, state.fork(), policy, options, draft_window=window)
-        direct = fast_tokens(
-            target, draft, state.fork(), policy, options, draft_window=window, use_graphs=False
-        )
-        assert graphs == direct
+    assert_graphs_match_direct_calls(target, draft, state, policy, options, draft_window=64)
 
 
 def test_streaming_lists_keep_sinks_and_recent_blocks():

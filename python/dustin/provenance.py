@@ -10,6 +10,13 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[2]
 
 
+def _git(*args: str, check: bool = True) -> str:
+    """Output of a git command in the source tree (with ``check``, raises when it fails)."""
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=check, cwd=_REPO
+    ).stdout.strip()
+
+
 def source_commit() -> str:
     """The commit of the source tree, e.g. ``61f0e7530dda`` or ``61f0e7530dda-dirty``.
 
@@ -20,20 +27,8 @@ def source_commit() -> str:
     if os.environ.get("DUSTIN_COMMIT"):
         return os.environ["DUSTIN_COMMIT"]
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=_REPO,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=_REPO,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short=12", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no", check=False)
     except (OSError, subprocess.CalledProcessError):
         recorded = _REPO / ".dustin-commit"
         if recorded.is_file():

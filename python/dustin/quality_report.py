@@ -19,7 +19,6 @@ CAVEAT = (
 RETENTION_TARGET = 0.97  # issue 6: Dustin keeps >= 97% of dense's mean accepted length at 512
 
 
-
 def _split(label: str) -> tuple[str, int, int]:
     policy, budget, block = label.split("/")
     return policy, int(budget[1:]), int(block[1:])
