@@ -6,6 +6,7 @@
 #                                        bench-<name> (runs bench/bench_<name>.py)
 #                                        weights (joins the real pair sent in slices, below)
 #                                        quality-<context> (dustin eval at that context)
+#                                        calibrate-<context> (dustin calibrate at that context)
 #                                        (default: build test sanitize)
 # The real GGUF pair reaches the machine in 56 MiB slices (`dustin fetch split FILE .weights`
 # here), one call per slice copying it to ~/xfer; the `weights` stage joins them into the
@@ -96,11 +97,23 @@ for stage in "${stages[@]}"; do
         --pair-config "${QUALITY_PAIR_CONFIG:-bench/results/quality/qwen2.5-coder-0.5b_1.5b.calibrated.json}" \
         --tag "cuda-$ctx" 2>&1 | tee "$LOGS/quality_$ctx.log" | tail -n 60 || status=1
       ;;
+    calibrate-*)
+      ctx=${stage#calibrate-}
+      step "calibrate $ctx"
+      # Held-out from the quality texts above; the config lands in bench/results/quality/.
+      timeout "${CALIBRATE_TIMEOUT:-500}" python3 -m dustin calibrate --no-progress --context "$ctx" \
+        --texts "${CALIBRATE_TEXTS:-emma,sensesensibility}" \
+        --head-steps "${CALIBRATE_STEPS:-32}" --share-steps "${CALIBRATE_STEPS:-32}" \
+        --out "bench/results/quality/qwen2.5-coder-0.5b_1.5b.calibrated-$ctx.json" 2>&1 \
+        | tee "$LOGS/calibrate_$ctx.log" | tail -n 40 || status=1
+      ;;
     bench-*)
       name=${stage#bench-}
       step "bench $name"
-      # BENCH_ARGS are passed on, e.g. BENCH_ARGS="--pairs qwen2.5-7b/0.5b".
-      python3 "bench/bench_${name}.py" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench_${name}.log" || status=1
+      # BENCH_ARGS_<name> (else BENCH_ARGS) are passed on, e.g. BENCH_ARGS_e2e="--no-peers".
+      args_var="BENCH_ARGS_${name}"
+      python3 "bench/bench_${name}.py" ${!args_var:-${BENCH_ARGS:-}} 2>&1 \
+        | tee "$LOGS/bench_${name}.log" || status=1
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
