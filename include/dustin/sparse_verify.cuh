@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cutlass/fast_math.h>
 
 #include "dustin/attention/tile_primitives.cuh"
 #include "dustin/attention/verify_merge.cuh"
@@ -49,10 +50,13 @@ struct VerifyTileConfig {
   /// tiles that read them: one pair of dependent global loads per chunk instead of per tile.
   static constexpr int kChunkBlocks = 128;
   static constexpr int kChunkOffsetBytes = kPosOffsetBytes + kStages * kTileN * 4;
+  /// Per stage: whether its tile is clean (every slot a valid listed token, so visible to every
+  /// query row), which lets the softmax skip the mask.
+  static constexpr int kCleanOffsetBytes = kChunkOffsetBytes + 2 * kChunkBlocks * 4;
   /// wgmma reads K and V through 128-byte-swizzle descriptors, whose atoms are 1024-byte
   /// aligned; the launch adds this much so the kernel can align its base.
   static constexpr int kSmemAlign = 1024;
-  static constexpr int kSmemBytes = kChunkOffsetBytes + 2 * kChunkBlocks * 4 + kSmemAlign;
+  static constexpr int kSmemBytes = kCleanOffsetBytes + kStages * 4 + kSmemAlign;
   /// 64 rows are one warpgroup's wgmma M: on sm_90a the tensor cores then read each KV tile
   /// from shared memory once for all rows (mma.sync re-reads it per 16-row warp).
   static constexpr bool kWarpgroupMma = kMTiles == 4;
@@ -123,6 +127,7 @@ __global__ void __launch_bounds__(128)
   // [kChunkBlocks] logical block id (-1: skipped) and physical page of attended blocks.
   int32_t* chunk_block = reinterpret_cast<int32_t*>(smem + Cfg::kChunkOffsetBytes);
   int32_t* chunk_page = chunk_block + Cfg::kChunkBlocks;
+  int32_t* stage_clean = reinterpret_cast<int32_t*>(smem + Cfg::kCleanOffsetBytes);  // [kStages]
 
   const PagedKV& kv = p.kv;
   const int num_kv_heads = kv.num_kv_heads;
@@ -179,6 +184,7 @@ __global__ void __launch_bounds__(128)
   // outside the sequence, are skipped, never read), then every block of the window.
   constexpr int kChunkPerThread = Cfg::kChunkBlocks / Cfg::kThreads;
   int chunk_first = -Cfg::kChunkBlocks;  // first attended block held in chunk_*
+  bool chunk_listed_valid = false;       // every listed block of the chunk will be read
   auto fill_chunk = [&](int first) {
     __syncthreads();  // the previous chunk has no readers left
     int block[kChunkPerThread];
@@ -197,14 +203,16 @@ __global__ void __launch_bounds__(128)
     int page[kChunkPerThread];
 #pragma unroll
     for (int j = 0; j < kChunkPerThread; ++j) page[j] = valid[j] ? __ldg(seq.table + block[j]) : -1;
+    bool listed_ok = true;
 #pragma unroll
     for (int j = 0; j < kChunkPerThread; ++j) {
       const bool ok = valid[j] && page[j] >= 0 && page[j] < kv.num_pages;
+      if (first + tid + j * Cfg::kThreads < seq.count) listed_ok &= ok;
       chunk_block[tid + j * Cfg::kThreads] = ok ? block[j] : -1;
       chunk_page[tid + j * Cfg::kThreads] = page[j];
     }
     chunk_first = first;
-    __syncthreads();
+    chunk_listed_valid = __syncthreads_and(listed_ok) != 0;
   };
 
   // ---- gather of one KV tile into a stage (called by all threads alike) ------------------
@@ -212,31 +220,36 @@ __global__ void __launch_bounds__(128)
   const T* v_base = static_cast<const T*>(kv.v);
   const int load_chunk = tid % kChunks;
   const int load_row0 = tid / kChunks;
+  const int64_t head_offset = h * kv.head_stride + load_chunk * 8;
+  // Slot indices fit in int32 (the launcher checks): multiply-shift division by the page size.
+  const cutlass::FastDivmod page_divmod(page_size);
+  const int listed_slots = seq.count * page_size;
   auto load_tile = [&](int tile, int stage) {
-    const int first_vblock = tile * kTileN / page_size;
-    const int last_vblock = (tile * kTileN + kTileN - 1) / page_size;
+    const int first_vblock = page_divmod.div(tile * kTileN);
+    const int last_vblock = page_divmod.div(tile * kTileN + kTileN - 1);
     if (first_vblock < chunk_first || last_vblock >= chunk_first + Cfg::kChunkBlocks) {
       fill_chunk(first_vblock);
     }
+    // Listed blocks lie before the window, so their tokens precede every query.
+    const bool clean = chunk_listed_valid && tile * kTileN + kTileN <= listed_slots;
+    if (tid == 0) stage_clean[stage] = clean;
     T* k_stage = stage_base + stage * Cfg::kStageElems;
     T* v_stage = k_stage + Cfg::kKvTileElems;
 #pragma unroll
     for (int i = 0; i < Cfg::kLoadRowsPerThread; ++i) {
       const int r = load_row0 + i * Cfg::kLoadRowStep;
-      // Slot counts fit in int32 (the launcher checks), so the division is 32-bit.
-      const int slot = tile * kTileN + r;
-      const int vblock = slot / page_size;
-      const int offset = slot - vblock * page_size;
+      int vblock, offset;
+      page_divmod(vblock, offset, tile * kTileN + r);
       const int block = chunk_block[vblock - chunk_first];
       const int page = chunk_page[vblock - chunk_first];
       const int pos = block * page_size + offset;
       const bool valid = block >= 0 && pos < seq.kv_len;
-      const int64_t src = static_cast<int64_t>(page) * kv.page_stride + h * kv.head_stride +
-                          offset * kv.token_stride + load_chunk * 8;
+      const int64_t src =
+          static_cast<int64_t>(page) * kv.page_stride + offset * kv.token_stride + head_offset;
       const int dst = swizzle<kTileN>(r, load_chunk);
       cp_async_16(smem_addr(k_stage + dst), valid ? k_base + src : k_base, valid);
       cp_async_16(smem_addr(v_stage + dst), valid ? v_base + src : v_base, valid);
-      if (load_chunk == 0) pos_smem[stage * kTileN + r] = valid ? pos : kMaskedPos;
+      if (load_chunk == 0 && !clean) pos_smem[stage * kTileN + r] = valid ? pos : kMaskedPos;
     }
   };
 
@@ -300,116 +313,131 @@ __global__ void __launch_bounds__(128)
     const int32_t* pos_tile = pos_smem + stage * kTileN;
     const int n0 = warp_n * kWarpN;
 
-    // S = Q K^T over this warp's kWarpN tokens.
-    float s[kWarpN / 8][4];
+    // One tile's attention. A clean tile (every slot a valid listed token, which precedes every
+    // query) needs no mask. The choice is made once per tile, around both MMAs: ptxas 13.0
+    // recycled the Q fragment registers of the D = 64 wgmma kernel when a branch sat between
+    // the two warpgroup MMAs of an iteration (wrong results on the H200, seen in its SASS).
+    const auto attend_tile = [&](auto masked) {
+      // S = Q K^T over this warp's kWarpN tokens.
+      float s[kWarpN / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kWarpN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      for (int nt = 0; nt < kWarpN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
-    if constexpr (Cfg::kWarpgroupMma) {
-      // B = K tile [64 tokens, D], K-major: k-step ks is 32 bytes into column block ks / 4.
-      fence_accumulators(s);
-      cute::warpgroup_arrive();
+      if constexpr (Cfg::kWarpgroupMma) {
+        // B = K tile [64 tokens, D], K-major: k-step ks is 32 bytes into column block ks / 4.
+        fence_accumulators(s);
+        cute::warpgroup_arrive();
 #pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-        const uint32_t addr = smem_addr(k_stage) + (ks >> 2) * (kTileN * 128) + (ks & 3) * 32;
-        WarpgroupMma<T, kTileN, false>::run(s, q_frag[ks], swizzle128_desc(addr, 16, 1024));
-      }
-      cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<0>();
-      fence_accumulators(s);
-    } else
+        for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+          const uint32_t addr = smem_addr(k_stage) + (ks >> 2) * (kTileN * 128) + (ks & 3) * 32;
+          WarpgroupMma<T, kTileN, false>::run(s, q_frag[ks], swizzle128_desc(addr, 16, 1024));
+        }
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_accumulators(s);
+      } else
 #endif
-    {
+      {
 #pragma unroll
-      for (int kc = 0; kc < kHeadDim / 32; ++kc) {
+        for (int kc = 0; kc < kHeadDim / 32; ++kc) {
 #pragma unroll
-        for (int nt = 0; nt < kWarpN / 8; ++nt) {
-          uint32_t kb[4];
-          const int r = n0 + nt * 8 + (lane & 7);
-          ldmatrix_x4(kb, smem_addr(k_stage + swizzle<kTileN>(r, kc * 4 + (lane >> 3))));
-          mma_16816<T>(s[nt], q_frag[2 * kc], kb[0], kb[1]);
-          mma_16816<T>(s[nt], q_frag[2 * kc + 1], kb[2], kb[3]);
+          for (int nt = 0; nt < kWarpN / 8; ++nt) {
+            uint32_t kb[4];
+            const int r = n0 + nt * 8 + (lane & 7);
+            ldmatrix_x4(kb, smem_addr(k_stage + swizzle<kTileN>(r, kc * 4 + (lane >> 3))));
+            mma_16816<T>(s[nt], q_frag[2 * kc], kb[0], kb[1]);
+            mma_16816<T>(s[nt], q_frag[2 * kc + 1], kb[2], kb[3]);
+          }
         }
       }
-    }
 
-    // Causal and slot masks, then the online softmax in the log2 domain.
-    float tile_max[2] = {kNegInf, kNegInf};
+      // Causal and slot masks (clean tiles need none), then the online softmax in the log2 domain.
+      float tile_max[2] = {kNegInf, kNegInf};
 #pragma unroll
-    for (int nt = 0; nt < kWarpN / 8; ++nt) {
+      for (int nt = 0; nt < kWarpN / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = n0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        const bool visible = pos_tile[col] <= row_pos[e >> 1];
-        s[nt][e] = visible ? s[nt][e] * scale_log2 : kNegInf;
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
-      }
-    }
-    float alpha[2];
-    float base[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 1));
-      tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 2));
-      const float m_new = fmaxf(row_max[hr], tile_max[hr]);
-      base[hr] = m_new == kNegInf ? 0.f : m_new;  // a row with nothing visible yet stays at 0
-      alpha[hr] = exp2f(row_max[hr] - base[hr]);
-      row_max[hr] = m_new;
-      row_sum[hr] *= alpha[hr];
-    }
-#pragma unroll
-    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kWarpN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
-        row_sum[e >> 1] += s[nt][e];
-      }
-    }
-
-    // O += P V: the score accumulators are already laid out as the A operand.
-    uint32_t pa[kWarpN / 16][4];
-#pragma unroll
-    for (int kt = 0; kt < kWarpN / 16; ++kt) {
-      pa[kt][0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
-      pa[kt][1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
-      pa[kt][2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-      pa[kt][3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
-    }
-#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
-    if constexpr (Cfg::kWarpgroupMma) {
-      // B = V tile [64 tokens, D], MN-major: k-step kt starts 16 token rows in; column blocks
-      // of 64 d are kTileN * 128 bytes apart, 8-row groups 1024 bytes.
-      fence_accumulators(o);
-      cute::warpgroup_arrive();
-#pragma unroll
-      for (int kt = 0; kt < kWarpN / 16; ++kt) {
-        const uint32_t addr = smem_addr(v_stage) + kt * 16 * 128;
-        WarpgroupMma<T, kHeadDim, true>::run(o, pa[kt], swizzle128_desc(addr, kTileN * 128, 1024));
-      }
-      cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<0>();
-      fence_accumulators(o);
-    } else
-#endif
-    {
-#pragma unroll
-      for (int kt = 0; kt < kWarpN / 16; ++kt) {
-        const int r = n0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-        for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-          uint32_t vb[4];
-          ldmatrix_x4_trans(vb, smem_addr(v_stage + swizzle<kTileN>(r, dp * 2 + (lane >> 4))));
-          mma_16816<T>(o[2 * dp], pa[kt], vb[0], vb[1]);
-          mma_16816<T>(o[2 * dp + 1], pa[kt], vb[2], vb[3]);
+        for (int e = 0; e < 4; ++e) {
+          const int col = n0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          if constexpr (decltype(masked)::value) {
+            const bool visible = pos_tile[col] <= row_pos[e >> 1];
+            s[nt][e] = visible ? s[nt][e] * scale_log2 : kNegInf;
+          } else {
+            s[nt][e] *= scale_log2;
+          }
+          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
         }
       }
+      float alpha[2];
+      float base[2];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 1));
+        tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 2));
+        const float m_new = fmaxf(row_max[hr], tile_max[hr]);
+        base[hr] = m_new == kNegInf ? 0.f : m_new;  // a row with nothing visible yet stays at 0
+        alpha[hr] = exp2f(row_max[hr] - base[hr]);
+        row_max[hr] = m_new;
+        row_sum[hr] *= alpha[hr];
+      }
+#pragma unroll
+      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+        o[dt][0] *= alpha[0];
+        o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1];
+        o[dt][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int nt = 0; nt < kWarpN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
+          row_sum[e >> 1] += s[nt][e];
+        }
+      }
+
+      // O += P V: the score accumulators are already laid out as the A operand.
+      uint32_t pa[kWarpN / 16][4];
+#pragma unroll
+      for (int kt = 0; kt < kWarpN / 16; ++kt) {
+        pa[kt][0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
+        pa[kt][1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
+        pa[kt][2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+        pa[kt][3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+      }
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+      if constexpr (Cfg::kWarpgroupMma) {
+        // B = V tile [64 tokens, D], MN-major: k-step kt starts 16 token rows in; column blocks
+        // of 64 d are kTileN * 128 bytes apart, 8-row groups 1024 bytes.
+        fence_accumulators(o);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kt = 0; kt < kWarpN / 16; ++kt) {
+          const uint32_t addr = smem_addr(v_stage) + kt * 16 * 128;
+          WarpgroupMma<T, kHeadDim, true>::run(o, pa[kt], swizzle128_desc(addr, kTileN * 128, 1024));
+        }
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_accumulators(o);
+      } else
+#endif
+      {
+#pragma unroll
+        for (int kt = 0; kt < kWarpN / 16; ++kt) {
+          const int r = n0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+          for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+            uint32_t vb[4];
+            ldmatrix_x4_trans(vb, smem_addr(v_stage + swizzle<kTileN>(r, dp * 2 + (lane >> 4))));
+            mma_16816<T>(o[2 * dp], pa[kt], vb[0], vb[1]);
+            mma_16816<T>(o[2 * dp + 1], pa[kt], vb[2], vb[3]);
+          }
+        }
+      }
+    };
+    if (stage_clean[stage]) {
+      attend_tile(std::false_type{});
+    } else {
+      attend_tile(std::true_type{});
     }
   }
 
