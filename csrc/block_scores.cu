@@ -33,13 +33,25 @@ bool keys_aligned(const PagedKV& kv) {
          kv.head_stride % kElemsPer16B == 0 && kv.token_stride % kElemsPer16B == 0;
 }
 
+/// The partial pass's kernel for this block size: the fragment path when the block holds
+/// whole partials of 16 or 8 keys, else the scan path.
+template <typename T, int kHeadDim>
+auto partial_kernel(int32_t block_size) {
+  switch (detail::fragment_partial_len(block_size)) {
+    case 16: return detail::block_scores_fragment_kernel<T, kHeadDim, 16>;
+    case 8: return detail::block_scores_fragment_kernel<T, kHeadDim, 8>;
+    default: return detail::block_scores_scan_kernel<T, kHeadDim>;
+  }
+}
+
 template <typename T, int kHeadDim>
 Status launch(const BlockScoresParams& p, const detail::BlockScoresPlan& plan,
               cudaStream_t stream) {
   using Tile = detail::ScoreTile<kHeadDim>;
   const int rows_pad = (plan.rows + 15) / 16 * 16;
-  const size_t smem = Tile::smem_bytes(rows_pad);
-  auto partial = detail::block_scores_partial_kernel<T, kHeadDim>;
+  const bool scan = detail::fragment_partial_len(p.block_size) == 0;
+  const size_t smem = Tile::smem_bytes(rows_pad, scan);
+  const auto partial = partial_kernel<T, kHeadDim>(p.block_size);
   if (cudaFuncSetAttribute(partial, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem)) != cudaSuccess) {
     return Status::kCudaError;

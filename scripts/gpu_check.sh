@@ -5,7 +5,8 @@
 #   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native profile
 #                                        bench-<name> (runs bench/bench_<name>.py)
 #                                        weights (joins the real pair sent in slices, below)
-#                                        quality-<context> (dustin eval at that context)
+#                                        quality-<context> (dustin eval at that context;
+#                                        QUALITY_ARGS adds options, QUALITY_TAG names the files)
 #                                        calibrate-<context> (dustin calibrate at that context)
 #                                        (default: build test sanitize)
 # The real GGUF pair reaches the machine in 56 MiB slices (`dustin fetch split FILE .weights`
@@ -58,7 +59,7 @@ for stage in "${stages[@]}"; do
       step compute-sanitizer
       for tool in memcheck racecheck; do
         compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
-          python3 scripts/sanitize_case.py 2>&1 | tail -n 15 || status=1
+          python3 scripts/sanitize_case.py 2>&1 | tee -a "$LOGS/sanitize.log" | tail -n 15 || status=1
       done
       ;;
     native)
@@ -95,7 +96,8 @@ for stage in "${stages[@]}"; do
         --texts "${QUALITY_TEXTS:-prideprejudice,persuasion}" --steps "${QUALITY_STEPS:-24}" \
         --free-tokens "${QUALITY_FREE_TOKENS:-32}" \
         --pair-config "${QUALITY_PAIR_CONFIG:-bench/results/quality/qwen2.5-coder-0.5b_1.5b.calibrated.json}" \
-        --tag "cuda-$ctx" 2>&1 | tee "$LOGS/quality_$ctx.log" | tail -n 60 || status=1
+        ${QUALITY_ARGS:-} --tag "cuda-$ctx${QUALITY_TAG:+-$QUALITY_TAG}" 2>&1 \
+        | tee "$LOGS/quality_$ctx.log" | tail -n 60 || status=1
       ;;
     calibrate-*)
       ctx=${stage#calibrate-}

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """A small CUDA case of every op, run under compute-sanitizer (memcheck, racecheck) by
-scripts/gpu_check.sh: odd lengths, a partly filled last page, split and unsplit verify paths."""
+scripts/gpu_check.sh: odd lengths, a partly filled last page, both block_scores partial paths,
+split and unsplit verify paths."""
 
 import torch
 
@@ -25,6 +26,12 @@ def main() -> None:
     q_srh = torch.randn(batch, q_len, 3, d, device=dev, dtype=dtype)
     head_map = torch.tensor([0, 1, 1], dtype=torch.int32, device=dev)
     torch.ops.dustin.block_scores(q_srh, k, table, kv_lens, head_map, d**-0.5, page, "HND", draft)
+    # A block size that is not a multiple of 8 takes the other partial path (a segmented scan).
+    odd_block = 12
+    odd_scores = torch.zeros(batch, -(-int(kv_lens.max()) // odd_block), device=dev)
+    torch.ops.dustin.block_scores(
+        q_srh, k, table, kv_lens, head_map, d**-0.5, odd_block, "HND", odd_scores
+    )
     for budget in (4, nb):  # sparse and dense lists: the dense one takes the split path
         ids, counts = torch.ops.dustin.select_blocks(
             draft, target, kv_lens, q_len, page, budget, 4, 16, 0.5

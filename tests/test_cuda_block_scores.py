@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """block_scores on CUDA against a float64 reference: both layouts, D 64/128, bf16/fp16, cache
-page size != score block size, shared and distinct KV heads, multi-split contexts; accumulation,
-determinism, the workspace contract and CUDA-graph capture."""
+page size != score block size, block sizes for both partial paths (fragment: multiples of 8;
+scan: the rest), shared and distinct KV heads, multi-split contexts; accumulation, determinism,
+the workspace contract and CUDA-graph capture."""
 
 import subprocess
 import sys
@@ -27,6 +28,11 @@ CASES = [
     ("NHD", 64, torch.bfloat16, 7, 48, [2, 0, 2, 1], 3, [100, 7777, 1], False),
     ("HND", 128, torch.float16, 128, 1, [0, 2], 6, [300, 1500, 4100], False),
     ("NHD", 128, torch.bfloat16, 1, 128, [3, 3, 1, 1, 0, 0, 2, 2], 16, [5000, 16, 2222], False),
+    # Partials of 8 keys (block 8; block 24 straddles the 64-key tiles), and the scan path
+    # for a block size that is not a multiple of 8.
+    ("HND", 128, torch.bfloat16, 16, 8, [0, 1], 5, [1000, 70, 4097], False),
+    ("NHD", 64, torch.float16, 16, 24, [1, 0, 1], 2, [3001, 24, 777], True),
+    ("HND", 64, torch.bfloat16, 8, 12, [0, 0], 7, [1234, 12, 2500], False),
 ]
 
 

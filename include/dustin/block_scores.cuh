@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// block_scores kernels: a split-K pass of tensor-core logits into per-block softmax partials,
-// then a pass that normalises them exactly and sums them into the score blocks.
+// block_scores kernels: a split-K pass of tensor-core logits into softmax partials (per 8 or 16
+// keys, reduced inside the MMA fragments, when the block size allows; else per block by a
+// segmented scan), then a pass that normalises them exactly and sums them into the blocks.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,19 +20,31 @@ namespace dustin::detail {
 
 /// Query rows (heads x queries) one CTA can hold (dispatch.h: bounded by shared memory).
 inline constexpr int32_t kMaxScoreRows = ::dustin::kMaxScoreRows;
-/// Split-K work items per sequence the plan aims for: many short CTAs keep the last wave short
-/// whether the heads share one KV head or not (about 16 CTAs per SM of an H200 at B = 1).
-inline constexpr int32_t kScoreCtasPerSequenceTarget = 2048;
+/// Keys per pipeline stage of the partial pass; 16 per warp in the MMA.
+inline constexpr int32_t kScoreTileKeys = 64;
+/// CTAs per launch the plan aims for (B x Hs x splits): about eight waves of the three
+/// resident CTAs per SM of an H200, so the last wave is short.
+inline constexpr int64_t kScoreCtasTarget = 4096;
 /// Shortest split worth a CTA: 4 tiles of 64 keys amortise loading the queries.
 inline constexpr int32_t kMinScoreSplit = 256;
 
+/// Keys per softmax partial on the fragment path: a warp's 16 keys of a tile (or each half of
+/// them), reduced within the MMA fragment's lane quads; the sum pass adds block_size / that many
+/// per block. 0 when block_size is not a multiple of 8: the scan path, one partial per block.
+__host__ __device__ constexpr int32_t fragment_partial_len(int32_t block_size) {
+  return block_size % 16 == 0 ? 16 : (block_size % 8 == 0 ? 8 : 0);
+}
+
 /// How block_scores cuts the context into splits, and where its workspace keeps:
-///   block partials [B, Hs * n, NB] float2 (sum of exp2(logit - ref), ref) and
-///   split partials [B, Hs * n, num_splits] float2 (running max, sum of exp2(logit - max)).
+///   block partials [B, Hs * n, num_partials] float2 (sum of exp2(logit - ref), ref), each
+///     over partial_len consecutive keys, and
+///   split partials [B, Hs * n, num_splits] float2 (max, sum of exp2(logit - max)).
 struct BlockScoresPlan {
-  int32_t split_len = 0;   ///< tokens per split, a multiple of block_size
-  int32_t num_splits = 0;  ///< splits covering the longest possible context
-  int32_t rows = 0;        ///< Hs * n
+  int32_t split_len = 0;     ///< tokens per split: whole tiles (fragment path) or blocks (scan)
+  int32_t num_splits = 0;    ///< splits covering the longest possible context
+  int32_t rows = 0;          ///< Hs * n
+  int32_t partial_len = 0;   ///< keys per block partial: 8 or 16, or block_size (scan path)
+  int32_t num_partials = 0;  ///< block partials per row
   size_t block_partials_offset = 0;
   size_t split_partials_offset = 0;
   size_t workspace_bytes = 0;
@@ -48,18 +61,25 @@ inline BlockScoresPlan plan_block_scores(const BlockScoresParams& p) {
   BlockScoresPlan plan;
   const int64_t max_len = block_scores_max_len(p);
   if (p.batch_size <= 0 || p.num_heads <= 0 || p.num_queries <= 0 || max_len <= 0) return plan;
-  const int64_t want_splits =
-      (kScoreCtasPerSequenceTarget + p.batch_size - 1) / static_cast<int64_t>(p.batch_size);
+  const int64_t heads_total = static_cast<int64_t>(p.batch_size) * p.num_heads;
+  const int64_t want_splits = (kScoreCtasTarget + heads_total - 1) / heads_total;
   int64_t split = (max_len + want_splits - 1) / want_splits;
   split = split < kMinScoreSplit ? kMinScoreSplit : split;
-  split = (split + p.block_size - 1) / p.block_size * p.block_size;  // blocks never straddle
+  // Fragment path: whole tiles per split, so no partial straddles two CTAs; scan path: whole
+  // blocks, so each (row, block) partial has one writer.
+  const int32_t fragment = fragment_partial_len(p.block_size);
+  const int64_t align = fragment > 0 ? kScoreTileKeys : p.block_size;
+  split = (split + align - 1) / align * align;
   plan.split_len = static_cast<int32_t>(split);
   plan.num_splits = static_cast<int32_t>((max_len + split - 1) / split);
   plan.rows = p.num_heads * p.num_queries;
+  plan.partial_len = fragment > 0 ? fragment : p.block_size;
+  plan.num_partials =
+      fragment > 0 ? static_cast<int32_t>(plan.num_splits * split / fragment) : p.num_blocks;
   const size_t per_row = sizeof(float) * 2;
   const size_t rows_total = static_cast<size_t>(p.batch_size) * plan.rows;
   plan.block_partials_offset = 0;
-  plan.split_partials_offset = rows_total * static_cast<size_t>(p.num_blocks) * per_row;
+  plan.split_partials_offset = rows_total * static_cast<size_t>(plan.num_partials) * per_row;
   plan.workspace_bytes =
       plan.split_partials_offset + rows_total * static_cast<size_t>(plan.num_splits) * per_row;
   return plan;
@@ -130,13 +150,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// ---- pass 1: logits and per-block partials ---------------------------------------------------
+// ---- pass 1: logits and softmax partials ------------------------------------------------------
 
 inline constexpr float kLog2e = 1.4426950408889634f;
 
 template <int kHeadDim>
 struct ScoreTile {
-  static constexpr int kKeys = 64;           // keys per pipeline stage; 16 per warp in the MMA
+  static constexpr int kKeys = kScoreTileKeys;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStages = 3;          // 2 tiles in flight while one is scored
@@ -144,122 +164,133 @@ struct ScoreTile {
   static constexpr int kLogitPitch = kKeys + 4;  // floats
   static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per key row
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the MMA k of 16");
+  static_assert(kKeys == kWarps * 16, "each warp scores 16 keys of a tile");
+
+  /// Floats per padded row each path keeps in shared memory besides keys and queries: the scan
+  /// path's logits, running max, open-block carry and per-lane sums; the fragment path's
+  /// running max and sum per warp.
+  static constexpr int kScanFloatsPerRow = kLogitPitch + 2 + 32;
+  static constexpr int kFragmentFloatsPerRow = 2 * kWarps;
 
   /// Dynamic shared memory for up to `rows_pad` query rows (a multiple of 16).
-  static size_t smem_bytes(int rows_pad) {
-    return sizeof(uint16_t) * (static_cast<size_t>(kStages) * kKeys * kPitch +
-                               static_cast<size_t>(rows_pad) * kPitch) +
-           sizeof(float) * static_cast<size_t>(rows_pad) * kLogitPitch +
-           (sizeof(int32_t) * 2 + sizeof(float) * (2 + 32)) * static_cast<size_t>(rows_pad);
+  static size_t smem_bytes(int rows_pad, bool scan) {
+    const size_t rows = static_cast<size_t>(rows_pad);
+    return sizeof(uint16_t) * (static_cast<size_t>(kStages) * kKeys * kPitch + rows * kPitch) +
+           sizeof(float) * rows * (scan ? kScanFloatsPerRow : kFragmentFloatsPerRow) +
+           sizeof(int32_t) * 2 * rows;
   }
 };
 
-/// Grid (num_splits, Hs, B). The CTA of head y works only when y is the first head reading
-/// its KV head; it then scores every head of that KV head, so each key is read once. Its rows
-/// are (head, query) pairs; per tile of 64 keys it computes their logits with mma.sync, then
-/// per row a running max (log2 domain) and, per score block, sum(exp2(logit - ref)) with ref
-/// the running max when the block closes. Splits are block-aligned, so each (row, block)
-/// partial is written by exactly one thread.
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
-    block_scores_partial_kernel(const __grid_constant__ BlockScoresParams p,
-                                const BlockScoresPlan plan, int rows_pad, bool q_vec16) {
-  using Tile = ScoreTile<kHeadDim>;
-  constexpr int kKeys = Tile::kKeys;
-  constexpr int kPitch = Tile::kPitch;
-  constexpr int kLogitPitch = Tile::kLogitPitch;
-  const int split = blockIdx.x;
-  const int leader = blockIdx.y;
-  const int b = blockIdx.z;
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
+/// What one partial-pass CTA scores: grid (num_splits, Hs, B). The CTA of head `leader` works
+/// only when it is the first head reading its KV head; it then scores every head of that KV
+/// head, so each key is read once. Its rows are (head, query) pairs r = g * n + i for the g-th
+/// head of the group and query i.
+struct ScoreCta {
+  int32_t kv_head = -1;  ///< -1: nothing to do
+  int32_t rows = 0;
+  int32_t kv_len = 0;
+  int32_t split_begin = 0;
+  int32_t split_end = 0;
+};
 
+__device__ __forceinline__ ScoreCta score_cta(const BlockScoresParams& p,
+                                              const BlockScoresPlan& plan) {
+  ScoreCta cta;
+  const int leader = blockIdx.y;
   const int32_t kv_head = p.head_map[leader];
-  if (kv_head < 0 || kv_head >= p.kv.num_kv_heads) return;
-  int group = 0;  // heads reading kv_head; this CTA only if `leader` is the first of them
+  if (kv_head < 0 || kv_head >= p.kv.num_kv_heads) return cta;
+  int group = 0;
   for (int h = 0; h < p.num_heads; ++h) {
     if (p.head_map[h] == kv_head) {
-      if (h < leader) return;
+      if (h < leader) return cta;
       ++group;
     }
   }
-  const int32_t kv_len = clamped_kv_len(p, b, block_scores_max_len(p));
-  const int32_t split_begin = split * plan.split_len;
-  if (split_begin >= kv_len) return;
-  const int32_t split_end = min(split_begin + plan.split_len, kv_len);
+  cta.kv_len = clamped_kv_len(p, blockIdx.z, block_scores_max_len(p));
+  cta.split_begin = blockIdx.x * plan.split_len;
+  if (cta.split_begin >= cta.kv_len) return cta;
+  cta.split_end = min(cta.split_begin + plan.split_len, cta.kv_len);
+  cta.rows = group * p.num_queries;
+  cta.kv_head = kv_head;
+  return cta;
+}
+
+/// Fills, for rows_pad rows, the output row of each local row (-1 for padding), the position of
+/// its query, and the zero-padded queries. Ends with a barrier.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_score_rows(const BlockScoresParams& p, const ScoreCta& cta,
+                                                int rows_pad, bool q_vec16, T* s_q,
+                                                int32_t* s_row_out, int32_t* s_row_pos) {
+  using Tile = ScoreTile<kHeadDim>;
+  constexpr int kPitch = Tile::kPitch;
+  const int tid = threadIdx.x;
+  const int b = blockIdx.z;
   const int n = p.num_queries;
-  const int rows = group * n;
-
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* s_keys = reinterpret_cast<T*>(smem_raw);                  // [kStages][kKeys][kPitch]
-  T* s_q = s_keys + Tile::kStages * kKeys * kPitch;            // [rows_pad][kPitch]
-  float* s_logit = reinterpret_cast<float*>(s_q + rows_pad * kPitch);  // [rows_pad][kLogitPitch]
-  int32_t* s_row_out = reinterpret_cast<int32_t*>(s_logit + rows_pad * kLogitPitch);  // [rows_pad]
-  int32_t* s_row_pos = s_row_out + rows_pad;  // [rows_pad] position of the row's query
-  float* s_max = reinterpret_cast<float*>(s_row_pos + rows_pad);  // [rows_pad] running max
-  float* s_carry = s_max + rows_pad;  // [rows_pad] partial of the block still open
-  float* s_lane_sum = s_carry + rows_pad;  // [rows_pad][32] per-lane sums of exp2(logit - max)
-
-  // Rows: local r = g * n + i for the g-th head of the group and query i.
   for (int r = tid; r < rows_pad; r += Tile::kThreads) {
     int out_row = -1;
-    if (r < rows) {
+    if (r < cta.rows) {
       const int g = r / n;
       int seen = 0;
       for (int h = 0; h < p.num_heads; ++h) {
-        if (p.head_map[h] == kv_head && seen++ == g) {
+        if (p.head_map[h] == cta.kv_head && seen++ == g) {
           out_row = h * n + r % n;
           break;
         }
       }
     }
     s_row_out[r] = out_row;
-    s_row_pos[r] = kv_len - n + r % n;
-    s_max[r] = -INFINITY;
-    s_carry[r] = 0.f;
+    s_row_pos[r] = cta.kv_len - n + r % n;
   }
-  for (int e = tid; e < rows_pad * 32; e += Tile::kThreads) s_lane_sum[e] = 0.f;
   __syncthreads();
-  // Queries, zero-padded to rows_pad; 16-byte loads when q's rows allow them (q_vec16).
-  {
-    const T* q = static_cast<const T*>(p.q);
-    constexpr int kElemsPer16B = 8;
-    const int step = q_vec16 ? kElemsPer16B : 1;
-    for (int e = tid * step; e < rows_pad * kHeadDim; e += Tile::kThreads * step) {
-      const int r = e / kHeadDim;
-      const int d = e % kHeadDim;
-      T* dst = s_q + r * kPitch + d;
-      const T* src = r < rows ? q + b * p.q_stride_b + (r % n) * p.q_stride_t +
-                                    (s_row_out[r] / n) * p.q_stride_h + d
-                              : nullptr;
-      if (q_vec16) {
-        *reinterpret_cast<uint4*>(dst) = src ? *reinterpret_cast<const uint4*>(src) : uint4{0, 0, 0, 0};
-      } else {
-        *dst = src ? *src : T(0.f);
-      }
+  // 16-byte loads when q's rows allow them (q_vec16).
+  const T* q = static_cast<const T*>(p.q);
+  constexpr int kElemsPer16B = 8;
+  const int step = q_vec16 ? kElemsPer16B : 1;
+  for (int e = tid * step; e < rows_pad * kHeadDim; e += Tile::kThreads * step) {
+    const int r = e / kHeadDim;
+    const int d = e % kHeadDim;
+    T* dst = s_q + r * kPitch + d;
+    const T* src = r < cta.rows ? q + b * p.q_stride_b + (r % n) * p.q_stride_t +
+                                      (s_row_out[r] / n) * p.q_stride_h + d
+                                : nullptr;
+    if (q_vec16) {
+      *reinterpret_cast<uint4*>(dst) = src ? *reinterpret_cast<const uint4*>(src) : uint4{0, 0, 0, 0};
+    } else {
+      *dst = src ? *src : T(0.f);
     }
   }
+  __syncthreads();
+}
 
-  const T* k_base = static_cast<const T*>(p.kv.k) + kv_head * p.kv.head_stride;
-  const int32_t* table = p.kv.block_table + b * p.kv.block_table_stride;
-  const int num_tiles = (split_end - split_begin + kKeys - 1) / kKeys;
-
-  // Each thread copies one 16-byte chunk of kKeysPerThread keys per tile. The page numbers of
-  // the next tile to copy are loaded one iteration ahead, so the block-table reads never sit
-  // between the barrier and the copies.
+/// Streams the split's keys through a kStages-deep cp.async pipeline and calls
+/// score_tile(tile_begin, k_tile) for each 64-key tile, the whole CTA together. Each thread
+/// copies one 16-byte chunk of a few keys per tile; the page numbers of the next tile to copy
+/// are loaded one iteration ahead, so the block-table reads never sit between the barrier and
+/// the copies. Keys past the split are not copied (their logits must be masked); keys on a
+/// page outside the pool read as zeros.
+template <typename T, int kHeadDim, typename ScoreTileFn>
+__device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, const ScoreCta& cta,
+                                                  T* s_keys, ScoreTileFn&& score_tile) {
+  using Tile = ScoreTile<kHeadDim>;
+  constexpr int kKeys = Tile::kKeys;
+  constexpr int kPitch = Tile::kPitch;
   constexpr int kKeysPerThread = kKeys * Tile::kChunks / Tile::kThreads;
   constexpr int kKeyStride = Tile::kThreads / Tile::kChunks;
+  const int tid = threadIdx.x;
   const int chunk = tid % Tile::kChunks;
   const int first_key = tid / Tile::kChunks;
+  const T* k_base = static_cast<const T*>(p.kv.k) + cta.kv_head * p.kv.head_stride;
+  const int32_t* table = p.kv.block_table + blockIdx.z * p.kv.block_table_stride;
+  const int num_tiles = (cta.split_end - cta.split_begin + kKeys - 1) / kKeys;
+
   int32_t src_page[kKeysPerThread];   // physical page
   int32_t src_token[kKeysPerThread];  // token within the page, or -1: past the split
   auto fetch_pages = [&](int tile) {
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
-      const int32_t pos = split_begin + tile * kKeys + first_key + j * kKeyStride;
+      const int32_t pos = cta.split_begin + tile * kKeys + first_key + j * kKeyStride;
       const int32_t page_index = pos / p.kv.page_size;
-      const bool in_split = pos < split_end;
+      const bool in_split = pos < cta.split_end;
       src_page[j] = in_split ? table[page_index] : 0;
       src_token[j] = in_split ? pos - page_index * p.kv.page_size : -1;
     }
@@ -269,9 +300,9 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
       const int key = first_key + j * kKeyStride;
-      if (src_token[j] < 0) continue;  // past the split: masked below, logits never used
+      if (src_token[j] < 0) continue;
       const int32_t page = src_page[j];
-      const bool in_pool = page >= 0 && page < p.kv.num_pages;  // bad pages read as zeros
+      const bool in_pool = page >= 0 && page < p.kv.num_pages;
       const T* src = in_pool ? k_base + page * p.kv.page_stride +
                                    src_token[j] * p.kv.token_stride + chunk * 8
                              : k_base;
@@ -286,12 +317,6 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
     cp_async_commit();
   }
   fetch_pages(Tile::kStages - 1);
-
-  const float scale_log2 = p.sm_scale * kLog2e;
-  const int m_tiles = (rows + 15) / 16;
-  float2* block_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
-                                                     plan.block_partials_offset);
-
   for (int tile = 0; tile < num_tiles; ++tile) {
     cp_async_wait<Tile::kStages - 2>();
     __syncthreads();
@@ -301,23 +326,199 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
       cp_async_commit();
       fetch_pages(next + 1);
     }
-    const int32_t tile_begin = split_begin + tile * kKeys;
-    const T* k_tile = s_keys + (tile % Tile::kStages) * kKeys * kPitch;
+    score_tile(cta.split_begin + tile * kKeys, s_keys + (tile % Tile::kStages) * kKeys * kPitch);
+  }
+}
 
+/// Raw logits of query rows [16 mt, 16 mt + 16) against this warp's 16 keys of the tile, in the
+/// m16n8k16 accumulator layout: acc[nt][e] is row 16 mt + lane / 4 + 8 (e / 2), key
+/// 16 warp + 8 nt + 2 (lane % 4) + e % 2.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void tile_logits(float (&acc)[2][4], const T* s_q, const T* k_tile,
+                                            int mt) {
+  constexpr int kPitch = ScoreTile<kHeadDim>::kPitch;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+  }
+#pragma unroll
+  for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+    uint32_t a[4];
+    ldmatrix_x4(a, s_q + (mt * 16 + (lane & 15)) * kPitch + ks * 16 + (lane >> 4) * 8);
+    uint32_t bk[4];
+    const int j = lane >> 3;
+    ldmatrix_x4(bk, k_tile + (warp * 16 + (j >> 1) * 8 + (lane & 7)) * kPitch + ks * 16 +
+                        (j & 1) * 8);
+    mma_16816<T>(acc[0], a, bk[0], bk[1]);
+    mma_16816<T>(acc[1], a, bk[2], bk[3]);
+  }
+}
+
+/// Fragment path (block_size a multiple of kPartialLen = 8 or 16). Per tile each warp turns
+/// its MMA fragments straight into partials over kPartialLen keys: max and sum of
+/// exp2(logit - max) reduced over the lane quad that holds a row, no shared-memory round trip.
+/// The owner lane of each (warp, row) keeps the row's running max and sum in shared memory;
+/// the CTA combines them into the split partial at the end.
+template <typename T, int kHeadDim, int kPartialLen>
+__global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
+    block_scores_fragment_kernel(const __grid_constant__ BlockScoresParams p,
+                                 const BlockScoresPlan plan, int rows_pad, bool q_vec16) {
+  static_assert(kPartialLen == 8 || kPartialLen == 16, "a partial is one or two n8 MMA tiles");
+  using Tile = ScoreTile<kHeadDim>;
+  constexpr int kPartsPerWarp = 16 / kPartialLen;
+  constexpr int kTilesPerPart = kPartialLen / 8;
+  const ScoreCta cta = score_cta(p, plan);
+  if (cta.kv_head < 0) return;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int b = blockIdx.z;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_keys = reinterpret_cast<T*>(smem_raw);                   // [kStages][kKeys][kPitch]
+  T* s_q = s_keys + Tile::kStages * Tile::kKeys * Tile::kPitch;  // [rows_pad][kPitch]
+  float* s_run_max = reinterpret_cast<float*>(s_q + rows_pad * Tile::kPitch);  // [kWarps][rows_pad]
+  float* s_run_sum = s_run_max + Tile::kWarps * rows_pad;                    // [kWarps][rows_pad]
+  int32_t* s_row_out = reinterpret_cast<int32_t*>(s_run_sum + Tile::kWarps * rows_pad);
+  int32_t* s_row_pos = s_row_out + rows_pad;
+  for (int e = tid; e < Tile::kWarps * rows_pad; e += Tile::kThreads) {
+    s_run_max[e] = -INFINITY;
+    s_run_sum[e] = 0.f;
+  }
+  load_score_rows<T, kHeadDim>(p, cta, rows_pad, q_vec16, s_q, s_row_out, s_row_pos);
+
+  const float scale_log2 = p.sm_scale * kLog2e;
+  const int m_tiles = (cta.rows + 15) / 16;
+  // Keys from here on may be hidden from some row (past the split, or after a row's query).
+  const int32_t first_hidden = min(cta.split_end, cta.kv_len - p.num_queries + 1);
+  float2* block_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
+                                                     plan.block_partials_offset);
+  const int64_t row_base = static_cast<int64_t>(b) * plan.rows;
+
+  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, [&](int32_t tile_begin, const T* k_tile) {
+    const bool masked = tile_begin + Tile::kKeys > first_hidden;
+    const int32_t warp_begin = tile_begin + warp * 16;
+    for (int mt = 0; mt < m_tiles; ++mt) {
+      float acc[2][4];
+      tile_logits<T, kHeadDim>(acc, s_q, k_tile, mt);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mt * 16 + (lane >> 2) + half * 8;
+        float v[2][2];  // [n8 tile][column]
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            v[nt][c] = acc[nt][half * 2 + c] * scale_log2;
+            if (masked) {
+              const int32_t pos = warp_begin + nt * 8 + (lane & 3) * 2 + c;
+              if (pos >= cta.split_end || pos > s_row_pos[r]) v[nt][c] = -INFINITY;
+            }
+          }
+        }
+#pragma unroll
+        for (int part = 0; part < kPartsPerWarp; ++part) {
+          float part_max = -INFINITY;
+#pragma unroll
+          for (int t = 0; t < kTilesPerPart; ++t) {
+            part_max = fmaxf(part_max, fmaxf(v[part + t][0], v[part + t][1]));
+          }
+          part_max = fmaxf(part_max, __shfl_xor_sync(0xffffffffu, part_max, 1));
+          part_max = fmaxf(part_max, __shfl_xor_sync(0xffffffffu, part_max, 2));
+          const float ref = part_max == -INFINITY ? 0.f : part_max;  // all hidden: sum 0
+          float sum = 0.f;
+#pragma unroll
+          for (int t = 0; t < kTilesPerPart; ++t) {
+            sum += exp2f(v[part + t][0] - ref) + exp2f(v[part + t][1] - ref);
+          }
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          if ((lane & 3) == 0 && r < cta.rows) {
+            const int64_t index = (row_base + s_row_out[r]) * plan.num_partials +
+                                  (warp_begin + part * kPartialLen) / kPartialLen;
+            block_partials[index] = make_float2(sum, ref);
+            float& run_max = s_run_max[warp * rows_pad + r];
+            float& run_sum = s_run_sum[warp * rows_pad + r];
+            const float new_max = fmaxf(run_max, part_max);
+            if (new_max != -INFINITY) {  // sum == 0 keeps exp2f(ref - new_max) from overflowing
+              run_sum = run_sum * exp2f(run_max - new_max) +
+                        (sum > 0.f ? sum * exp2f(ref - new_max) : 0.f);
+            }
+            run_max = new_max;
+          }
+        }
+      }
+    }
+  });
+
+  // Split partials: the warps' running statistics combined in a fixed order.
+  __syncthreads();
+  float2* split_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
+                                                     plan.split_partials_offset);
+  for (int r = tid; r < cta.rows; r += Tile::kThreads) {
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < Tile::kWarps; ++w) row_max = fmaxf(row_max, s_run_max[w * rows_pad + r]);
+    float row_sum = 0.f;
+    if (row_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < Tile::kWarps; ++w) {
+        row_sum += s_run_sum[w * rows_pad + r] * exp2f(s_run_max[w * rows_pad + r] - row_max);
+      }
+    }
+    split_partials[(row_base + s_row_out[r]) * plan.num_splits + blockIdx.x] =
+        make_float2(row_max, row_sum);
+  }
+}
+
+/// Scan path (any block size): per tile the logits go to shared memory; then per row (one
+/// warp each, two rows interleaved for latency) a running max, per-lane running sums, and block
+/// partials by a segmented scan over each 32-key window, a block still open at a window's end
+/// carrying into the next. Splits are block-aligned, so each (row, block) partial is written
+/// by exactly one thread.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
+    block_scores_scan_kernel(const __grid_constant__ BlockScoresParams p,
+                             const BlockScoresPlan plan, int rows_pad, bool q_vec16) {
+  using Tile = ScoreTile<kHeadDim>;
+  constexpr int kLogitPitch = Tile::kLogitPitch;
+  const ScoreCta cta = score_cta(p, plan);
+  if (cta.kv_head < 0) return;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int b = blockIdx.z;
+  const int rows = cta.rows;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_keys = reinterpret_cast<T*>(smem_raw);                   // [kStages][kKeys][kPitch]
+  T* s_q = s_keys + Tile::kStages * Tile::kKeys * Tile::kPitch;  // [rows_pad][kPitch]
+  float* s_logit = reinterpret_cast<float*>(s_q + rows_pad * Tile::kPitch);  // [rows_pad][kLogitPitch]
+  float* s_max = s_logit + rows_pad * kLogitPitch;  // [rows_pad] running max
+  float* s_carry = s_max + rows_pad;                // [rows_pad] partial of the block still open
+  float* s_lane_sum = s_carry + rows_pad;  // [rows_pad][32] per-lane sums of exp2(logit - max)
+  int32_t* s_row_out = reinterpret_cast<int32_t*>(s_lane_sum + rows_pad * 32);
+  int32_t* s_row_pos = s_row_out + rows_pad;
+  for (int r = tid; r < rows_pad; r += Tile::kThreads) {
+    s_max[r] = -INFINITY;
+    s_carry[r] = 0.f;
+  }
+  for (int e = tid; e < rows_pad * 32; e += Tile::kThreads) s_lane_sum[e] = 0.f;
+  load_score_rows<T, kHeadDim>(p, cta, rows_pad, q_vec16, s_q, s_row_out, s_row_pos);
+
+  const float scale_log2 = p.sm_scale * kLog2e;
+  const int m_tiles = (rows + 15) / 16;
+  float2* block_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
+                                                     plan.block_partials_offset);
+
+  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, [&](int32_t tile_begin, const T* k_tile) {
     // Logits of this warp's 16 keys for every row, log2-scaled and causally masked.
     for (int mt = 0; mt < m_tiles; ++mt) {
-      float acc[2][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, s_q + (mt * 16 + (lane & 15)) * kPitch + ks * 16 + (lane >> 4) * 8);
-        uint32_t bk[4];
-        const int j = lane >> 3;
-        ldmatrix_x4(bk, k_tile + (warp * 16 + (j >> 1) * 8 + (lane & 7)) * kPitch + ks * 16 +
-                            (j & 1) * 8);
-        mma_16816<T>(acc[0], a, bk[0], bk[1]);
-        mma_16816<T>(acc[1], a, bk[2], bk[3]);
-      }
+      float acc[2][4];
+      tile_logits<T, kHeadDim>(acc, s_q, k_tile, mt);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
@@ -325,7 +526,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
           const int r = mt * 16 + (lane >> 2) + (e >> 1) * 8;
           const int key = warp * 16 + nt * 8 + (lane & 3) * 2 + (e & 1);
           const int32_t pos = tile_begin + key;
-          const bool visible = r < rows && pos < split_end && pos <= s_row_pos[r];
+          const bool visible = r < rows && pos < cta.split_end && pos <= s_row_pos[r];
           s_logit[r * kLogitPitch + key] = visible ? acc[nt][e] * scale_log2 : -INFINITY;
         }
       }
@@ -346,14 +547,11 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
       const int32_t block_first = lane_block[half] * p.block_size;
       lane_first[half] = block_first > window ? block_first - window : 0;
       lane_opened_before[half] = block_first < window;
-      lane_in[half] = pos < split_end;
+      lane_in[half] = pos < cta.split_end;
       lane_closes[half] = lane_in[half] && (pos + 1 == block_first + p.block_size ||
-                                            pos + 1 == split_end);
+                                            pos + 1 == cta.split_end);
     }
 
-    // Per row (one warp each, two rows interleaved for latency): running max, per-lane
-    // running sums, and block partials by a segmented scan over each 32-key window; a block
-    // still open at a window's end carries into the next.
     for (int r0 = warp; r0 < rows; r0 += 2 * Tile::kWarps) {
       const bool two = r0 + Tile::kWarps < rows;
       const int row[2] = {r0, two ? r0 + Tile::kWarps : r0};
@@ -397,7 +595,8 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
           if (lane_opened_before[half]) v[j] += carry[j];
           if (lane_closes[half] && (j == 0 || two)) {
             const int64_t out_row = static_cast<int64_t>(b) * plan.rows + s_row_out[row[j]];
-            block_partials[out_row * p.num_blocks + lane_block[half]] = make_float2(v[j], ref[j]);
+            block_partials[out_row * plan.num_partials + lane_block[half]] =
+                make_float2(v[j], ref[j]);
           }
           carry[j] = __shfl_sync(0xffffffffu, lane_in[half] && !lane_closes[half] ? v[j] : 0.f, 31);
         }
@@ -414,7 +613,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
         }
       }
     }
-  }
+  });
 
   // Split partials: the row's max and its sum, reduced over lanes in a fixed tree.
   float2* split_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
@@ -424,7 +623,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads, 1)
     const float sum = warp_sum(s_lane_sum[r * 32 + lane]);
     if (lane == 0) {
       const int64_t row = static_cast<int64_t>(b) * plan.rows + s_row_out[r];
-      split_partials[row * plan.num_splits + split] = make_float2(s_max[r], sum);
+      split_partials[row * plan.num_splits + blockIdx.x] = make_float2(s_max[r], sum);
     }
   }
 }
@@ -478,15 +677,24 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   if (block >= nblk) return;
   const float2* block_partials = reinterpret_cast<const float2*>(
       static_cast<const char*>(p.workspace) + plan.block_partials_offset);
+  // The block's partials: one on the scan path, block_size / partial_len on the fragment path,
+  // where those past the last tile of the sequence were never written.
+  const int32_t parts_per_block = p.block_size / plan.partial_len;
+  const int32_t first_part = block * parts_per_block;
+  const int32_t end_part =
+      min(first_part + parts_per_block, (kv_len + plan.partial_len - 1) / plan.partial_len);
   float total = 0.f;
   for (int h = 0; h < p.num_heads; ++h) {
     const int32_t kv_head = p.head_map[h];
     if (kv_head < 0 || kv_head >= p.kv.num_kv_heads) continue;  // never computed
     for (int i = 0; i < p.num_queries; ++i) {
       const int r = h * p.num_queries + i;
-      const float2 part =
-          block_partials[(static_cast<int64_t>(b) * plan.rows + r) * p.num_blocks + block];
-      if (part.x > 0.f) total += part.x * exp2f(part.y - s_row_max[r]) * s_row_inv[r];
+      const float2* row_parts =
+          block_partials + (static_cast<int64_t>(b) * plan.rows + r) * plan.num_partials;
+      for (int32_t j = first_part; j < end_part; ++j) {
+        const float2 part = row_parts[j];
+        if (part.x > 0.f) total += part.x * exp2f(part.y - s_row_max[r]) * s_row_inv[r];
+      }
     }
   }
   p.scores[b * p.scores_stride_b + block] += total;
