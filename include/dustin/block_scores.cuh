@@ -159,7 +159,7 @@ struct ScoreTile {
   static constexpr int kKeys = kScoreTileKeys;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kStages = 4;          // 3 tiles (48 KB at D = 128) in flight while one is scored
+  static constexpr int kStages = 3;          // 2 tiles in flight while one is scored
   static constexpr int kPitch = kHeadDim + 8;  // 16-bit elements; +16 B: ldmatrix conflict-free
   static constexpr int kLogitPitch = kKeys + 4;  // floats
   static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per key row
@@ -262,17 +262,15 @@ __device__ __forceinline__ void load_score_rows(const BlockScoresParams& p, cons
   __syncthreads();
 }
 
-/// Streams the split's keys through a kStages-deep cp.async pipeline: issues the first tiles'
-/// copies, calls prepare() (the CTA's own setup, whose loads then overlap the copies), then
+/// Streams the split's keys through a kStages-deep cp.async pipeline and calls
 /// score_tile(tile_begin, k_tile) for each 64-key tile, the whole CTA together. Each thread
 /// copies one 16-byte chunk of a few keys per tile; the page numbers of the next tile to copy
 /// are loaded one iteration ahead, so the block-table reads never sit between the barrier and
 /// the copies. Keys past the split are not copied (their logits must be masked); keys on a
 /// page outside the pool read as zeros.
-template <typename T, int kHeadDim, typename PrepareFn, typename ScoreTileFn>
+template <typename T, int kHeadDim, typename ScoreTileFn>
 __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, const ScoreCta& cta,
-                                                  T* s_keys, PrepareFn&& prepare,
-                                                  ScoreTileFn&& score_tile) {
+                                                  T* s_keys, ScoreTileFn&& score_tile) {
   using Tile = ScoreTile<kHeadDim>;
   constexpr int kKeys = Tile::kKeys;
   constexpr int kPitch = Tile::kPitch;
@@ -319,7 +317,6 @@ __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, co
     cp_async_commit();
   }
   fetch_pages(Tile::kStages - 1);
-  prepare();
   for (int tile = 0; tile < num_tiles; ++tile) {
     cp_async_wait<Tile::kStages - 2>();
     __syncthreads();
@@ -387,13 +384,11 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   float* s_run_sum = s_run_max + Tile::kWarps * rows_pad;                    // [kWarps][rows_pad]
   int32_t* s_row_out = reinterpret_cast<int32_t*>(s_run_sum + Tile::kWarps * rows_pad);
   int32_t* s_row_pos = s_row_out + rows_pad;
-  auto prepare = [&] {
-    for (int e = tid; e < Tile::kWarps * rows_pad; e += Tile::kThreads) {
-      s_run_max[e] = -INFINITY;
-      s_run_sum[e] = 0.f;
-    }
-    load_score_rows<T, kHeadDim>(p, cta, rows_pad, q_vec16, s_q, s_row_out, s_row_pos);
-  };
+  for (int e = tid; e < Tile::kWarps * rows_pad; e += Tile::kThreads) {
+    s_run_max[e] = -INFINITY;
+    s_run_sum[e] = 0.f;
+  }
+  load_score_rows<T, kHeadDim>(p, cta, rows_pad, q_vec16, s_q, s_row_out, s_row_pos);
 
   const float scale_log2 = p.sm_scale * kLog2e;
   const int m_tiles = (cta.rows + 15) / 16;
@@ -403,7 +398,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
                                                      plan.block_partials_offset);
   const int64_t row_base = static_cast<int64_t>(b) * plan.rows;
 
-  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, prepare, [&](int32_t tile_begin, const T* k_tile) {
+  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, [&](int32_t tile_begin, const T* k_tile) {
     const bool masked = tile_begin + Tile::kKeys > first_hidden;
     const int32_t warp_begin = tile_begin + warp * 16;
     for (int mt = 0; mt < m_tiles; ++mt) {
@@ -507,21 +502,19 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   float* s_lane_sum = s_carry + rows_pad;  // [rows_pad][32] per-lane sums of exp2(logit - max)
   int32_t* s_row_out = reinterpret_cast<int32_t*>(s_lane_sum + rows_pad * 32);
   int32_t* s_row_pos = s_row_out + rows_pad;
-  auto prepare = [&] {
-    for (int r = tid; r < rows_pad; r += Tile::kThreads) {
-      s_max[r] = -INFINITY;
-      s_carry[r] = 0.f;
-    }
-    for (int e = tid; e < rows_pad * 32; e += Tile::kThreads) s_lane_sum[e] = 0.f;
-    load_score_rows<T, kHeadDim>(p, cta, rows_pad, q_vec16, s_q, s_row_out, s_row_pos);
-  };
+  for (int r = tid; r < rows_pad; r += Tile::kThreads) {
+    s_max[r] = -INFINITY;
+    s_carry[r] = 0.f;
+  }
+  for (int e = tid; e < rows_pad * 32; e += Tile::kThreads) s_lane_sum[e] = 0.f;
+  load_score_rows<T, kHeadDim>(p, cta, rows_pad, q_vec16, s_q, s_row_out, s_row_pos);
 
   const float scale_log2 = p.sm_scale * kLog2e;
   const int m_tiles = (rows + 15) / 16;
   float2* block_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
                                                      plan.block_partials_offset);
 
-  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, prepare, [&](int32_t tile_begin, const T* k_tile) {
+  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, [&](int32_t tile_begin, const T* k_tile) {
     // Logits of this warp's 16 keys for every row, log2-scaled and causally masked.
     for (int mt = 0; mt < m_tiles; ++mt) {
       float acc[2][4];
