@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dustin  # noqa: F401  (registers torch.ops.dustin)
-from common import Report, pct_of_ceiling, tbps, time_cuda
+
+from bench.common import Report, pct_of_ceiling, tbps, time_cuda
 
 D = 128
 QUERIES = 5

@@ -68,15 +68,17 @@ for stage in "${stages[@]}"; do
       ;;
     profile)
       # Nsight Compute on one launch per case (PROFILE_CASES: ';'-separated argument lists of
-      # scripts/profile_sparse_verify.py); needs the Firecracker runtime's counters.
+      # PROFILE_SCRIPT, whose kernels match PROFILE_KERNEL; default sparse_verify; for scoring:
+      # PROFILE_SCRIPT=scripts/profile_block_scores.py PROFILE_KERNEL=block_scores_fragment).
       step profile
+      script=${PROFILE_SCRIPT:-scripts/profile_sparse_verify.py}
       IFS=';' read -ra cases <<< "${PROFILE_CASES:---budget 512;--budget 0}"
       for case in "${cases[@]}"; do
         echo "--- $case" | tee -a "$LOGS/profile.log"
-        ncu --clock-control none -k regex:sparse_verify_kernel -s 3 -c 1 \
+        ncu --clock-control none -k "regex:${PROFILE_KERNEL:-sparse_verify_kernel}" -s 3 -c 1 \
           --section SpeedOfLight --section Occupancy --section LaunchStats \
           --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-          python3 scripts/profile_sparse_verify.py $case 2>&1 | tee -a "$LOGS/profile.log" \
+          python3 "$script" $case 2>&1 | tee -a "$LOGS/profile.log" \
           | grep -v "^==PROF==" | tail -n 120 || status=1
       done
       ;;
