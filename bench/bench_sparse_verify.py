@@ -111,10 +111,14 @@ def split_bytes(q: torch.Tensor) -> int:
     return batch * q_len * heads * (head_dim + 1) * 4
 
 
+def planned_workspace_bytes(case: PagedCase, q: torch.Tensor, ids: torch.Tensor) -> int:
+    """Workspace the kernel's planner asks for: its split count times `split_bytes`."""
+    return ops.sparse_verify_workspace_bytes(q, case.k, case.table, ids, "HND")
+
+
 def planned_splits(case: PagedCase, q: torch.Tensor, ids: torch.Tensor) -> int:
     """The split count the kernel's planner picks (read back from the workspace it asks for)."""
-    nbytes = ops.sparse_verify_workspace_bytes(q, case.k, case.table, ids, "HND")
-    return max(nbytes // split_bytes(q), 1)
+    return max(planned_workspace_bytes(case, q, ids) // split_bytes(q), 1)
 
 
 def dustin_fn(case: PagedCase, q: torch.Tensor, ids, counts, splits: int | None = None):
@@ -122,8 +126,9 @@ def dustin_fn(case: PagedCase, q: torch.Tensor, ids, counts, splits: int | None 
     (the kernel splits only as far as its workspace allows), None leaves the planner's choice."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device="cuda")
-    nbytes = ops.sparse_verify_workspace_bytes(q, case.k, case.table, ids, "HND")
-    if splits is not None:
+    if splits is None:
+        nbytes = planned_workspace_bytes(case, q, ids)
+    else:
         nbytes = splits * split_bytes(q) if splits > 1 else 0
     workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     scale = case.shape.head_dim**-0.5

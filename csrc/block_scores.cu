@@ -33,11 +33,11 @@ bool keys_aligned(const PagedKV& kv) {
          kv.head_stride % kElemsPer16B == 0 && kv.token_stride % kElemsPer16B == 0;
 }
 
-/// The partial pass's kernel for this block size: the fragment path when the block holds
-/// whole partials of 16 or 8 keys, else the scan path.
+/// The partial pass's kernel for fragment_partial_len(block_size): the fragment path with
+/// partials of 16 or 8 keys, else (0) the scan path.
 template <typename T, int kHeadDim>
-auto partial_kernel(int32_t block_size) {
-  switch (detail::fragment_partial_len(block_size)) {
+auto partial_kernel(int32_t fragment) {
+  switch (fragment) {
     case 16: return detail::block_scores_fragment_kernel<T, kHeadDim, 16>;
     case 8: return detail::block_scores_fragment_kernel<T, kHeadDim, 8>;
     default: return detail::block_scores_scan_kernel<T, kHeadDim>;
@@ -49,9 +49,9 @@ Status launch(const BlockScoresParams& p, const detail::BlockScoresPlan& plan,
               cudaStream_t stream) {
   using Tile = detail::ScoreTile<kHeadDim>;
   const int rows_pad = (plan.rows + 15) / 16 * 16;
-  const bool scan = detail::fragment_partial_len(p.block_size) == 0;
-  const size_t smem = Tile::smem_bytes(rows_pad, scan);
-  const auto partial = partial_kernel<T, kHeadDim>(p.block_size);
+  const int32_t fragment = detail::fragment_partial_len(p.block_size);
+  const size_t smem = Tile::smem_bytes(rows_pad, /*scan=*/fragment == 0);
+  const auto partial = partial_kernel<T, kHeadDim>(fragment);
   if (cudaFuncSetAttribute(partial, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem)) != cudaSuccess) {
     return Status::kCudaError;
