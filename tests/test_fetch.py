@@ -220,7 +220,9 @@ def test_join_rejects_damaged_slice(tmp_path, big_file):
     path, _ = big_file
     manifest_path = split_for_transfer(path, tmp_path / "out", slice_mib=1)
     damaged = tmp_path / "out" / "model.gguf.slice001"
-    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+    original = damaged.read_bytes()
+    # Flip the first byte rather than overwrite it: random data may already hold any value there.
+    damaged.write_bytes(bytes([original[0] ^ 0xFF]) + original[1:])
     with pytest.raises(
         FetchError, match=r"slice .*model.gguf.slice001 has SHA-256 .* \(damaged in transfer"
     ):
