@@ -20,7 +20,8 @@ from dustin.evaluate import (
 )
 from dustin.model import BlockSelection
 from dustin.policies import Dense, PairConfig, Quest, Streaming, make_policy
-from dustin.quality_metrics import attended_blocks
+from dustin.quality_metrics import attended_blocks, paired_difference
+from dustin.quality_report import target_checks
 from dustin.spec import DecodeOptions
 from tiny_models import load_tiny, save_tiny, tiny_tokenizer
 
@@ -69,6 +70,43 @@ def test_quest_picks_the_page_with_the_largest_key_bound():
     assert ids[0, 0, :2].tolist() == [3, 9] and ids[0, 1, :2].tolist() == [5, 9]
     with pytest.raises(NotImplementedError, match="select_layer"):
         quest.select(None, cache.kv_lens, 4, 16)
+
+
+def test_paired_difference_cancels_shared_noise():
+    a = [3.0, 0.0, 4.0, 1.0]
+    b = [2.0, 0.0, 3.0, 1.0]  # a - b = 1, 0, 1, 0
+    diff, stderr = paired_difference(a, b)
+    assert diff == pytest.approx(0.5)
+    assert stderr == pytest.approx(math.sqrt((4 * 0.25 / 3) / 4))
+    assert math.isnan(paired_difference([1.0], [0.0])[1])
+    with pytest.raises(ValueError, match="3 samples against 2"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def _row(accepted: list[int]) -> dict:
+    mean = sum(accepted) / len(accepted) + 1.0
+    return {"mean_accepted_length": mean, "retention": mean / 2.0, "accepted_per_step": accepted}
+
+
+def test_target_checks_say_whether_a_rival_lead_is_noise():
+    mine = [1, 0, 2, 1, 1, 0, 2, 1]
+    rows = {
+        "dustin/b512/p16": _row(mine),
+        "quest/b512/p16": _row([1, 0, 2, 1, 1, 0, 2, 2]),  # ahead by one draft in eight
+        "streaming/b512/p16": _row([0, 0, 1, 1, 0, 0, 1, 1]),
+    }
+    lines = target_checks({"teacher_forced": rows}, 512, 16)
+    policies = next(line for line in lines if "more than every other policy" in line)
+    assert "MISSED" in policies and "within two standard errors" in policies
+    assert "(Dustin - quest -0.125 ± 0.125)" in policies
+    rows["quest/b512/p16"] = _row([2, 1, 3, 2, 2, 1, 3, 2])  # ahead at every step
+    lines = target_checks({"teacher_forced": rows}, 512, 16)
+    policies = next(line for line in lines if "more than every other policy" in line)
+    assert "MISSED" in policies and "exceeds two standard errors" in policies
+    rows["quest/b512/p16"] = _row([0] * 8)
+    lines = target_checks({"teacher_forced": rows}, 512, 16)
+    policies = next(line for line in lines if "more than every other policy" in line)
+    assert policies.endswith("more than every other policy: met")
 
 
 def test_cut_windows_come_from_inside_the_text():

@@ -18,6 +18,7 @@ __all__ = [
     "attended_blocks",
     "attended_mask",
     "attention_recall",
+    "paired_difference",
     "per_head_block_scores",
     "token_nll",
     "true_attention_mass",
@@ -26,6 +27,23 @@ __all__ = [
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``a - b`` over paired samples and its standard error.
+
+    Teacher-forced variants verify the same drafts at the same positions, so per-verification
+    differences cancel the noise the positions share; that error is what a difference between
+    two policies must beat to mean anything.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: {len(a)} samples against {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = _mean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan")
+    spread = sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(spread / len(diffs))
 
 
 @dataclass
@@ -48,15 +66,14 @@ class Tally:
             "attention_recall": _mean(self.recall),
             "kv_read_share": _mean(self.read_share),
             "steps": len(self.accepted),
+            # In verification order, the same for every variant: reports pair any two rows.
+            "accepted_per_step": list(self.accepted),
         }
         if dense is not None:
             out["retention"] = out["mean_accepted_length"] / (_mean(dense.accepted) + 1.0)
-            # Paired over the same verifications: the noise a difference from dense must beat.
-            diffs = [a - d for a, d in zip(self.accepted, dense.accepted, strict=True)]
-            mean = _mean(diffs)
-            spread = sum((x - mean) ** 2 for x in diffs) / max(len(diffs) - 1, 1)
-            out["accepted_diff_vs_dense"] = mean
-            out["accepted_diff_stderr"] = math.sqrt(spread / len(diffs)) if diffs else float("nan")
+            diff, stderr = paired_difference(self.accepted, dense.accepted)
+            out["accepted_diff_vs_dense"] = diff
+            out["accepted_diff_stderr"] = stderr
         return out
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from pathlib import Path
 
 from dustin.provenance import source_commit
+from dustin.quality_metrics import paired_difference
 
 __all__ = ["CAVEAT", "target_checks", "write_results"]
 
@@ -51,10 +53,12 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
         ]
         verdict = "met" if rivals and len(beaten) == len(rivals) else "MISSED"
         detail = ", ".join(
-            f"{k} {r['mean_accepted_length']:.3f}" for k, r in sorted(rivals.items())
+            f"{k} {r['mean_accepted_length']:.3f}{_versus(mine, r, k)}"
+            for k, r in sorted(rivals.items())
         )
         lines.append(
-            f"{name}: Dustin {mine['mean_accepted_length']:.3f} vs {detail}: more than every other policy: {verdict}"
+            f"{name}: Dustin {mine['mean_accepted_length']:.3f} vs {detail}: more than every other "
+            f"policy: {verdict}{_noise(mine, rivals.values())}"
         )
         if "dustin-default" in others:
             d = others["dustin-default"]
@@ -63,7 +67,8 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
             )
             lines.append(
                 f"{name}: calibrated {mine['mean_accepted_length']:.3f} vs default config "
-                f"{d['mean_accepted_length']:.3f}: calibrated beats default: {verdict}"
+                f"{d['mean_accepted_length']:.3f}{_versus(mine, d, 'default')}: calibrated beats default: "
+                f"{verdict}{_noise(mine, [d])}"
             )
             fidelity = (
                 "top1_agreement_with_dense" if mode == "teacher_forced" else "agreement_with_dense"
@@ -79,6 +84,30 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
                 )
             )
     return lines
+
+
+def _versus(mine: dict, other: dict, name: str) -> str:
+    """`` (Dustin - name +d ± s.e.)`` in accepted drafts per verification, where both rows
+    recorded their per-verification counts (teacher-forced results from 2026-11-29 on)."""
+    if "accepted_per_step" not in mine or "accepted_per_step" not in other:
+        return ""
+    diff, stderr = paired_difference(mine["accepted_per_step"], other["accepted_per_step"])
+    return f" (Dustin - {name} {diff:+.3f} ± {stderr:.3f})"
+
+
+def _noise(mine: dict, rivals) -> str:
+    """Says when every rival ahead of Dustin is ahead by less than two standard errors."""
+    ahead = [r for r in rivals if r["mean_accepted_length"] >= mine["mean_accepted_length"]]
+    if not ahead or any("accepted_per_step" not in r for r in [mine, *ahead]):
+        return ""
+    gaps = [paired_difference(mine["accepted_per_step"], r["accepted_per_step"]) for r in ahead]
+    if any(math.isnan(stderr) for _, stderr in gaps):
+        return ""
+    if all(-diff < 2 * stderr for diff, stderr in gaps):
+        return (
+            " (every lead over Dustin is within two standard errors: not resolved by this sample)"
+        )
+    return " (at least one lead over Dustin exceeds two standard errors)"
 
 
 def _paired(row: dict) -> str:
