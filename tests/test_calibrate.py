@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from dustin.calibrate import calibrate, choose_heads, head_recall, write_config
+from dustin.calibrate import add_arguments, calibrate, choose_heads, head_recall, run, write_config
 from dustin.evaluate import Window, prefill_window
 from dustin.policies import PairConfig
 from tiny_models import load_tiny, save_tiny
@@ -58,6 +59,26 @@ def test_choose_heads_takes_the_layer_of_the_best_head():
     assert heads == ((1, 1),)  # adding layer 0 gains nothing, so the greedy search stops
     assert report["greedy_layers"][0] == {"layer": 1, "heads": [1], "recall": pytest.approx(1.0)}
     assert report["best_single_heads"][0]["layer"] == 1
+    # With no minimum gain the search takes layer 0 too: its gain of 0 is not below 0.
+    heads, _ = choose_heads(
+        data, "draft", model, PAIR, P, heads_per_layer=1, max_layers=2, min_gain=0.0
+    )
+    assert len(heads) == 2 and (1, 1) in heads
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--min-gain 1.5", "--min-gain must be in"),
+        ("--head-steps 0", "--head-steps must be >= 1"),
+        ("--shares 0.5,x", "--shares must be comma-separated"),
+    ],
+)
+def test_calibrate_command_rejects_bad_options(option, message):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match=message):
+        run(parser.parse_args(option.split()))
 
 
 def test_calibrate_writes_a_loadable_config(tmp_path):

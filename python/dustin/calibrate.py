@@ -151,6 +151,7 @@ def calibrate(
     shares: Sequence[float] = DEFAULT_SHARES,
     heads_per_layer: int = 2,
     max_layers: int = 3,
+    min_gain: float = 0.002,
     progress: bool = False,
 ) -> tuple[PairConfig, dict]:
     """Chooses retrieval heads and draft share for the pair on the prefilled windows.
@@ -177,10 +178,17 @@ def calibrate(
         progress=progress,
     )
     draft_heads, draft_report = choose_heads(
-        ranked.head_data, "draft", draft, default, page_size, heads_per_layer, max_layers
+        ranked.head_data, "draft", draft, default, page_size, heads_per_layer, max_layers, min_gain
     )
     target_heads, target_report = choose_heads(
-        ranked.head_data, "target", target, default, page_size, heads_per_layer, max_layers
+        ranked.head_data,
+        "target",
+        target,
+        default,
+        page_size,
+        heads_per_layer,
+        max_layers,
+        min_gain,
     )
 
     def dustin(draft_heads, target_heads, share):
@@ -235,6 +243,7 @@ def calibrate(
         "page_size": page_size,
         "head_steps": head_steps,
         "share_steps": share_steps,
+        "min_gain": min_gain,
         "draft": draft_report,
         "target": target_report,
         "share_search": {
@@ -308,6 +317,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-layers", type=int, default=3, help="most layers chosen per model (default: 3)"
     )
     parser.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.002,
+        help="smallest rise in recall (share of the total attention mass) for which the greedy "
+        "search adds another layer; sinks and recent blocks hold most of the mass, so a layer's "
+        "gain is small in these units (default: 0.002)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("qwen2.5-coder-0.5b_1.5b.calibrated.json"),
@@ -335,6 +352,8 @@ def run(args: argparse.Namespace) -> int:
     ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.min_gain < 1.0:
+        raise ValueError(f"--min-gain must be in [0, 1), got {args.min_gain}")
     continuation = max(args.head_steps, args.share_steps) * (args.gamma + 1) + 1
     target, draft, prefilled = prepare(args, [args.context], continuation)
     windows = prefilled[args.context]
@@ -350,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
         shares=shares,
         heads_per_layer=args.heads_per_layer,
         max_layers=args.max_layers,
+        min_gain=args.min_gain,
         progress=not args.no_progress,
     )
     write_config(config, args.out)
