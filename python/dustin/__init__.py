@@ -15,9 +15,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .` (see README.md)."
     ) from exc
 
-from dustin import ops  # noqa: E402
+from dustin import ops
 
-__all__ = ["ops", "built_with_cuda"]
+__all__ = ["built_with_cuda", "ops"]
 __version__ = "0.1.0"
 
 
