@@ -3,6 +3,8 @@
 # One call on the GPU machine: build from source (carried nvidia-cutlass wheel, no network),
 # run the tests (CPU and CUDA), a compute-sanitizer pass, and the benchmarks.
 #   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native profile
+#                                        profile-e2e (kernels of each phase of a decode step;
+#                                        PROFILE_E2E_ARGS passed to scripts/profile_e2e_step.py)
 #                                        bench-<name> (runs bench/bench_<name>.py)
 #                                        weights (joins the real pair sent in slices, below)
 #                                        quality-<context> (dustin eval at that context;
@@ -81,6 +83,11 @@ for stage in "${stages[@]}"; do
           python3 "$script" $case 2>&1 | tee -a "$LOGS/profile.log" \
           | grep -v "^==PROF==" | tail -n 120 || status=1
       done
+      ;;
+    profile-e2e)
+      step "profile e2e"
+      python3 scripts/profile_e2e_step.py ${PROFILE_E2E_ARGS:-} 2>&1 \
+        | tee "$LOGS/profile_e2e.log" | tail -n 120 || status=1
       ;;
     weights)
       step weights
