@@ -102,7 +102,11 @@ def test_target_checks_say_whether_a_rival_lead_is_noise():
     rows["quest/b512/p16"] = _row([2, 1, 3, 2, 2, 1, 3, 2])  # ahead at every step
     lines = target_checks({"teacher_forced": rows}, 512, 16)
     policies = next(line for line in lines if "more than every other policy" in line)
-    assert "MISSED" in policies and "exceeds two standard errors" in policies
+    assert "MISSED" in policies and "two standard errors or more" in policies
+    rows["quest/b512/p16"] = _row(list(mine))  # a tie (identical picks) is no lead
+    lines = target_checks({"teacher_forced": rows}, 512, 16)
+    policies = next(line for line in lines if "more than every other policy" in line)
+    assert "MISSED" in policies and "within two standard errors" in policies
     rows["quest/b512/p16"] = _row([0] * 8)
     lines = target_checks({"teacher_forced": rows}, 512, 16)
     policies = next(line for line in lines if "more than every other policy" in line)

@@ -67,8 +67,8 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
             )
             lines.append(
                 f"{name}: calibrated {mine['mean_accepted_length']:.3f} vs default config "
-                f"{d['mean_accepted_length']:.3f}{_versus(mine, d, 'default')}: calibrated beats default: "
-                f"{verdict}{_noise(mine, [d])}"
+                f"{d['mean_accepted_length']:.3f}{_versus(mine, d, 'default')}: calibrated beats "
+                f"default: {verdict}{_noise(mine, [d])}"
             )
             fidelity = (
                 "top1_agreement_with_dense" if mode == "teacher_forced" else "agreement_with_dense"
@@ -86,28 +86,30 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
     return lines
 
 
-def _versus(mine: dict, other: dict, name: str) -> str:
-    """`` (Dustin - name +d ± s.e.)`` in accepted drafts per verification, where both rows
-    recorded their per-verification counts (teacher-forced results from 2026-11-29 on)."""
+def _gap(mine: dict, other: dict) -> tuple[float, float] | None:
+    """Dustin's paired difference from ``other`` in accepted drafts per verification, with its
+    standard error; None where a row lacks per-verification counts (free-running rows, and
+    teacher-forced results written before 2026-11-29's fifth session)."""
     if "accepted_per_step" not in mine or "accepted_per_step" not in other:
-        return ""
-    diff, stderr = paired_difference(mine["accepted_per_step"], other["accepted_per_step"])
-    return f" (Dustin - {name} {diff:+.3f} ± {stderr:.3f})"
+        return None
+    return paired_difference(mine["accepted_per_step"], other["accepted_per_step"])
+
+
+def _versus(mine: dict, other: dict, name: str) -> str:
+    gap = _gap(mine, other)
+    return "" if gap is None else f" (Dustin - {name} {gap[0]:+.3f} ± {gap[1]:.3f})"
 
 
 def _noise(mine: dict, rivals) -> str:
-    """Says when every rival ahead of Dustin is ahead by less than two standard errors."""
+    """Says whether any rival at or ahead of Dustin leads by two standard errors or more (a tie,
+    such as draft-only against Dustin at draft share 1, is no lead)."""
     ahead = [r for r in rivals if r["mean_accepted_length"] >= mine["mean_accepted_length"]]
-    if not ahead or any("accepted_per_step" not in r for r in [mine, *ahead]):
+    gaps = [_gap(mine, r) for r in ahead]
+    if not gaps or any(g is None or math.isnan(g[1]) for g in gaps):
         return ""
-    gaps = [paired_difference(mine["accepted_per_step"], r["accepted_per_step"]) for r in ahead]
-    if any(math.isnan(stderr) for _, stderr in gaps):
-        return ""
-    if all(-diff < 2 * stderr for diff, stderr in gaps):
-        return (
-            " (every lead over Dustin is within two standard errors: not resolved by this sample)"
-        )
-    return " (at least one lead over Dustin exceeds two standard errors)"
+    if any(diff < 0 and -diff >= 2 * stderr for diff, stderr in gaps):
+        return " (at least one lead over Dustin is two standard errors or more)"
+    return " (every lead over Dustin is within two standard errors: not resolved by this sample)"
 
 
 def _paired(row: dict) -> str:
