@@ -177,18 +177,11 @@ def calibrate(
         head_data_page_size=page_size,
         progress=progress,
     )
-    draft_heads, draft_report = choose_heads(
-        ranked.head_data, "draft", draft, default, page_size, heads_per_layer, max_layers, min_gain
-    )
-    target_heads, target_report = choose_heads(
-        ranked.head_data,
-        "target",
-        target,
-        default,
-        page_size,
-        heads_per_layer,
-        max_layers,
-        min_gain,
+    (draft_heads, draft_report), (target_heads, target_report) = (
+        choose_heads(
+            ranked.head_data, role, model, default, page_size, heads_per_layer, max_layers, min_gain
+        )
+        for role, model in (("draft", draft), ("target", target))
     )
 
     def dustin(draft_heads, target_heads, share):

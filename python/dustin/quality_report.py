@@ -41,6 +41,7 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
             and _split(label)[1:] == (budget, block)
             and not label.startswith("dustin/")
         }
+        gaps = {k: _gap(mine, r) for k, r in others.items()}  # paired, each computed once
         name = mode.replace("_", "-")
         verdict = "met" if mine["retention"] >= RETENTION_TARGET else "MISSED"
         lines.append(
@@ -53,12 +54,12 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
         ]
         verdict = "met" if rivals and len(beaten) == len(rivals) else "MISSED"
         detail = ", ".join(
-            f"{k} {r['mean_accepted_length']:.3f}{_versus(mine, r, k)}"
+            f"{k} {r['mean_accepted_length']:.3f}{_versus(gaps[k], k)}"
             for k, r in sorted(rivals.items())
         )
         lines.append(
             f"{name}: Dustin {mine['mean_accepted_length']:.3f} vs {detail}: more than every other "
-            f"policy: {verdict}{_noise(mine, rivals.values())}"
+            f"policy: {verdict}{_noise(mine, rivals, gaps)}"
         )
         if "dustin-default" in others:
             d = others["dustin-default"]
@@ -67,8 +68,8 @@ def target_checks(entry: dict, budget: int, block: int) -> list[str]:
             )
             lines.append(
                 f"{name}: calibrated {mine['mean_accepted_length']:.3f} vs default config "
-                f"{d['mean_accepted_length']:.3f}{_versus(mine, d, 'default')}: calibrated beats "
-                f"default: {verdict}{_noise(mine, [d])}"
+                f"{d['mean_accepted_length']:.3f}{_versus(gaps['dustin-default'], 'default')}: "
+                f"calibrated beats default: {verdict}{_noise(mine, {'dustin-default': d}, gaps)}"
             )
             fidelity = (
                 "top1_agreement_with_dense" if mode == "teacher_forced" else "agreement_with_dense"
@@ -95,19 +96,21 @@ def _gap(mine: dict, other: dict) -> tuple[float, float] | None:
     return paired_difference(mine["accepted_per_step"], other["accepted_per_step"])
 
 
-def _versus(mine: dict, other: dict, name: str) -> str:
-    gap = _gap(mine, other)
+def _versus(gap: tuple[float, float] | None, name: str) -> str:
     return "" if gap is None else f" (Dustin - {name} {gap[0]:+.3f} ± {gap[1]:.3f})"
 
 
-def _noise(mine: dict, rivals) -> str:
+def _noise(mine: dict, rivals: dict, gaps: dict) -> str:
     """Says whether any rival at or ahead of Dustin leads by two standard errors or more (a tie,
     such as draft-only against Dustin at draft share 1, is no lead)."""
-    ahead = [r for r in rivals if r["mean_accepted_length"] >= mine["mean_accepted_length"]]
-    gaps = [_gap(mine, r) for r in ahead]
-    if not gaps or any(g is None or math.isnan(g[1]) for g in gaps):
+    ahead = [
+        gaps[k]
+        for k, r in rivals.items()
+        if r["mean_accepted_length"] >= mine["mean_accepted_length"]
+    ]
+    if not ahead or any(g is None or math.isnan(g[1]) for g in ahead):
         return ""
-    if any(diff < 0 and -diff >= 2 * stderr for diff, stderr in gaps):
+    if any(diff < 0 and -diff >= 2 * stderr for diff, stderr in ahead):
         return " (at least one lead over Dustin is two standard errors or more)"
     return " (every lead over Dustin is within two standard errors: not resolved by this sample)"
 
