@@ -15,14 +15,14 @@ inline constexpr int kSelectThreads = 512;
 /// Largest NB whose draft and target rows are staged in shared memory (2 x 64 KB); longer
 /// lists are read from global memory (L2) on every pass.
 inline constexpr int kSelectSmemBlocks = 16384;
-/// Radix passes over the 32-bit keys: 11 + 11 + 10 bits, so random scores usually settle
-/// after two passes (the pass stops once the boundary bin holds exactly the blocks needed).
-inline constexpr int kRadixPasses = 3;
-inline constexpr int kRadixBins = 2048;
-__host__ __device__ constexpr int radix_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
-__host__ __device__ constexpr int radix_bits(int pass) { return pass < 2 ? 11 : 10; }
-static_assert(radix_bits(0) + radix_bits(1) + radix_bits(2) == 32 && radix_shift(1) == radix_bits(2),
-              "the passes cover the 32-bit key from the top");
+/// Radix digits of up to 11 bits, taken from the highest bit where the candidates' keys differ
+/// down (bits above it are common to all): scores of one row usually share their sign and most
+/// of their exponent, so fixed digits from bit 31 would spend a whole pass on those. A pick
+/// stops once the boundary bin holds exactly the blocks still needed, which for a few thousand
+/// scores is usually after the first pass.
+inline constexpr int kRadixDigitBits = 11;
+inline constexpr int kRadixBins = 1 << kRadixDigitBits;
+inline constexpr int kSelectWarps = kSelectThreads / 32;
 inline constexpr int kBinsPerThread = kRadixBins / kSelectThreads;
 /// Scores each thread reads before it updates the histogram: independent loads in flight
 /// (from L2 on the global-row path).
@@ -62,6 +62,8 @@ struct RadixThreshold {
 
 struct SelectShared {
   uint32_t histogram[2][kRadixBins];  // double-buffered so one pass clears the next one's
+  uint32_t key_or[kSelectWarps];      // per warp: OR and AND of its candidates' keys
+  uint32_t key_and[kSelectWarps];
   RadixThreshold threshold;
   typename cub::BlockScan<int32_t, kSelectThreads>::TempStorage scan;
 };
@@ -83,12 +85,40 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
   const int lane = tid & 31;
   if (k <= 0) return;
 
-  RadixThreshold t{0u, 0u, k, 0};
+  // Bits every candidate's key shares: the first digit starts below them.
+  uint32_t key_or = 0u;
+  uint32_t key_and = ~0u;
+  for (int32_t id = tid; id < nblk; id += kSelectThreads) {
+    const uint32_t key = candidate_key(id, scores, chosen);
+    if (key != kNotCandidate) {
+      key_or |= key;
+      key_and &= key;
+    }
+  }
+  key_or = __reduce_or_sync(0xffffffffu, key_or);
+  key_and = __reduce_and_sync(0xffffffffu, key_and);
+  if (lane == 0) {
+    sh.key_or[tid >> 5] = key_or;
+    sh.key_and[tid >> 5] = key_and;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kSelectWarps; ++w) {
+    key_or |= sh.key_or[w];
+    key_and &= sh.key_and[w];
+  }
+  const uint32_t differ = key_or ^ key_and;  // k >= 1 candidates exist, so key_and is one's
+  // Digits cover the low `open_bits` bits; above them every candidate matches key_and. With no
+  // differing bit all candidates tie: the tie scan below picks the lowest ids.
+  int open_bits = differ == 0u ? 0 : 32 - __clz(differ);
+  const uint32_t common = open_bits == 32 ? 0u : ~((1u << open_bits) - 1u);
+  RadixThreshold t{key_and & common, common, k, 0};
   int pass = 0;
 #pragma unroll 1
-  for (; pass < kRadixPasses; ++pass) {
-    const int shift = radix_shift(pass);
-    const uint32_t digit_mask = (1u << radix_bits(pass)) - 1u;
+  for (; open_bits > 0; ++pass) {
+    const int shift = open_bits > kRadixDigitBits ? open_bits - kRadixDigitBits : 0;
+    const uint32_t digit_mask = (1u << (open_bits - shift)) - 1u;
+    open_bits = shift;
     uint32_t* hist = sh.histogram[pass & 1];
     // All lanes of a warp run the same trip count so the warp can aggregate equal bins:
     // scores cluster in a few exponent bins, where plain shared atomics would serialise.
@@ -118,8 +148,8 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
       }
     }
     __syncthreads();
-    // Thread i owns bins [top - kBinsPerThread * (i + 1), top - kBinsPerThread * i): a scan
-    // over threads counts the keys in higher bins, and the owner of the need-th writes.
+    // Thread i owns the kBinsPerThread bins below kRadixBins - kBinsPerThread * i: a scan over
+    // threads counts the keys in higher bins, and the owner of the need-th writes.
     uint32_t counts[kBinsPerThread];
     int32_t mine = 0;
 #pragma unroll
@@ -150,9 +180,12 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
     t = sh.threshold;
     if (t.exact) break;
   }
-  // Leave both histograms zeroed for the next pick: the other one was cleared by the last pass.
-  for (int i = tid; i < kRadixBins; i += kSelectThreads) {
-    sh.histogram[min(pass, kRadixPasses - 1) & 1][i] = 0;
+  // Leave both histograms zeroed for the next pick: the last pass (if any ran) used
+  // histogram[pass & 1] when it broke out exact, else histogram[(pass - 1) & 1], and cleared
+  // the other.
+  if (pass > 0 || t.exact) {
+    const int used = (t.exact ? pass : pass - 1) & 1;
+    for (int i = tid; i < kRadixBins; i += kSelectThreads) sh.histogram[used][i] = 0;
   }
 
   // Everything strictly above the threshold, and all of the threshold bin when it fits.
