@@ -4,13 +4,12 @@
 // segmented scan), then a pass that normalises them exactly and sums them into the blocks.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstddef>
 #include <cstdint>
-#include <type_traits>
 
+#include <cutlass/fast_math.h>
+
+#include "dustin/attention/tile_primitives.cuh"
 #include "dustin/block_scores_params.h"
 #include "dustin/dispatch.h"
 
@@ -93,49 +92,6 @@ __device__ __forceinline__ int32_t clamped_kv_len(const BlockScoresParams& p, in
   return static_cast<int32_t>(len < 0 ? 0 : (len > max_len ? max_len : len));
 }
 
-// ---- tensor-core and async-copy primitives (sm_80+) -----------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-/// 16-byte global->shared copy; `valid` false writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ptr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row_ptr)));
-}
-
-/// c += a * b for one m16n8k16 tile, 16-bit inputs, float32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 /// Max over the warp in one redux.sync (sm_80+) on order-preserving integer keys of the
 /// floats, instead of five dependent shuffles on the per-row critical path. NaN-free inputs.
 __device__ __forceinline__ float warp_max(float v) {
@@ -152,8 +108,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // ---- pass 1: logits and softmax partials ------------------------------------------------------
 
-inline constexpr float kLog2e = 1.4426950408889634f;
-
 template <int kHeadDim>
 struct ScoreTile {
   static constexpr int kKeys = kScoreTileKeys;
@@ -162,7 +116,10 @@ struct ScoreTile {
   // 2 tiles in flight while one is scored. Four stages measured 35% slower on the H200 (4b628b7),
   // likely because at D = 128 they fit 3 CTAs per SM instead of 4.
   static constexpr int kStages = 3;
-  static constexpr int kPitch = kHeadDim + 8;  // 16-bit elements; +16 B: ldmatrix conflict-free
+  /// Key tiles are unpadded, 16-byte chunks swizzled (`swizzle<kKeys>`): at D = 128 with one
+  /// row tile of queries that fits 4 CTAs per SM where 16-byte row padding fit 3.
+  static constexpr int kTileElems = kKeys * kHeadDim;
+  static constexpr int kPitch = kHeadDim + 8;  // queries: 16-bit elements, +16 B per row
   static constexpr int kLogitPitch = kKeys + 4;  // floats
   static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per key row
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the MMA k of 16");
@@ -177,7 +134,7 @@ struct ScoreTile {
   /// Dynamic shared memory for up to `rows_pad` query rows (a multiple of 16).
   static size_t smem_bytes(int rows_pad, bool scan) {
     const size_t rows = static_cast<size_t>(rows_pad);
-    return sizeof(uint16_t) * (static_cast<size_t>(kStages) * kKeys * kPitch + rows * kPitch) +
+    return sizeof(uint16_t) * (static_cast<size_t>(kStages) * kTileElems + rows * kPitch) +
            sizeof(float) * rows * (scan ? kScanFloatsPerRow : kFragmentFloatsPerRow) +
            sizeof(int32_t) * 2 * rows;
   }
@@ -275,7 +232,6 @@ __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, co
                                                   T* s_keys, ScoreTileFn&& score_tile) {
   using Tile = ScoreTile<kHeadDim>;
   constexpr int kKeys = Tile::kKeys;
-  constexpr int kPitch = Tile::kPitch;
   constexpr int kKeysPerThread = kKeys * Tile::kChunks / Tile::kThreads;
   constexpr int kKeyStride = Tile::kThreads / Tile::kChunks;
   const int tid = threadIdx.x;
@@ -284,6 +240,9 @@ __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, co
   const T* k_base = static_cast<const T*>(p.kv.k) + cta.kv_head * p.kv.head_stride;
   const int32_t* table = p.kv.block_table + blockIdx.z * p.kv.block_table_stride;
   const int num_tiles = (cta.split_end - cta.split_begin + kKeys - 1) / kKeys;
+  // Positions fit in int32 (clamped_kv_len): multiply-shift division by the page size, eight
+  // per thread and tile, instead of a runtime integer division each.
+  const cutlass::FastDivmod page_divmod(p.kv.page_size);
 
   int32_t src_page[kKeysPerThread];   // physical page
   int32_t src_token[kKeysPerThread];  // token within the page, or -1: past the split
@@ -291,14 +250,15 @@ __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, co
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
       const int32_t pos = cta.split_begin + tile * kKeys + first_key + j * kKeyStride;
-      const int32_t page_index = pos / p.kv.page_size;
+      int page_index, token;
+      page_divmod(page_index, token, pos);
       const bool in_split = pos < cta.split_end;
       src_page[j] = in_split ? table[page_index] : 0;
-      src_token[j] = in_split ? pos - page_index * p.kv.page_size : -1;
+      src_token[j] = in_split ? token : -1;
     }
   };
   auto issue_tile = [&](int stage) {
-    T* dst_tile = s_keys + stage * kKeys * kPitch;
+    T* dst_tile = s_keys + stage * Tile::kTileElems;
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
       const int key = first_key + j * kKeyStride;
@@ -308,7 +268,7 @@ __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, co
       const T* src = in_pool ? k_base + page * p.kv.page_stride +
                                    src_token[j] * p.kv.token_stride + chunk * 8
                              : k_base;
-      cp_async_16(dst_tile + key * kPitch + chunk * 8, src, in_pool);
+      cp_async_16(smem_addr(dst_tile + swizzle<kKeys>(key, chunk)), src, in_pool);
     }
   };
 
@@ -328,7 +288,7 @@ __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, co
       cp_async_commit();
       fetch_pages(next + 1);
     }
-    score_tile(cta.split_begin + tile * kKeys, s_keys + (tile % Tile::kStages) * kKeys * kPitch);
+    score_tile(cta.split_begin + tile * kKeys, s_keys + (tile % Tile::kStages) * Tile::kTileElems);
   }
 }
 
@@ -349,11 +309,12 @@ __device__ __forceinline__ void tile_logits(float (&acc)[2][4], const T* s_q, co
 #pragma unroll
   for (int ks = 0; ks < kHeadDim / 16; ++ks) {
     uint32_t a[4];
-    ldmatrix_x4(a, s_q + (mt * 16 + (lane & 15)) * kPitch + ks * 16 + (lane >> 4) * 8);
+    const int q_row = mt * 16 + (lane & 15);
+    ldmatrix_x4(a, smem_addr(s_q + q_row * kPitch + ks * 16 + (lane >> 4) * 8));
     uint32_t bk[4];
     const int j = lane >> 3;
-    ldmatrix_x4(bk, k_tile + (warp * 16 + (j >> 1) * 8 + (lane & 7)) * kPitch + ks * 16 +
-                        (j & 1) * 8);
+    const int key = warp * 16 + (j >> 1) * 8 + (lane & 7);
+    ldmatrix_x4(bk, smem_addr(k_tile + swizzle<kScoreTileKeys>(key, ks * 2 + (j & 1))));
     mma_16816<T>(acc[0], a, bk[0], bk[1]);
     mma_16816<T>(acc[1], a, bk[2], bk[3]);
   }
@@ -380,8 +341,8 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   const int b = blockIdx.z;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* s_keys = reinterpret_cast<T*>(smem_raw);                   // [kStages][kKeys][kPitch]
-  T* s_q = s_keys + Tile::kStages * Tile::kKeys * Tile::kPitch;  // [rows_pad][kPitch]
+  T* s_keys = reinterpret_cast<T*>(smem_raw);         // [kStages][kKeys x D swizzled]
+  T* s_q = s_keys + Tile::kStages * Tile::kTileElems;  // [rows_pad][kPitch]
   float* s_run_max = reinterpret_cast<float*>(s_q + rows_pad * Tile::kPitch);  // [kWarps][rows_pad]
   float* s_run_sum = s_run_max + Tile::kWarps * rows_pad;                    // [kWarps][rows_pad]
   int32_t* s_row_out = reinterpret_cast<int32_t*>(s_run_sum + Tile::kWarps * rows_pad);
@@ -496,8 +457,8 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   const int rows = cta.rows;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* s_keys = reinterpret_cast<T*>(smem_raw);                   // [kStages][kKeys][kPitch]
-  T* s_q = s_keys + Tile::kStages * Tile::kKeys * Tile::kPitch;  // [rows_pad][kPitch]
+  T* s_keys = reinterpret_cast<T*>(smem_raw);         // [kStages][kKeys x D swizzled]
+  T* s_q = s_keys + Tile::kStages * Tile::kTileElems;  // [rows_pad][kPitch]
   float* s_logit = reinterpret_cast<float*>(s_q + rows_pad * Tile::kPitch);  // [rows_pad][kLogitPitch]
   float* s_max = s_logit + rows_pad * kLogitPitch;  // [rows_pad] running max
   float* s_carry = s_max + rows_pad;                // [rows_pad] partial of the block still open
