@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dustin  # noqa: F401  (registers torch.ops.dustin)
-from common import Report, time_cuda
 from dustin import ops
+
+from bench.common import Report, time_cuda
 
 Q_LEN, N_SINK, N_RECENT, SHARE = 5, 4, 16, 0.5
 KV_HEADS = 8

@@ -71,15 +71,20 @@ for stage in "${stages[@]}"; do
     profile)
       # Nsight Compute on one launch per case (PROFILE_CASES: ';'-separated argument lists of
       # PROFILE_SCRIPT, whose kernels match PROFILE_KERNEL; default sparse_verify; for scoring:
-      # PROFILE_SCRIPT=scripts/profile_block_scores.py PROFILE_KERNEL=block_scores_fragment).
+      # PROFILE_SCRIPT=scripts/profile_block_scores.py PROFILE_KERNEL=block_scores_fragment;
+      # selection: scripts/profile_select_blocks.py, select_blocks_kernel). PROFILE_SECTIONS
+      # replaces the sections, PROFILE_METRICS (comma-separated) adds metrics.
       step profile
       script=${PROFILE_SCRIPT:-scripts/profile_sparse_verify.py}
+      sections=${PROFILE_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats MemoryWorkloadAnalysis}
+      section_args=()
+      for section in $sections; do section_args+=(--section "$section"); done
+      [ -n "${PROFILE_METRICS:-}" ] && section_args+=(--metrics "$PROFILE_METRICS")
       IFS=';' read -ra cases <<< "${PROFILE_CASES:---budget 512;--budget 0}"
       for case in "${cases[@]}"; do
         echo "--- $case" | tee -a "$LOGS/profile.log"
         ncu --clock-control none -k "regex:${PROFILE_KERNEL:-sparse_verify_kernel}" -s 3 -c 1 \
-          --section SpeedOfLight --section Occupancy --section LaunchStats \
-          --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+          "${section_args[@]}" \
           python3 "$script" $case 2>&1 | tee -a "$LOGS/profile.log" \
           | grep -v "^==PROF==" | tail -n 120 || status=1
       done
