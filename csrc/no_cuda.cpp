@@ -9,5 +9,6 @@ size_t sparse_verify_workspace_bytes(const SparseVerifyParams&) { return 0; }
 Status block_scores(const BlockScoresParams&, cudaStream_t) { return Status::kUnsupported; }
 size_t block_scores_workspace_bytes(const BlockScoresParams&) { return 0; }
 Status select_blocks(const SelectBlocksParams&, cudaStream_t) { return Status::kUnsupported; }
+Status store_kv(const StoreKVParams&, cudaStream_t) { return Status::kUnsupported; }
 
 }  // namespace dustin

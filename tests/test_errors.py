@@ -78,6 +78,22 @@ def select_args(device: str) -> dict:
     }
 
 
+def store_args(device: str) -> dict:
+    """Valid store_kv arguments: N = 5, Hkv = 2, D = 64, P = 16, 7 pages; the caches are views
+    into one pool ``[pages, k|v, Hkv, P, D]`` (page stride 4096, not contiguous)."""
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(7, 2, 2, 16, 64, generator=gen).to(bf16).to(device)
+    return {
+        "k": torch.randn(5, 2, 64, generator=gen).to(bf16).to(device),
+        "v": torch.randn(5, 2, 64, generator=gen).to(bf16).to(device),
+        "k_cache": pool[:, 0],
+        "v_cache": pool[:, 1],
+        "pages": torch.tensor([3, 0, 6, 3, 1], device=device),
+        "slots": torch.tensor([0, 15, 7, 1, 2], device=device),
+        "kv_layout": "HND",
+    }
+
+
 def run_op(op: str, a: dict) -> None:
     if op == "sparse_verify":
         ops.sparse_verify(**{k: v for k, v in a.items() if k not in ("out", "lse", "workspace")})
@@ -91,6 +107,8 @@ def run_op(op: str, a: dict) -> None:
         ops.block_scores(**a)
     elif op == "select_blocks":
         ops.select_blocks(**{k: v for k, v in a.items() if k not in ("block_ids", "block_counts")})
+    elif op == "store_kv":
+        ops.store_kv(**a)
     else:
         ops.select_blocks_out(**a)
 
@@ -102,6 +120,7 @@ ARGS = {
     "block_scores": scores_args,
     "select_blocks": select_args,
     "select_blocks_out": select_args,
+    "store_kv": store_args,
 }
 
 
@@ -148,6 +167,7 @@ def R(id, op, mutate, error, match, devices=("cpu", "cuda")):
 
 SV, SVO = "sparse_verify", "sparse_verify_out"
 BS, SB, SBO = "block_scores", "select_blocks", "select_blocks_out"
+SKV = "store_kv"
 V, T, I, NI = ValueError, TypeError, IndexError, NotImplementedError
 bf16 = torch.bfloat16
 
@@ -442,6 +462,82 @@ ROWS = [
       V, r"block_counts must be contiguous"),
     R("counts-out-device", SBO, replace("block_counts", lambda a: other_device(a["block_counts"])),
       V, r"block_counts must be on the device of draft_scores"),
+    # ---- store_kv
+    R("store-kv-layout", SKV, replace("kv_layout", lambda a: "NDH"), V,
+      r'kv_layout must be "NHD" or "HND", got "NDH"'),
+    R("store-layout-mismatch", SKV, replace("kv_layout", lambda a: "NHD"), V,
+      r"k.size\(1\) must equal Hkv of k_cache = 16, got 2"),
+    R("store-k-cache-rank", SKV, lambda a: a.update(
+        k_cache=a["k_cache"][0], v_cache=a["v_cache"][0]), V,
+      r"k_cache must have 4 dims \[num_pages, Hkv, P, D\] \(HND\), got shape \[2, 16, 64\]"),
+    R("store-k-cache-dtype", SKV, lambda a: a.update(
+        k_cache=a["k_cache"].to(torch.int16), v_cache=a["v_cache"].to(torch.int16)), T,
+      r"k_cache must be bfloat16, float16 or float32, got Short"),
+    R("store-k-cache-inner-stride", SKV, lambda a: a.update(
+        k_cache=inner_strided(a["k_cache"]), v_cache=inner_strided(a["v_cache"])), V,
+      r"k_cache must have innermost stride 1"),
+    R("store-page-size-zero", SKV, lambda a: a.update(
+        k_cache=a["k_cache"][:, :, :0], v_cache=a["v_cache"][:, :, :0]), V,
+      r"k_cache page size P \(size\(2\) for HND\) must be in \[1, 128\], got 0"),
+    R("store-page-size-129", SKV, lambda a: a.update(
+        k_cache=a["k_cache"].repeat(1, 1, 9, 1)[:, :, :129],
+        v_cache=a["v_cache"].repeat(1, 1, 9, 1)[:, :, :129]), V,
+      r"k_cache page size P \(size\(2\) for HND\) must be in \[1, 128\], got 129"),
+    R("store-no-kv-heads", SKV, lambda a: a.update(
+        k_cache=a["k_cache"][:, :0], v_cache=a["v_cache"][:, :0]), V,
+      r"k_cache must have at least one KV head \(size\(1\) for HND\), got 0"),
+    R("store-v-cache-shape", SKV, replace("v_cache", lambda a: a["v_cache"][:-1]), V,
+      r"v_cache must have shape \[7, 2, 16, 64\], got \[6, 2, 16, 64\]"),
+    R("store-v-cache-dtype", SKV, replace("v_cache", lambda a: a["v_cache"].half()), T,
+      r"v_cache must have the dtype of k_cache \(BFloat16\), got Half"),
+    R("store-v-cache-device", SKV, replace("v_cache", lambda a: other_device(a["v_cache"])), V,
+      r"v_cache must be on the device of k_cache"),
+    R("store-v-cache-strides", SKV, replace("v_cache", lambda a: a["v_cache"].contiguous()), V,
+      r"v_cache must have the strides of k_cache \[4096, 1024, 64, 1\], got \[2048, 1024, 64, 1\]"),
+    R("store-k-rank", SKV, replace("k", lambda a: a["k"][0]), V,
+      r"k must have 3 dims \[N, Hkv, D\], got shape \[2, 64\]"),
+    R("store-k-dtype", SKV, replace("k", lambda a: a["k"].float()), T,
+      r"k must have the dtype of k_cache \(BFloat16\), got Float"),
+    R("store-k-device", SKV, replace("k", lambda a: other_device(a["k"])), V,
+      r"k must be on the device of k_cache"),
+    R("store-k-inner-stride", SKV, replace("k", lambda a: inner_strided(a["k"])), V,
+      r"k must have innermost stride 1"),
+    R("store-k-heads", SKV, lambda a: a.update(k=a["k"][:, :1], v=a["v"][:, :1]), V,
+      r"k.size\(1\) must equal Hkv of k_cache = 2, got 1"),
+    R("store-k-head-dim", SKV, lambda a: a.update(k=a["k"][..., :32], v=a["v"][..., :32]), V,
+      r"k.size\(2\) must equal D of k_cache = 64, got 32"),
+    R("store-v-shape", SKV, replace("v", lambda a: a["v"][:4]), V,
+      r"v must have shape \[5, 2, 64\], got \[4, 2, 64\]"),
+    R("store-v-dtype", SKV, replace("v", lambda a: a["v"].half()), T,
+      r"v must have the dtype of k_cache \(BFloat16\), got Half"),
+    R("store-v-device", SKV, replace("v", lambda a: other_device(a["v"])), V,
+      r"v must be on the device of k_cache"),
+    R("store-v-inner-stride", SKV, replace("v", lambda a: inner_strided(a["v"])), V,
+      r"v must have innermost stride 1"),
+    R("store-pages-dtype", SKV, lambda a: a.update(
+        pages=a["pages"].float(), slots=a["slots"].float()), T,
+      r"pages must be int64 or int32, got Float"),
+    R("store-pages-shape", SKV, replace("pages", lambda a: a["pages"][:4]), V,
+      r"pages must have shape \[5\], got \[4\]"),
+    R("store-pages-device", SKV, replace("pages", lambda a: other_device(a["pages"])), V,
+      r"pages must be on the device of k_cache"),
+    R("store-slots-dtype", SKV, replace("slots", lambda a: a["slots"].int()), T,
+      r"slots must have the dtype of pages \(Long\), got Int"),
+    R("store-slots-shape", SKV, replace("slots", lambda a: a["slots"][None]), V,
+      r"slots must have shape \[5\], got \[1, 5\]"),
+    R("store-slots-device", SKV, replace("slots", lambda a: other_device(a["slots"])), V,
+      r"slots must be on the device of k_cache"),
+    R("store-page-too-large", SKV, set_value("pages", (2,), 7), I,
+      r"pages\[2\] must be a page in \[0, num_pages\) = \[0, 7\), got 7"),
+    R("store-page-negative", SKV, set_value("pages", (0,), -1), I,
+      r"pages\[0\] must be a page in \[0, num_pages\) = \[0, 7\), got -1"),
+    R("store-slot-too-large", SKV, set_value("slots", (4,), 16), I,
+      r"slots\[4\] must be a slot in \[0, P\) = \[0, 16\), got 16"),
+    R("store-slot-negative", SKV, set_value("slots", (1,), -2), I,
+      r"slots\[1\] must be a slot in \[0, P\) = \[0, 16\), got -2"),
+    R("store-int32-slot-too-large", SKV, lambda a: a.update(
+        pages=a["pages"].int(), slots=torch.full_like(a["slots"], 16).int()), I,
+      r"slots\[0\] must be a slot in \[0, P\) = \[0, 16\), got 16"),
 ]
 # fmt: on
 

@@ -81,6 +81,29 @@ def test_opcheck_select_blocks(per_head, with_target):
     )
 
 
+def store_inputs(dtype=torch.bfloat16, kv_layout="HND", index_dtype=torch.int64):
+    """store_kv arguments: N = 6 tokens, Hkv = 2, D = 64, P = 16, 5 pages."""
+    gen = torch.Generator().manual_seed(4)
+    tile = (2, 16) if kv_layout == "HND" else (16, 2)
+    flat = torch.randperm(5 * 16, generator=gen)[:6]
+    return (
+        torch.randn(6, 2, 64, generator=gen).to(dtype),
+        torch.randn(6, 2, 64, generator=gen).to(dtype),
+        torch.randn(5, *tile, 64, generator=gen).to(dtype),
+        torch.randn(5, *tile, 64, generator=gen).to(dtype),
+        (flat // 16).to(index_dtype),
+        (flat % 16).to(index_dtype),
+        kv_layout,
+    )
+
+
+@pytest.mark.parametrize("kv_layout", ["NHD", "HND"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_opcheck_store_kv(kv_layout, index_dtype):
+    args = store_inputs(kv_layout=kv_layout, index_dtype=index_dtype)
+    torch.library.opcheck(torch.ops.dustin.store_kv.default, args)
+
+
 def to_meta(args):
     return tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
 
@@ -111,6 +134,28 @@ def test_meta_shapes_match_select_blocks(per_head, num_blocks):
     meta = torch.ops.dustin.select_blocks(*to_meta(args))
     for m, r in zip(meta, real):
         assert_same_layout(m, r)
+
+
+def test_store_kv_meta_accepts_meta_tensors():
+    args = to_meta(store_inputs(torch.float16, "NHD"))
+    torch.ops.dustin.store_kv(*args)  # no output; only the checks run
+
+
+def test_compile_store_kv_fullgraph_on_cpu():
+    k, v, k_cache, v_cache, pages, slots, kv_layout = store_inputs(torch.float32)
+
+    def step(k, v, k_cache, v_cache, pages, slots):
+        ops.store_kv(k * 2, v, k_cache, v_cache, pages, slots, kv_layout)
+        return k_cache.sum()
+
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected = step(k, v, expected_k, expected_v, pages, slots)
+    torch._dynamo.reset()
+    actual = torch.compile(step, fullgraph=True, backend="aot_eager")(
+        k, v, k_cache, v_cache, pages, slots
+    )
+    torch.testing.assert_close(actual, expected)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
 def test_compile_fullgraph_on_cpu():

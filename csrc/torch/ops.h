@@ -43,6 +43,9 @@ void select_blocks_out(const at::Tensor& draft_scores,
                        int64_t n_recent, double draft_share, at::Tensor& block_ids,
                        at::Tensor& block_counts);
 
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& pages, const at::Tensor& slots, const std::string& kv_layout);
+
 // Checks of every argument including tensor values (copied to the host), without running the
 // op: dustin.ops runs them for CUDA tensors when validate=True.
 void validate_sparse_verify(const at::Tensor& q, const at::Tensor& k_cache,
@@ -61,6 +64,10 @@ void validate_select_blocks(const at::Tensor& draft_scores,
                             const at::Tensor& kv_lens, int64_t q_len, int64_t block_size,
                             int64_t budget_blocks, int64_t n_sink, int64_t n_recent,
                             double draft_share);
+
+void validate_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const at::Tensor& pages, const at::Tensor& slots,
+                       const std::string& kv_layout);
 
 // Meta (fake) implementations for torch.compile: output shapes, and the checks that hold for
 // symbolic shapes (ranks, dtypes, scalar ranges, one device for every tensor).
@@ -92,5 +99,9 @@ void select_blocks_out_meta(const at::Tensor& draft_scores,
                             const at::Tensor& kv_lens, int64_t q_len, int64_t block_size,
                             int64_t budget_blocks, int64_t n_sink, int64_t n_recent,
                             double draft_share, at::Tensor& block_ids, at::Tensor& block_counts);
+
+void store_kv_meta(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                   at::Tensor& v_cache, const at::Tensor& pages, const at::Tensor& slots,
+                   const std::string& kv_layout);
 
 }  // namespace dustin::torch_ops

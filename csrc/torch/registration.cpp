@@ -30,6 +30,9 @@ TORCH_LIBRARY(dustin, m) {
       "select_blocks_out(Tensor draft_scores, Tensor? target_scores, Tensor kv_lens, "
       "int q_len, int block_size, int budget_blocks, int n_sink, int n_recent, "
       "float draft_share, Tensor(a!) block_ids, Tensor(b!) block_counts) -> ()");
+  m.def(
+      "store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pages, "
+      "Tensor slots, str kv_layout=\"HND\") -> ()");
 }
 
 // One adapter per op serves both devices: it checks arguments, fills the params struct and
@@ -40,6 +43,7 @@ TORCH_LIBRARY_IMPL(dustin, CPU, m) {
   m.impl("block_scores", &ops::block_scores);
   m.impl("select_blocks", &ops::select_blocks);
   m.impl("select_blocks_out", &ops::select_blocks_out);
+  m.impl("store_kv", &ops::store_kv);
 }
 
 TORCH_LIBRARY_IMPL(dustin, CUDA, m) {
@@ -48,6 +52,7 @@ TORCH_LIBRARY_IMPL(dustin, CUDA, m) {
   m.impl("block_scores", &ops::block_scores);
   m.impl("select_blocks", &ops::select_blocks);
   m.impl("select_blocks_out", &ops::select_blocks_out);
+  m.impl("store_kv", &ops::store_kv);
 }
 
 TORCH_LIBRARY_IMPL(dustin, Meta, m) {
@@ -56,6 +61,7 @@ TORCH_LIBRARY_IMPL(dustin, Meta, m) {
   m.impl("block_scores", &ops::block_scores_meta);
   m.impl("select_blocks", &ops::select_blocks_meta);
   m.impl("select_blocks_out", &ops::select_blocks_out_meta);
+  m.impl("store_kv", &ops::store_kv_meta);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -74,6 +80,8 @@ PYBIND11_MODULE(_C, m) {
         "Checks block_scores' arguments, values included (copied to the host)");
   m.def("validate_select_blocks", &ops::validate_select_blocks,
         "Checks select_blocks' arguments, values included (copied to the host)");
+  m.def("validate_store_kv", &ops::validate_store_kv,
+        "Checks store_kv's arguments, values included (copied to the host)");
   pybind11::dict supported;
   supported["head_dims"] = pybind11::make_tuple(dustin::kSupportedHeadDims[0],
                                                 dustin::kSupportedHeadDims[1]);

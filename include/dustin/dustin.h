@@ -13,6 +13,7 @@
 #include "dustin/select_blocks_params.h"
 #include "dustin/sparse_verify_params.h"
 #include "dustin/status.h"
+#include "dustin/store_kv_params.h"
 #include "dustin/types.h"
 
 /// Marks the functions libdustin exports; everything else in it is hidden.
@@ -41,12 +42,19 @@ DUSTIN_API size_t block_scores_workspace_bytes(const BlockScoresParams& params);
 /// Budgeted block selection on the GPU, one launch.
 DUSTIN_API Status select_blocks(const SelectBlocksParams& params, cudaStream_t stream);
 
+/// Writes a window's keys and values into one layer's paged cache on the GPU, one launch.
+/// Entries with a page or slot out of range are skipped.
+DUSTIN_API Status store_kv(const StoreKVParams& params, cudaStream_t stream);
+
 namespace cpu {
 /// CPU twins: same params, host pointers, same results (up to float rounding for attention;
-/// bit-identical for select_blocks). Workspace fields are ignored.
+/// bit-identical for select_blocks and store_kv). Workspace fields are ignored.
 DUSTIN_API Status sparse_verify(const SparseVerifyParams& params);
 DUSTIN_API Status block_scores(const BlockScoresParams& params);
 DUSTIN_API Status select_blocks(const SelectBlocksParams& params);
+/// Bit-identical to the kernel (a copy); returns kInvalidArgument, writing nothing, when a
+/// page or slot is out of range.
+DUSTIN_API Status store_kv(const StoreKVParams& params);
 }  // namespace cpu
 
 }  // namespace dustin

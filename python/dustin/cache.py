@@ -16,9 +16,13 @@ import copy
 
 import torch
 
+from dustin import _C, ops
+
 __all__ = ["CacheFullError", "PagedKVCache", "pages_needed"]
 
 LAYOUTS = ("HND", "NHD")
+#: Page dtypes ``dustin.ops.store_kv`` writes (on the CPU, and on CUDA when built with it).
+STORE_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class CacheFullError(RuntimeError):
@@ -105,6 +109,11 @@ class PagedKVCache:
         self._pages: list[list[int]] = [[] for _ in range(batch_size)]
         self._free = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low pages first
         self._write_pages = self._write_slots = None  # where the last appended window goes
+        # store() writes k and v in one dustin launch where the op runs; elsewhere it falls back
+        # to PyTorch's indexed assignment (two kernels).
+        self._store_with_op = dtype in STORE_KV_DTYPES and (
+            self.device.type == "cpu" or (self.device.type == "cuda" and _C.built_with_cuda())
+        )
 
     # Shapes and views ------------------------------------------------------------------------
 
@@ -212,15 +221,35 @@ class PagedKVCache:
 
         Args:
             layer: layer index.
-            pages, slots: ``[N]`` int64 physical page and slot in the page of each token.
-            k, v: ``[N, Hkv, D]`` in the cache's dtype.
+            pages, slots: ``[N]`` int64 physical page and slot in the page of each token, on the
+                cache's device.
+            k, v: ``[N, Hkv, D]``, converted to the cache's dtype if needed.
         """
+        if self._store_with_op:
+            # One launch for k and v (dustin.ops.store_kv); no host check, so it can be captured.
+            ops.store_kv(
+                self._rows(k),
+                self._rows(v),
+                self.k(layer),
+                self.v(layer),
+                pages,
+                slots,
+                self.layout,
+                validate=False,
+            )
+            return
         if self.layout == "HND":
             self.k(layer)[pages, :, slots] = k
             self.v(layer)[pages, :, slots] = v
         else:
             self.k(layer)[pages, slots] = k
             self.v(layer)[pages, slots] = v
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """t in the cache's dtype with a contiguous last dim, as store_kv takes it (a no-op for
+        the model's keys and values, strided slices of a fused projection included)."""
+        t = t.to(self.dtype)
+        return t if t.stride(-1) == 1 else t.contiguous()
 
     def reserve(self, lens: list[int]) -> None:
         """Hands every sequence the pages for ``lens[b]`` tokens now, without changing its length.

@@ -28,6 +28,7 @@ __all__ = [
     "sparse_verify",
     "sparse_verify_out",
     "sparse_verify_workspace_bytes",
+    "store_kv",
 ]
 
 #: What the built kernels support: ``head_dims``, ``max_group_size``, ``max_query_len``,
@@ -382,6 +383,51 @@ def select_capacity(
         32
     """
     return int(_C.select_capacity(num_blocks, budget_blocks, n_sink, n_recent, q_len, block_size))
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pages: torch.Tensor,
+    slots: torch.Tensor,
+    kv_layout: str = "HND",
+    validate: bool = True,
+) -> None:
+    """Writes a window's keys and values into one layer's paged cache, in one launch.
+
+    Token i goes to slot ``slots[i]`` of physical page ``pages[i]``:
+    ``k_cache[pages[i], :, slots[i]] = k[i]`` (HND; ``k_cache[pages[i], slots[i]]`` for NHD), and
+    the same for v. Nothing is read back to the host, so a CUDA graph can capture it with
+    ``pages`` and ``slots`` computed on the device. On CUDA, entries with a page or slot out of
+    range are skipped (never written out of bounds); on the CPU they raise. Which of two entries
+    naming the same place lands is unspecified.
+
+    Args:
+        k: ``[N, Hkv, D]`` in the caches' dtype (fp32 | fp16 | bf16), innermost stride 1 (other
+            strides are free, e.g. a slice of a fused projection).
+        v: same shape and dtype as k (its own strides).
+        k_cache: ``[num_pages, Hkv, P, D]`` (HND) or ``[num_pages, P, Hkv, D]`` (NHD), innermost
+            stride 1, e.g. a view into a larger pool (``PagedKVCache.k(layer)``); written.
+        v_cache: same shape, strides, dtype and device as ``k_cache``; written.
+        pages: ``[N]`` int64 or int32 physical page of each token, in ``[0, num_pages)``.
+        slots: ``[N]`` slot of each token in its page, in ``[0, P)``, dtype of ``pages``.
+        kv_layout: ``"HND"`` or ``"NHD"``.
+        validate: check ``pages`` and ``slots`` of CUDA inputs on the host first (a sync;
+            skipped during CUDA-graph capture; CPU: always checked).
+
+    Raises:
+        TypeError: a dtype is wrong.
+        IndexError: a page or slot is out of range.
+        ValueError: any other argument breaks the contract.
+
+    Example:
+        >>> store_kv(k, v, cache.k(layer), cache.v(layer), pages, slots, "HND")
+    """
+    if _validate_on_host(validate, k_cache):
+        _C.validate_store_kv(k, v, k_cache, v_cache, pages, slots, kv_layout)
+    torch.ops.dustin.store_kv(k, v, k_cache, v_cache, pages, slots, kv_layout)
 
 
 def dense_block_lists(
