@@ -2,6 +2,7 @@
 // dustin::block_scores: checks the params, plans the splits and workspace, launches both passes.
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "dustin/block_scores.cuh"
@@ -26,11 +27,16 @@ bool valid_params(const BlockScoresParams& p) {
          kv.block_table_stride >= 0;
 }
 
-/// The key tiles are copied 16 bytes at a time, so every key row must start 16-byte aligned.
-bool keys_aligned(const PagedKV& kv) {
+/// The key tiles are copied 16 bytes at a time, so every key row must start 16-byte aligned;
+/// the copies address a page's rows with 32-bit byte offsets (a page of 2 GiB is not one).
+bool keys_supported(const PagedKV& kv) {
   constexpr int64_t kElemsPer16B = 8;
-  return reinterpret_cast<uintptr_t>(kv.k) % 16 == 0 && kv.page_stride % kElemsPer16B == 0 &&
-         kv.head_stride % kElemsPer16B == 0 && kv.token_stride % kElemsPer16B == 0;
+  constexpr int64_t kElemBytes = 2;
+  const bool aligned = reinterpret_cast<uintptr_t>(kv.k) % 16 == 0 &&
+                       kv.page_stride % kElemsPer16B == 0 &&
+                       kv.head_stride % kElemsPer16B == 0 && kv.token_stride % kElemsPer16B == 0;
+  return aligned && kv.page_stride >= 0 && kv.page_stride * kElemBytes <= INT32_MAX &&
+         kv.token_stride >= 0 && kv.token_stride * kElemBytes * kv.page_size <= INT32_MAX;
 }
 
 /// The partial pass's kernel for fragment_partial_len(block_size): the fragment path with
@@ -93,7 +99,7 @@ Status block_scores(const BlockScoresParams& params, cudaStream_t stream) {
   if (reinterpret_cast<uintptr_t>(params.workspace) % alignof(float2) != 0) {
     return Status::kInvalidArgument;
   }
-  if (plan.rows > detail::kMaxScoreRows || !keys_aligned(params.kv)) return Status::kUnsupported;
+  if (plan.rows > detail::kMaxScoreRows || !keys_supported(params.kv)) return Status::kUnsupported;
   return DUSTIN_DISPATCH_DTYPE16(params.kv.dtype, [&] {
     return DUSTIN_DISPATCH_HEAD_DIM(params.kv.head_dim, [&] {
       return launch<DTypeKV, kHeadDim>(params, plan, stream);

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include <cutlass/fast_math.h>
 
@@ -225,8 +226,10 @@ __device__ __forceinline__ void load_score_rows(const BlockScoresParams& p, cons
 /// score_tile(tile_begin, k_tile) for each 64-key tile, the whole CTA together. Each thread
 /// copies one 16-byte chunk of a few keys per tile; the page numbers of the next tile to copy
 /// are loaded one iteration ahead, so the block-table reads never sit between the barrier and
-/// the copies. Keys past the split are not copied (their logits must be masked); keys on a
-/// page outside the pool read as zeros.
+/// the copies. Keys past the split and keys on a page outside the pool read as zeros (the
+/// former must be masked). The copies are branch-free: a wide multiply-add per key for the
+/// source (byte strides fit in 32 bits, which the launcher checks) and fixed shared-memory
+/// offsets, since a thread's keys are kKeyStride rows apart with the same swizzle phase.
 template <typename T, int kHeadDim, typename ScoreTileFn>
 __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, const ScoreCta& cta,
                                                   T* s_keys, ScoreTileFn&& score_tile) {
@@ -234,41 +237,48 @@ __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, co
   constexpr int kKeys = Tile::kKeys;
   constexpr int kKeysPerThread = kKeys * Tile::kChunks / Tile::kThreads;
   constexpr int kKeyStride = Tile::kThreads / Tile::kChunks;
+  static_assert(kKeyStride % 8 == 0, "a thread's keys share the swizzle phase of its first");
+  constexpr uint32_t kTileBytes = Tile::kTileElems * sizeof(T);
+  constexpr uint32_t kKeyStrideBytes = kKeyStride * 64 * sizeof(T);  // rows of 64 elements
   const int tid = threadIdx.x;
   const int chunk = tid % Tile::kChunks;
   const int first_key = tid / Tile::kChunks;
-  const T* k_base = static_cast<const T*>(p.kv.k) + cta.kv_head * p.kv.head_stride;
+  const char* k_base = reinterpret_cast<const char*>(static_cast<const T*>(p.kv.k) +
+                                                     cta.kv_head * p.kv.head_stride) +
+                       chunk * 16;
+  const int32_t page_bytes = static_cast<int32_t>(p.kv.page_stride * sizeof(T));
+  const int32_t token_bytes = static_cast<int32_t>(p.kv.token_stride * sizeof(T));
   const int32_t* table = p.kv.block_table + blockIdx.z * p.kv.block_table_stride;
   const int num_tiles = (cta.split_end - cta.split_begin + kKeys - 1) / kKeys;
-  // Positions fit in int32 (clamped_kv_len): multiply-shift division by the page size, eight
-  // per thread and tile, instead of a runtime integer division each.
+  // Positions fit in int32 (clamped_kv_len): multiply-shift division by the page size.
   const cutlass::FastDivmod page_divmod(p.kv.page_size);
+  const uint32_t dst_first = smem_addr(s_keys + swizzle<kKeys>(first_key, chunk));
 
-  int32_t src_page[kKeysPerThread];   // physical page
-  int32_t src_token[kKeysPerThread];  // token within the page, or -1: past the split
+  // The table is read unconditionally (clamped index, L1 hits) so the loads need no branches.
+  const int32_t last_page_index = p.kv.max_pages - 1;
+  const char* src[kKeysPerThread];
+  uint32_t src_valid = 0;  // bit j: key j of the tile is read, else zero-filled
   auto fetch_pages = [&](int tile) {
+    const int32_t first_pos = cta.split_begin + tile * kKeys + first_key;
+    src_valid = 0;
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
-      const int32_t pos = cta.split_begin + tile * kKeys + first_key + j * kKeyStride;
+      const int32_t pos = first_pos + j * kKeyStride;
       int page_index, token;
       page_divmod(page_index, token, pos);
-      const bool in_split = pos < cta.split_end;
-      src_page[j] = in_split ? table[page_index] : 0;
-      src_token[j] = in_split ? token : -1;
+      const int32_t page = __ldg(table + min(page_index, last_page_index));
+      const bool valid = pos < cta.split_end && page >= 0 && page < p.kv.num_pages;
+      const uint32_t page_u = valid ? static_cast<uint32_t>(page) : 0u;
+      src[j] = k_base + (static_cast<uint64_t>(page_u) * static_cast<uint32_t>(page_bytes) +
+                         static_cast<uint32_t>(token * token_bytes));
+      src_valid |= static_cast<uint32_t>(valid) << j;
     }
   };
   auto issue_tile = [&](int stage) {
-    T* dst_tile = s_keys + stage * Tile::kTileElems;
+    const uint32_t dst = dst_first + stage * kTileBytes;
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
-      const int key = first_key + j * kKeyStride;
-      if (src_token[j] < 0) continue;
-      const int32_t page = src_page[j];
-      const bool in_pool = page >= 0 && page < p.kv.num_pages;
-      const T* src = in_pool ? k_base + page * p.kv.page_stride +
-                                   src_token[j] * p.kv.token_stride + chunk * 8
-                             : k_base;
-      cp_async_16(smem_addr(dst_tile + swizzle<kKeys>(key, chunk)), src, in_pool);
+      cp_async_16(dst + j * kKeyStrideBytes, src[j], (src_valid >> j) & 1u);
     }
   };
 
@@ -292,15 +302,27 @@ __device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, co
   }
 }
 
-/// Raw logits of query rows [16 mt, 16 mt + 16) against this warp's 16 keys of the tile, in the
-/// m16n8k16 accumulator layout: acc[nt][e] is row 16 mt + lane / 4 + 8 (e / 2), key
-/// 16 warp + 8 nt + 2 (lane % 4) + e % 2.
+/// A fragments (m16n8k16) of query rows [16 mt, 16 mt + 16) for every k16 step of D.
 template <typename T, int kHeadDim>
-__device__ __forceinline__ void tile_logits(float (&acc)[2][4], const T* s_q, const T* k_tile,
-                                            int mt) {
+__device__ __forceinline__ void load_q_fragments(uint32_t (&q)[kHeadDim / 16][4], const T* s_q,
+                                                 int mt) {
   constexpr int kPitch = ScoreTile<kHeadDim>::kPitch;
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
+  const T* row = s_q + (mt * 16 + (lane & 15)) * kPitch + (lane >> 4) * 8;
+#pragma unroll
+  for (int ks = 0; ks < kHeadDim / 16; ++ks) ldmatrix_x4(q[ks], smem_addr(row + ks * 16));
+}
+
+/// Raw logits of the 16 query rows of `q` against this warp's 16 keys of the tile, in the
+/// m16n8k16 accumulator layout: acc[nt][e] is row lane / 4 + 8 (e / 2) of the row tile, key
+/// 16 warp + 8 nt + 2 (lane % 4) + e % 2.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void tile_logits(float (&acc)[2][4],
+                                            const uint32_t (&q)[kHeadDim / 16][4],
+                                            const T* k_tile) {
+  const int lane = threadIdx.x & 31;
+  const int j = lane >> 3;
+  const int key = (threadIdx.x >> 5) * 16 + (j >> 1) * 8 + (lane & 7);
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
@@ -308,15 +330,10 @@ __device__ __forceinline__ void tile_logits(float (&acc)[2][4], const T* s_q, co
   }
 #pragma unroll
   for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-    uint32_t a[4];
-    const int q_row = mt * 16 + (lane & 15);
-    ldmatrix_x4(a, smem_addr(s_q + q_row * kPitch + ks * 16 + (lane >> 4) * 8));
     uint32_t bk[4];
-    const int j = lane >> 3;
-    const int key = warp * 16 + (j >> 1) * 8 + (lane & 7);
     ldmatrix_x4(bk, smem_addr(k_tile + swizzle<kScoreTileKeys>(key, ks * 2 + (j & 1))));
-    mma_16816<T>(acc[0], a, bk[0], bk[1]);
-    mma_16816<T>(acc[1], a, bk[2], bk[3]);
+    mma_16816<T>(acc[0], q[ks], bk[0], bk[1]);
+    mma_16816<T>(acc[1], q[ks], bk[2], bk[3]);
   }
 }
 
@@ -361,61 +378,103 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
                                                      plan.block_partials_offset);
   const int64_t row_base = static_cast<int64_t>(b) * plan.rows;
 
-  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, [&](int32_t tile_begin, const T* k_tile) {
-    const bool masked = tile_begin + Tile::kKeys > first_hidden;
-    const int32_t warp_begin = tile_begin + warp * 16;
-    for (int mt = 0; mt < m_tiles; ++mt) {
-      float acc[2][4];
-      tile_logits<T, kHeadDim>(acc, s_q, k_tile, mt);
+  // One row tile (one head, or a few sharing a KV head, with n <= 16 queries) is the usual
+  // case: its query fragments and its rows' running max and sum then stay in registers for
+  // the whole split. Every lane of a quad holds its two rows' statistics.
+  uint32_t q0[kHeadDim / 16][4];
+  load_q_fragments<T, kHeadDim>(q0, s_q, 0);
+  float run_max0[2] = {-INFINITY, -INFINITY};
+  float run_sum0[2] = {0.f, 0.f};
+
+  // Softmax partials of one row tile's logits over this warp's keys [warp_begin, +16): per
+  // partial the max and the sum of exp2(logit - max) over its lane quad, written by the quad's
+  // first lane, and folded into the rows' running statistics. Masking only where some key may
+  // be hidden, chosen once per tile.
+  const auto score_rows = [&](auto masked, int mt, const float (&acc)[2][4], int32_t warp_begin,
+                              float (&run_max)[2], float (&run_sum)[2]) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = mt * 16 + (lane >> 2) + half * 8;
-        float v[2][2];  // [n8 tile][column]
+    for (int half = 0; half < 2; ++half) {
+      const int r = mt * 16 + (lane >> 2) + half * 8;
+      float v[2][2];  // [n8 tile][column]
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
+      for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            v[nt][c] = acc[nt][half * 2 + c] * scale_log2;
-            if (masked) {
-              const int32_t pos = warp_begin + nt * 8 + (lane & 3) * 2 + c;
-              if (pos >= cta.split_end || pos > s_row_pos[r]) v[nt][c] = -INFINITY;
-            }
-          }
-        }
-#pragma unroll
-        for (int part = 0; part < kPartsPerWarp; ++part) {
-          float part_max = -INFINITY;
-#pragma unroll
-          for (int t = 0; t < kTilesPerPart; ++t) {
-            part_max = fmaxf(part_max, fmaxf(v[part + t][0], v[part + t][1]));
-          }
-          part_max = fmaxf(part_max, __shfl_xor_sync(0xffffffffu, part_max, 1));
-          part_max = fmaxf(part_max, __shfl_xor_sync(0xffffffffu, part_max, 2));
-          const float ref = part_max == -INFINITY ? 0.f : part_max;  // all hidden: sum 0
-          float sum = 0.f;
-#pragma unroll
-          for (int t = 0; t < kTilesPerPart; ++t) {
-            sum += exp2f(v[part + t][0] - ref) + exp2f(v[part + t][1] - ref);
-          }
-          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-          if ((lane & 3) == 0 && r < cta.rows) {
-            const int64_t index = (row_base + s_row_out[r]) * plan.num_partials +
-                                  (warp_begin + part * kPartialLen) / kPartialLen;
-            block_partials[index] = make_float2(sum, ref);
-            float& run_max = s_run_max[warp * rows_pad + r];
-            float& run_sum = s_run_sum[warp * rows_pad + r];
-            const float new_max = fmaxf(run_max, part_max);
-            if (new_max != -INFINITY) {  // sum == 0 keeps exp2f(ref - new_max) from overflowing
-              run_sum = run_sum * exp2f(run_max - new_max) +
-                        (sum > 0.f ? sum * exp2f(ref - new_max) : 0.f);
-            }
-            run_max = new_max;
+        for (int c = 0; c < 2; ++c) {
+          v[nt][c] = acc[nt][half * 2 + c] * scale_log2;
+          if constexpr (decltype(masked)::value) {
+            const int32_t pos = warp_begin + nt * 8 + (lane & 3) * 2 + c;
+            if (pos >= cta.split_end || pos > s_row_pos[r]) v[nt][c] = -INFINITY;
           }
         }
       }
+#pragma unroll
+      for (int part = 0; part < kPartsPerWarp; ++part) {
+        float part_max = -INFINITY;
+#pragma unroll
+        for (int t = 0; t < kTilesPerPart; ++t) {
+          part_max = fmaxf(part_max, fmaxf(v[part + t][0], v[part + t][1]));
+        }
+        part_max = fmaxf(part_max, __shfl_xor_sync(0xffffffffu, part_max, 1));
+        part_max = fmaxf(part_max, __shfl_xor_sync(0xffffffffu, part_max, 2));
+        const float ref = part_max == -INFINITY ? 0.f : part_max;  // all hidden: sum 0
+        float sum = 0.f;
+#pragma unroll
+        for (int t = 0; t < kTilesPerPart; ++t) {
+          sum += exp2f(v[part + t][0] - ref) + exp2f(v[part + t][1] - ref);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if ((lane & 3) == 0 && r < cta.rows) {
+          const int64_t index = (row_base + s_row_out[r]) * plan.num_partials +
+                                (warp_begin + part * kPartialLen) / kPartialLen;
+          block_partials[index] = make_float2(sum, ref);
+        }
+        const float new_max = fmaxf(run_max[half], part_max);
+        if (new_max != -INFINITY) {  // sum == 0 keeps exp2f(ref - new_max) from overflowing
+          run_sum[half] = run_sum[half] * exp2f(run_max[half] - new_max) +
+                          (sum > 0.f ? sum * exp2f(ref - new_max) : 0.f);
+        }
+        run_max[half] = new_max;
+      }
+    }
+  };
+  const auto score_tile = [&](auto masked, int32_t tile_begin, const T* k_tile) {
+    const int32_t warp_begin = tile_begin + warp * 16;
+    float acc[2][4];
+    tile_logits<T, kHeadDim>(acc, q0, k_tile);
+    score_rows(masked, 0, acc, warp_begin, run_max0, run_sum0);
+    for (int mt = 1; mt < m_tiles; ++mt) {
+      uint32_t q[kHeadDim / 16][4];
+      load_q_fragments<T, kHeadDim>(q, s_q, mt);
+      tile_logits<T, kHeadDim>(acc, q, k_tile);
+      const int r0 = warp * rows_pad + mt * 16 + (lane >> 2);
+      float run_max[2] = {s_run_max[r0], s_run_max[r0 + 8]};
+      float run_sum[2] = {s_run_sum[r0], s_run_sum[r0 + 8]};
+      score_rows(masked, mt, acc, warp_begin, run_max, run_sum);
+      __syncwarp();  // the quad's lanes have read before the first one writes
+      if ((lane & 3) == 0) {
+        s_run_max[r0] = run_max[0];
+        s_run_max[r0 + 8] = run_max[1];
+        s_run_sum[r0] = run_sum[0];
+        s_run_sum[r0 + 8] = run_sum[1];
+      }
+    }
+  };
+
+  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, [&](int32_t tile_begin, const T* k_tile) {
+    if (tile_begin + Tile::kKeys > first_hidden) {
+      score_tile(std::true_type{}, tile_begin, k_tile);
+    } else {
+      score_tile(std::false_type{}, tile_begin, k_tile);
     }
   });
+  if ((lane & 3) == 0) {
+    const int r0 = warp * rows_pad + (lane >> 2);
+    s_run_max[r0] = run_max0[0];
+    s_run_max[r0 + 8] = run_max0[1];
+    s_run_sum[r0] = run_sum0[0];
+    s_run_sum[r0 + 8] = run_sum0[1];
+  }
 
   // Split partials: the warps' running statistics combined in a fixed order.
   __syncthreads();
@@ -480,8 +539,10 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   for_each_key_tile<T, kHeadDim>(p, cta, s_keys, [&](int32_t tile_begin, const T* k_tile) {
     // Logits of this warp's 16 keys for every row, log2-scaled and causally masked.
     for (int mt = 0; mt < m_tiles; ++mt) {
+      uint32_t q_frag[kHeadDim / 16][4];
+      load_q_fragments<T, kHeadDim>(q_frag, s_q, mt);
       float acc[2][4];
-      tile_logits<T, kHeadDim>(acc, s_q, k_tile, mt);
+      tile_logits<T, kHeadDim>(acc, q_frag, k_tile);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
