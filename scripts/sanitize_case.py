@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """A small CUDA case of every op, run under compute-sanitizer (memcheck, racecheck) by
 scripts/gpu_check.sh: odd lengths, a partly filled last page, both block_scores partial paths,
-split and unsplit verify paths."""
+both block_scores row-tile paths, a store_kv window, split and unsplit verify paths."""
 
 import torch
 
@@ -32,6 +32,16 @@ def main() -> None:
     torch.ops.dustin.block_scores(
         q_srh, k, table, kv_lens, head_map, d**-0.5, odd_block, "HND", odd_scores
     )
+    # Four heads on one KV head: 20 query rows, two row tiles (the second kept in shared memory).
+    q_shared = torch.randn(batch, q_len, 4, d, device=dev, dtype=dtype)
+    shared_map = torch.zeros(4, dtype=torch.int32, device=dev)
+    torch.ops.dustin.block_scores(q_shared, k, table, kv_lens, shared_map, d**-0.5, page, "HND", draft)
+    # The window's keys and values written through the block table, as the engine does.
+    positions = (kv_lens - q_len).long()[:, None] + torch.arange(q_len, device=dev)
+    pages = table.gather(1, (positions // page).int()).long().flatten()
+    slots = (positions % page).flatten()
+    new_k = torch.randn(batch * q_len, hkv, d, device=dev, dtype=dtype)
+    torch.ops.dustin.store_kv(new_k, torch.randn_like(new_k), k, v, pages, slots, "HND")
     for budget in (4, nb):  # sparse and dense lists: the dense one takes the split path
         ids, counts = torch.ops.dustin.select_blocks(
             draft, target, kv_lens, q_len, page, budget, 4, 16, 0.5
