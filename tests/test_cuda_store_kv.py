@@ -201,6 +201,8 @@ def test_graph_capture_and_replay():
     with torch.cuda.stream(stream):
         ops.store_kv(*args)  # warm-up outside capture (validate=True runs here)
     torch.cuda.current_stream().wait_stream(stream)
+    # The warm-up wrote the first window: the reference pool gets it too.
+    ops.store_kv(k.cpu(), v.cpu(), pool[1, 0], pool[1, 1], pages.cpu(), slots.cpu(), "HND")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ops.store_kv(*args)  # validate=True is skipped during capture
