@@ -52,18 +52,26 @@ __device__ __forceinline__ uint32_t id_range_bits(int32_t word_first, int32_t be
 }
 
 /// Threshold found by the radix passes: candidates whose masked key exceeds `prefix` are in;
-/// of those equal to it, all are in when `exact`, else the `need` lowest ids.
+/// of the `in_bin` equal to it, all are in when `exact`, else the `need` best.
 struct RadixThreshold {
   uint32_t prefix;
   uint32_t mask;
   int32_t need;
   int32_t exact;
+  int32_t in_bin;
 };
+
+/// A boundary bin this small is finished by one warp sorting its candidates (key, then id)
+/// instead of by more radix passes: each pass costs a few block-wide barriers.
+inline constexpr int kWarpFinishMax = 32;
 
 struct SelectShared {
   uint32_t histogram[2][kRadixBins];  // double-buffered so one pass clears the next one's
   uint32_t key_or[kSelectWarps];      // per warp: OR and AND of its candidates' keys
   uint32_t key_and[kSelectWarps];
+  uint32_t boundary_key[kWarpFinishMax];  // the boundary bin's candidates, in any order
+  int32_t boundary_id[kWarpFinishMax];
+  int32_t boundary_count;
   RadixThreshold threshold;
   typename cub::BlockScan<int32_t, kSelectThreads>::TempStorage scan;
 };
@@ -97,6 +105,7 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
   }
   key_or = __reduce_or_sync(0xffffffffu, key_or);
   key_and = __reduce_and_sync(0xffffffffu, key_and);
+  if (tid == 0) sh.boundary_count = 0;
   if (lane == 0) {
     sh.key_or[tid >> 5] = key_or;
     sh.key_and[tid >> 5] = key_and;
@@ -112,8 +121,9 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
   // differing bit all candidates tie: the tie scan below picks the lowest ids.
   int open_bits = differ == 0u ? 0 : 32 - __clz(differ);
   const uint32_t common = open_bits == 32 ? 0u : ~((1u << open_bits) - 1u);
-  RadixThreshold t{key_and & common, common, k, 0};
+  RadixThreshold t{key_and & common, common, k, 0, 0};
   int pass = 0;
+  bool settled = false;  // the last pass broke out: exact, or a boundary bin for one warp
 #pragma unroll 1
   for (; open_bits > 0; ++pass) {
     const int shift = open_bits > kRadixDigitBits ? open_bits - kRadixDigitBits : 0;
@@ -123,6 +133,8 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
     // All lanes of a warp run the same trip count so the warp can aggregate equal bins:
     // scores cluster in a few exponent bins, where plain shared atomics would serialise.
     for (int32_t base = 0; base < nblk; base += kSelectThreads * kSelectUnroll) {
+      // Rounds with no id left for any thread are skipped (uniform across the CTA).
+      const int rounds = min(kSelectUnroll, (nblk - base + kSelectThreads - 1) / kSelectThreads);
       uint32_t key[kSelectUnroll];
 #pragma unroll
       for (int u = 0; u < kSelectUnroll; ++u) {
@@ -131,6 +143,7 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
       }
 #pragma unroll
       for (int u = 0; u < kSelectUnroll; ++u) {
+        if (u >= rounds) break;
         const bool counted = key[u] != kNotCandidate && (key[u] & t.mask) == t.prefix;
         const uint32_t bin = (key[u] >> shift) & digit_mask;
         // The bin of the first counted lane takes one atomic for all lanes that share it
@@ -172,32 +185,66 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
           sh.threshold.mask = t.mask | (digit_mask << shift);
           sh.threshold.need = t.need - above;
           sh.threshold.exact = c == t.need - above;
+          sh.threshold.in_bin = c;
         }
         above += c;
       }
     }
     __syncthreads();
     t = sh.threshold;
-    if (t.exact) break;
+    if (t.exact || t.in_bin <= kWarpFinishMax) {
+      settled = true;
+      break;
+    }
   }
   // Leave both histograms zeroed for the next pick: the last pass (if any ran) used
-  // histogram[pass & 1] when it broke out exact, else histogram[(pass - 1) & 1], and cleared
-  // the other.
-  if (pass > 0 || t.exact) {
-    const int used = (t.exact ? pass : pass - 1) & 1;
+  // histogram[pass & 1] when it broke out, else histogram[(pass - 1) & 1], and cleared the other.
+  if (pass > 0 || settled) {
+    const int used = (settled ? pass : pass - 1) & 1;
     for (int i = tid; i < kRadixBins; i += kSelectThreads) sh.histogram[used][i] = 0;
   }
 
-  // Everything strictly above the threshold, and all of the threshold bin when it fits.
+  // Everything strictly above the threshold, and all of the threshold bin when it fits; a
+  // small boundary bin is gathered for one warp to finish.
+  const bool warp_finish = settled && !t.exact;
   for (int32_t id = tid; id < nblk; id += kSelectThreads) {
     const uint32_t key = candidate_key(id, scores, chosen);
     if (key == kNotCandidate) continue;
     const uint32_t masked = key & t.mask;
     if (masked > t.prefix || (t.exact && masked == t.prefix)) {
       atomicOr(&chosen[id >> 5], 1u << (id & 31));
+    } else if (warp_finish && masked == t.prefix) {
+      const int32_t slot = atomicAdd(&sh.boundary_count, 1);
+      sh.boundary_key[slot] = key;
+      sh.boundary_id[slot] = id;
     }
   }
-  if (!t.exact) {
+  if (warp_finish) {
+    __syncthreads();  // the boundary bin is gathered
+    if (tid < 32) {
+      // Bitonic sort of the bin over the warp, best first: larger key, then lower id (ids are
+      // unique; empty lanes sort last).
+      const bool have = lane < t.in_bin;
+      uint32_t key = have ? sh.boundary_key[lane] : kNotCandidate;
+      int32_t id = have ? sh.boundary_id[lane] : INT32_MAX;
+#pragma unroll
+      for (int run = 2; run <= 32; run <<= 1) {
+#pragma unroll
+        for (int step = run >> 1; step > 0; step >>= 1) {
+          const uint32_t other_key = __shfl_xor_sync(0xffffffffu, key, step);
+          const int32_t other_id = __shfl_xor_sync(0xffffffffu, id, step);
+          const bool other_better = other_key > key || (other_key == key && other_id < id);
+          // Runs alternate direction until the last, whose lower lanes keep the better half.
+          const bool keep_better = ((lane & step) == 0) == ((lane & run) == 0);
+          if (keep_better == other_better) {
+            key = other_key;
+            id = other_id;
+          }
+        }
+      }
+      if (lane < t.need) atomicOr(&chosen[id >> 5], 1u << (id & 31));
+    }
+  } else if (!t.exact) {
     __syncthreads();  // the marks above are settled before the tie scan reads chosen bits
     // Exact ties on the full key: the lowest ids win, found by an ordered scan over
     // contiguous per-thread id ranges. The marks above set no bit of a tied block.
