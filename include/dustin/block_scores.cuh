@@ -132,10 +132,18 @@ struct ScoreTile {
   static constexpr int kScanFloatsPerRow = kLogitPitch + 2 + 32;
   static constexpr int kFragmentFloatsPerRow = 2 * kWarps;
 
+  /// Query rows of `rows_pad` (a multiple of 16) each path stages in shared memory: the
+  /// fragment path reads its first row tile straight into registers (at D = 128 with up to 32
+  /// rows that fits 4 CTAs per SM, where staging every row fit 3).
+  __host__ __device__ static constexpr int staged_q_rows(int rows_pad, bool scan) {
+    return scan ? rows_pad : rows_pad - 16;
+  }
+
   /// Dynamic shared memory for up to `rows_pad` query rows (a multiple of 16).
   static size_t smem_bytes(int rows_pad, bool scan) {
     const size_t rows = static_cast<size_t>(rows_pad);
-    return sizeof(uint16_t) * (static_cast<size_t>(kStages) * kTileElems + rows * kPitch) +
+    const size_t q_rows = static_cast<size_t>(staged_q_rows(rows_pad, scan));
+    return sizeof(uint16_t) * (static_cast<size_t>(kStages) * kTileElems + q_rows * kPitch) +
            sizeof(float) * rows * (scan ? kScanFloatsPerRow : kFragmentFloatsPerRow) +
            sizeof(int32_t) * 2 * rows;
   }
@@ -175,12 +183,13 @@ __device__ __forceinline__ ScoreCta score_cta(const BlockScoresParams& p,
   return cta;
 }
 
-/// Fills, for rows_pad rows, the output row of each local row (-1 for padding), the position of
-/// its query, and the zero-padded queries. Ends with a barrier.
+/// Fills, for rows_pad rows, the output row of each local row (-1 for padding) and the position
+/// of its query, and stages the zero-padded queries of rows [first_q_row, rows_pad) in s_q.
+/// Ends with a barrier.
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void load_score_rows(const BlockScoresParams& p, const ScoreCta& cta,
-                                                int rows_pad, bool q_vec16, T* s_q,
-                                                int32_t* s_row_out, int32_t* s_row_pos) {
+                                                int rows_pad, int first_q_row, bool q_vec16,
+                                                T* s_q, int32_t* s_row_out, int32_t* s_row_pos) {
   using Tile = ScoreTile<kHeadDim>;
   constexpr int kPitch = Tile::kPitch;
   const int tid = threadIdx.x;
@@ -206,10 +215,11 @@ __device__ __forceinline__ void load_score_rows(const BlockScoresParams& p, cons
   const T* q = static_cast<const T*>(p.q);
   constexpr int kElemsPer16B = 8;
   const int step = q_vec16 ? kElemsPer16B : 1;
-  for (int e = tid * step; e < rows_pad * kHeadDim; e += Tile::kThreads * step) {
+  for (int e = first_q_row * kHeadDim + tid * step; e < rows_pad * kHeadDim;
+       e += Tile::kThreads * step) {
     const int r = e / kHeadDim;
     const int d = e % kHeadDim;
-    T* dst = s_q + r * kPitch + d;
+    T* dst = s_q + (r - first_q_row) * kPitch + d;
     const T* src = r < cta.rows ? q + b * p.q_stride_b + (r % n) * p.q_stride_t +
                                       (s_row_out[r] / n) * p.q_stride_h + d
                                 : nullptr;
@@ -313,6 +323,42 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&q)[kHeadDim / 16][4]
   for (int ks = 0; ks < kHeadDim / 16; ++ks) ldmatrix_x4(q[ks], smem_addr(row + ks * 16));
 }
 
+/// The same fragments for row tile 0, read straight from q (zeros for rows past cta.rows), so
+/// the fragment path stages only later row tiles in shared memory.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_first_q_fragments(uint32_t (&q)[kHeadDim / 16][4],
+                                                       const BlockScoresParams& p,
+                                                       const ScoreCta& cta,
+                                                       const int32_t* s_row_out) {
+  const int lane = threadIdx.x & 31;
+  const int n = p.num_queries;
+  const uint16_t* rows[2];  // this lane's two rows, at its column pair; nullptr: padding
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = (lane >> 2) + half * 8;
+    rows[half] = r < cta.rows
+                     ? reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.q) +
+                                                         blockIdx.z * p.q_stride_b +
+                                                         (r % n) * p.q_stride_t +
+                                                         (s_row_out[r] / n) * p.q_stride_h) +
+                           (lane & 3) * 2
+                     : nullptr;
+  }
+  // Two 16-bit loads per register: q's strides need not keep pairs 4-byte aligned.
+  const auto pair = [](const uint16_t* row, int col) -> uint32_t {
+    return row == nullptr ? 0u
+                          : static_cast<uint32_t>(row[col]) |
+                                (static_cast<uint32_t>(row[col + 1]) << 16);
+  };
+#pragma unroll
+  for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+    q[ks][0] = pair(rows[0], ks * 16);
+    q[ks][1] = pair(rows[1], ks * 16);
+    q[ks][2] = pair(rows[0], ks * 16 + 8);
+    q[ks][3] = pair(rows[1], ks * 16 + 8);
+  }
+}
+
 /// Raw logits of the 16 query rows of `q` against this warp's 16 keys of the tile, in the
 /// m16n8k16 accumulator layout: acc[nt][e] is row lane / 4 + 8 (e / 2) of the row tile, key
 /// 16 warp + 8 nt + 2 (lane % 4) + e % 2.
@@ -359,16 +405,17 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_keys = reinterpret_cast<T*>(smem_raw);         // [kStages][kKeys x D swizzled]
-  T* s_q = s_keys + Tile::kStages * Tile::kTileElems;  // [rows_pad][kPitch]
-  float* s_run_max = reinterpret_cast<float*>(s_q + rows_pad * Tile::kPitch);  // [kWarps][rows_pad]
-  float* s_run_sum = s_run_max + Tile::kWarps * rows_pad;                    // [kWarps][rows_pad]
+  T* s_q = s_keys + Tile::kStages * Tile::kTileElems;  // [rows_pad - 16][kPitch]: rows 16..
+  const int q_rows = Tile::staged_q_rows(rows_pad, /*scan=*/false);
+  float* s_run_max = reinterpret_cast<float*>(s_q + q_rows * Tile::kPitch);  // [kWarps][rows_pad]
+  float* s_run_sum = s_run_max + Tile::kWarps * rows_pad;                   // [kWarps][rows_pad]
   int32_t* s_row_out = reinterpret_cast<int32_t*>(s_run_sum + Tile::kWarps * rows_pad);
   int32_t* s_row_pos = s_row_out + rows_pad;
   for (int e = tid; e < Tile::kWarps * rows_pad; e += Tile::kThreads) {
     s_run_max[e] = -INFINITY;
     s_run_sum[e] = 0.f;
   }
-  load_score_rows<T, kHeadDim>(p, cta, rows_pad, q_vec16, s_q, s_row_out, s_row_pos);
+  load_score_rows<T, kHeadDim>(p, cta, rows_pad, 16, q_vec16, s_q, s_row_out, s_row_pos);
 
   const float scale_log2 = p.sm_scale * kLog2e;
   const int m_tiles = (cta.rows + 15) / 16;
@@ -382,7 +429,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   // case: its query fragments and its rows' running max and sum then stay in registers for
   // the whole split. Every lane of a quad holds its two rows' statistics.
   uint32_t q0[kHeadDim / 16][4];
-  load_q_fragments<T, kHeadDim>(q0, s_q, 0);
+  load_first_q_fragments<T, kHeadDim>(q0, p, cta, s_row_out);
   float run_max0[2] = {-INFINITY, -INFINITY};
   float run_sum0[2] = {0.f, 0.f};
 
@@ -445,7 +492,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
     score_rows(masked, 0, acc, warp_begin, run_max0, run_sum0);
     for (int mt = 1; mt < m_tiles; ++mt) {
       uint32_t q[kHeadDim / 16][4];
-      load_q_fragments<T, kHeadDim>(q, s_q, mt);
+      load_q_fragments<T, kHeadDim>(q, s_q, mt - 1);  // s_q starts at row tile 1
       tile_logits<T, kHeadDim>(acc, q, k_tile);
       const int r0 = warp * rows_pad + mt * 16 + (lane >> 2);
       float run_max[2] = {s_run_max[r0], s_run_max[r0 + 8]};
@@ -529,7 +576,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
     s_carry[r] = 0.f;
   }
   for (int e = tid; e < rows_pad * 32; e += Tile::kThreads) s_lane_sum[e] = 0.f;
-  load_score_rows<T, kHeadDim>(p, cta, rows_pad, q_vec16, s_q, s_row_out, s_row_pos);
+  load_score_rows<T, kHeadDim>(p, cta, rows_pad, 0, q_vec16, s_q, s_row_out, s_row_pos);
 
   const float scale_log2 = p.sm_scale * kLog2e;
   const int m_tiles = (rows + 15) / 16;
