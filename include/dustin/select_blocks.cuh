@@ -61,14 +61,24 @@ struct RadixThreshold {
   int32_t in_bin;
 };
 
+/// OR and AND of the rank keys of a set of candidates: the bits above the highest bit where
+/// they differ are common to all of them (and to any subset).
+struct KeyBits {
+  uint32_t any = 0u;
+  uint32_t all = ~0u;
+  __device__ __forceinline__ void add(uint32_t key) {
+    any |= key;
+    all &= key;
+  }
+};
+
 /// A boundary bin this small is finished by one warp sorting its candidates (key, then id)
 /// instead of by more radix passes: each pass costs a few block-wide barriers.
 inline constexpr int kWarpFinishMax = 32;
 
 struct SelectShared {
   uint32_t histogram[2][kRadixBins];  // double-buffered so one pass clears the next one's
-  uint32_t key_or[kSelectWarps];      // per warp: OR and AND of its candidates' keys
-  uint32_t key_and[kSelectWarps];
+  KeyBits key_bits[kSelectWarps][2];  // per warp: draft and fill candidates' key bits
   uint32_t boundary_key[kWarpFinishMax];  // the boundary bin's candidates, in any order
   int32_t boundary_id[kWarpFinishMax];
   int32_t boundary_count;
@@ -85,43 +95,22 @@ __device__ __forceinline__ uint32_t candidate_key(int32_t id, const float* score
 
 /// Marks in `chosen` the best `k` not-yet-chosen blocks of [0, nblk) by `scores` (score
 /// descending, ties to the lower id, NaN last); `scores` is a shared-memory copy or the global
-/// row. k must not exceed the number of candidates. Ends with a barrier; the whole CTA calls
-/// it with the same arguments.
+/// row; `bits` covers at least the candidates (not-yet-chosen blocks). k must not exceed the
+/// number of candidates. Ends with a barrier; the whole CTA calls it with the same arguments.
 __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores, int32_t nblk,
-                                                int32_t k, uint32_t* chosen, SelectShared& sh) {
+                                                int32_t k, KeyBits bits, uint32_t* chosen,
+                                                SelectShared& sh) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   if (k <= 0) return;
+  if (tid == 0) sh.boundary_count = 0;  // read after this pick's first barrier
 
-  // Bits every candidate's key shares: the first digit starts below them.
-  uint32_t key_or = 0u;
-  uint32_t key_and = ~0u;
-  for (int32_t id = tid; id < nblk; id += kSelectThreads) {
-    const uint32_t key = candidate_key(id, scores, chosen);
-    if (key != kNotCandidate) {
-      key_or |= key;
-      key_and &= key;
-    }
-  }
-  key_or = __reduce_or_sync(0xffffffffu, key_or);
-  key_and = __reduce_and_sync(0xffffffffu, key_and);
-  if (tid == 0) sh.boundary_count = 0;
-  if (lane == 0) {
-    sh.key_or[tid >> 5] = key_or;
-    sh.key_and[tid >> 5] = key_and;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kSelectWarps; ++w) {
-    key_or |= sh.key_or[w];
-    key_and &= sh.key_and[w];
-  }
-  const uint32_t differ = key_or ^ key_and;  // k >= 1 candidates exist, so key_and is one's
-  // Digits cover the low `open_bits` bits; above them every candidate matches key_and. With no
-  // differing bit all candidates tie: the tie scan below picks the lowest ids.
-  int open_bits = differ == 0u ? 0 : 32 - __clz(differ);
+  // The first digit starts below the bits every candidate shares. With no differing bit all
+  // candidates tie: the tie scan below picks the lowest ids.
+  const uint32_t differ = bits.any ^ bits.all;
+  int open_bits = differ == 0u ? 0 : 32 - __clz(differ);  // low bits the digits cover
   const uint32_t common = open_bits == 32 ? 0u : ~((1u << open_bits) - 1u);
-  RadixThreshold t{key_and & common, common, k, 0, 0};
+  RadixThreshold t{bits.all & common, common, k, 0, 0};
   int pass = 0;
   bool settled = false;  // the last pass broke out: exact, or a boundary bin for one warp
 #pragma unroll 1
@@ -321,10 +310,34 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   }
   for (int i = tid; i < kRadixBins; i += kSelectThreads) sh.histogram[0][i] = 0;
   if constexpr (kStaged) asm volatile("cp.async.wait_all;\n" ::: "memory");
+  // Key bits of both picks' candidates, from the rows this thread staged itself (so before the
+  // barrier): the blocks not forced. The fill pick's candidates are a subset (the draft pick
+  // takes some), which the bits still cover.
+  KeyBits bits[2];
+  for (int32_t id = tid; id < nblk; id += kSelectThreads) {
+    if (id < sink || id >= recent) continue;
+    bits[0].add(score_rank_key(draft[id]));
+    bits[1].add(score_rank_key(fill[id]));
+  }
+  const int lane = tid & 31;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    bits[i].any = __reduce_or_sync(0xffffffffu, bits[i].any);
+    bits[i].all = __reduce_and_sync(0xffffffffu, bits[i].all);
+    if (lane == 0) sh.key_bits[tid >> 5][i] = bits[i];
+  }
   __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kSelectWarps; ++w) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      bits[i].any |= sh.key_bits[w][i].any;
+      bits[i].all &= sh.key_bits[w][i].all;
+    }
+  }
 
-  pick_top_blocks(draft, nblk, by_draft, chosen, sh);
-  pick_top_blocks(fill, nblk, rest - by_draft, chosen, sh);
+  pick_top_blocks(draft, nblk, by_draft, bits[0], chosen, sh);
+  pick_top_blocks(fill, nblk, rest - by_draft, bits[1], chosen, sh);
 
   // Ascending output: each thread compacts a contiguous run of words after a scan of counts.
   int32_t* out = p.block_ids + static_cast<int64_t>(list) * p.capacity;
