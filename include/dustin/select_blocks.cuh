@@ -72,16 +72,15 @@ struct KeyBits {
   }
 };
 
-/// A boundary bin this small is finished by ranking its candidates (key, then id) against each
-/// other, one thread each, instead of by more radix passes: each pass costs a few block-wide
-/// barriers.
-inline constexpr int kRankBinMax = 32;
+/// A boundary bin this small is finished by one warp sorting its candidates (key, then id)
+/// instead of by more radix passes: each pass costs a few block-wide barriers.
+inline constexpr int kWarpFinishMax = 32;
 
 struct SelectShared {
   uint32_t histogram[2][kRadixBins];  // double-buffered so one pass clears the next one's
   KeyBits key_bits[kSelectWarps][2];  // per warp: draft and fill candidates' key bits
-  uint32_t boundary_key[kRankBinMax];  // the boundary bin's candidates, in any order
-  int32_t boundary_id[kRankBinMax];
+  uint32_t boundary_key[kWarpFinishMax];  // the boundary bin's candidates, in any order
+  int32_t boundary_id[kWarpFinishMax];
   int32_t boundary_count;
   RadixThreshold threshold;
   typename cub::BlockScan<int32_t, kSelectThreads>::TempStorage scan;
@@ -113,7 +112,7 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
   const uint32_t common = open_bits == 32 ? 0u : ~((1u << open_bits) - 1u);
   RadixThreshold t{bits.all & common, common, k, 0, 0};
   int pass = 0;
-  bool settled = false;  // the last pass broke out: exact, or a boundary bin small enough to rank
+  bool settled = false;  // the last pass broke out: exact, or a boundary bin for one warp
 #pragma unroll 1
   for (; open_bits > 0; ++pass) {
     const int shift = open_bits > kRadixDigitBits ? open_bits - kRadixDigitBits : 0;
@@ -182,7 +181,7 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
     }
     __syncthreads();
     t = sh.threshold;
-    if (t.exact || t.in_bin <= kRankBinMax) {
+    if (t.exact || t.in_bin <= kWarpFinishMax) {
       settled = true;
       break;
     }
@@ -195,33 +194,44 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
   }
 
   // Everything strictly above the threshold, and all of the threshold bin when it fits; a
-  // small boundary bin is gathered and ranked.
-  const bool rank_bin = settled && !t.exact;
+  // small boundary bin is gathered for one warp to finish.
+  const bool warp_finish = settled && !t.exact;
   for (int32_t id = tid; id < nblk; id += kSelectThreads) {
     const uint32_t key = candidate_key(id, scores, chosen);
     if (key == kNotCandidate) continue;
     const uint32_t masked = key & t.mask;
     if (masked > t.prefix || (t.exact && masked == t.prefix)) {
       atomicOr(&chosen[id >> 5], 1u << (id & 31));
-    } else if (rank_bin && masked == t.prefix) {
+    } else if (warp_finish && masked == t.prefix) {
       const int32_t slot = atomicAdd(&sh.boundary_count, 1);
       sh.boundary_key[slot] = key;
       sh.boundary_id[slot] = id;
     }
   }
-  if (rank_bin) {
+  if (warp_finish) {
     __syncthreads();  // the boundary bin is gathered
-    if (tid < t.in_bin) {
-      // Each gathered candidate's rank in the bin (larger key, then lower id; ids are
-      // unique) by comparing it with all the others: the `need` best are in.
-      const uint32_t key = sh.boundary_key[tid];
-      const int32_t id = sh.boundary_id[tid];
-      int32_t rank = 0;
-      for (int32_t i = 0; i < t.in_bin; ++i) {
-        const uint32_t other_key = sh.boundary_key[i];
-        rank += other_key > key || (other_key == key && sh.boundary_id[i] < id);
+    if (tid < 32) {
+      // Bitonic sort of the bin over the warp, best first: larger key, then lower id (ids are
+      // unique; empty lanes sort last).
+      const bool have = lane < t.in_bin;
+      uint32_t key = have ? sh.boundary_key[lane] : kNotCandidate;
+      int32_t id = have ? sh.boundary_id[lane] : INT32_MAX;
+#pragma unroll
+      for (int run = 2; run <= 32; run <<= 1) {
+#pragma unroll
+        for (int step = run >> 1; step > 0; step >>= 1) {
+          const uint32_t other_key = __shfl_xor_sync(0xffffffffu, key, step);
+          const int32_t other_id = __shfl_xor_sync(0xffffffffu, id, step);
+          const bool other_better = other_key > key || (other_key == key && other_id < id);
+          // Runs alternate direction until the last, whose lower lanes keep the better half.
+          const bool keep_better = ((lane & step) == 0) == ((lane & run) == 0);
+          if (keep_better == other_better) {
+            key = other_key;
+            id = other_id;
+          }
+        }
       }
-      if (rank < t.need) atomicOr(&chosen[id >> 5], 1u << (id & 31));
+      if (lane < t.need) atomicOr(&chosen[id >> 5], 1u << (id & 31));
     }
   } else if (!t.exact) {
     __syncthreads();  // the marks above are settled before the tie scan reads chosen bits
@@ -304,7 +314,7 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   // barrier): the blocks not forced. The fill pick's candidates are a subset (the draft pick
   // takes some), which the bits still cover.
   KeyBits bits[2];
-  for (int32_t id = tid; rest > 0 && id < nblk; id += kSelectThreads) {
+  for (int32_t id = tid; id < nblk; id += kSelectThreads) {
     if (id < sink || id >= recent) continue;
     bits[0].add(score_rank_key(draft[id]));
     bits[1].add(score_rank_key(fill[id]));
