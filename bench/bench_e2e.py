@@ -854,6 +854,8 @@ def main() -> None:
             init_from_env(args.tp, "cuda")
         except ValueError as exc:
             parser.error(str(exc))
+        if int(os.environ["RANK"]) != 0:  # rank 0 prints the progress and the report
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the process's lifetime)
     elif args.target is None:
         from dustin.fetch import cached_real_pair
 
