@@ -79,7 +79,7 @@ Status launch(const BlockScoresParams& p, const detail::BlockScoresPlan& plan,
                                             detail::kScoreSumThreads),
                       static_cast<unsigned>(p.batch_size));
   detail::block_scores_sum_kernel<<<sum_grid, detail::kScoreSumThreads,
-                                    sizeof(float) * 2 * plan.rows, stream>>>(p, plan);
+                                    sizeof(float) * 3 * plan.rows, stream>>>(p, plan);
   return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
 }
 

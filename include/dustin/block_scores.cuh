@@ -709,9 +709,10 @@ inline constexpr int kScoreSumThreads = 256;
 __global__ void __launch_bounds__(kScoreSumThreads)
     block_scores_sum_kernel(const __grid_constant__ BlockScoresParams p,
                             const BlockScoresPlan plan) {
-  extern __shared__ float s_stats[];  // [rows] max, then [rows] 1 / sum
+  extern __shared__ float s_stats[];  // [rows] max, [rows] 1 / sum, [rows] 1: head was scored
   float* s_row_max = s_stats;
   float* s_row_inv = s_stats + plan.rows;
+  float* s_row_scored = s_stats + 2 * plan.rows;
   const int b = blockIdx.y;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -722,24 +723,37 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   if (first_block >= nblk) return;
   const int32_t splits = (kv_len + plan.split_len - 1) / plan.split_len;
 
+  // Per row: the max over its split partials and 1 / the sum below it, each lane folding its
+  // splits in one pass (online rescaling), then a butterfly over the lanes (every lane ends
+  // with the same values: each combine is symmetric).
   const float2* split_partials = reinterpret_cast<const float2*>(
       static_cast<const char*>(p.workspace) + plan.split_partials_offset);
   for (int r = warp; r < plan.rows; r += kScoreSumThreads / 32) {
     const float2* parts = split_partials + (static_cast<int64_t>(b) * plan.rows + r) * plan.num_splits;
     float m = -INFINITY;
-    for (int s = lane; s < splits; s += 32) m = fmaxf(m, parts[s].x);
-    m = warp_max(m);
     float sum = 0.f;
-    if (m != -INFINITY) {
-      for (int s = lane; s < splits; s += 32) {
-        const float2 part = parts[s];
-        if (part.y > 0.f) sum += part.y * exp2f(part.x - m);
+    for (int s = lane; s < splits; s += 32) {
+      const float2 part = parts[s];  // (max, sum of exp2(logit - max)) of one split
+      if (part.y > 0.f) {
+        const float new_m = fmaxf(m, part.x);
+        sum = sum * exp2f(m - new_m) + part.y * exp2f(part.x - new_m);
+        m = new_m;
       }
     }
-    sum = warp_sum(sum);
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) {
+      const float other_m = __shfl_xor_sync(0xffffffffu, m, d);
+      const float other_sum = __shfl_xor_sync(0xffffffffu, sum, d);
+      const float new_m = fmaxf(m, other_m);
+      sum = new_m == -INFINITY ? 0.f
+                               : sum * exp2f(m - new_m) + other_sum * exp2f(other_m - new_m);
+      m = new_m;
+    }
     if (lane == 0) {
+      const int32_t kv_head = p.head_map[r / p.num_queries];
       s_row_max[r] = m;
       s_row_inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+      s_row_scored[r] = kv_head >= 0 && kv_head < p.kv.num_kv_heads ? 1.f : 0.f;
     }
   }
   __syncthreads();
@@ -749,22 +763,37 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   const float2* block_partials = reinterpret_cast<const float2*>(
       static_cast<const char*>(p.workspace) + plan.block_partials_offset);
   // The block's partials: one on the scan path, block_size / partial_len on the fragment path,
-  // where those past the last tile of the sequence were never written.
+  // where those past the last tile of the sequence were never written; rows of heads that were
+  // not scored (bad head_map entries) were never written either.
   const int32_t parts_per_block = p.block_size / plan.partial_len;
   const int32_t first_part = block * parts_per_block;
   const int32_t end_part =
       min(first_part + parts_per_block, (kv_len + plan.partial_len - 1) / plan.partial_len);
+  // The (row, partial) terms in a fixed order, row-major, loaded kBatch at a time so the loads
+  // overlap instead of each waiting on the previous one's sum.
+  constexpr int kBatch = 8;
+  const cutlass::FastDivmod part_divmod(parts_per_block);
+  const int32_t terms = plan.rows * parts_per_block;
+  const float2* batch_parts =
+      block_partials + static_cast<int64_t>(b) * plan.rows * plan.num_partials;
   float total = 0.f;
-  for (int h = 0; h < p.num_heads; ++h) {
-    const int32_t kv_head = p.head_map[h];
-    if (kv_head < 0 || kv_head >= p.kv.num_kv_heads) continue;  // never computed
-    for (int i = 0; i < p.num_queries; ++i) {
-      const int r = h * p.num_queries + i;
-      const float2* row_parts =
-          block_partials + (static_cast<int64_t>(b) * plan.rows + r) * plan.num_partials;
-      for (int32_t j = first_part; j < end_part; ++j) {
-        const float2 part = row_parts[j];
-        if (part.x > 0.f) total += part.x * exp2f(part.y - s_row_max[r]) * s_row_inv[r];
+  for (int32_t t0 = 0; t0 < terms; t0 += kBatch) {
+    float2 part[kBatch];
+    int row[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      int r, offset;
+      part_divmod(r, offset, t0 + k);
+      const int32_t j = first_part + offset;
+      row[k] = min(r, plan.rows - 1);
+      const bool used = t0 + k < terms && j < end_part && s_row_scored[row[k]] != 0.f;
+      part[k] = used ? batch_parts[static_cast<int64_t>(r) * plan.num_partials + j]
+                     : make_float2(0.f, 0.f);
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      if (part[k].x > 0.f) {
+        total += part[k].x * exp2f(part[k].y - s_row_max[row[k]]) * s_row_inv[row[k]];
       }
     }
   }
