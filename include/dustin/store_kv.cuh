@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dustin/store_kv_params.h"
 
@@ -19,29 +20,13 @@ inline constexpr int kStoreMaxVecBytes = 16;
 /// Cap on CTAs per tensor; rows beyond it are reached by striding over the grid.
 inline constexpr unsigned kStoreMaxCtas = 1u << 16;
 
-/// The unsigned type of `kBytes` bytes a thread moves per copy.
+/// The unsigned type of `kBytes` bytes (1, 2, 4, 8 or 16) a thread moves per copy.
 template <int kBytes>
-struct StoreVec;
-template <>
-struct StoreVec<16> {
-  using Type = uint4;
-};
-template <>
-struct StoreVec<8> {
-  using Type = uint2;
-};
-template <>
-struct StoreVec<4> {
-  using Type = uint32_t;
-};
-template <>
-struct StoreVec<2> {
-  using Type = uint16_t;
-};
-template <>
-struct StoreVec<1> {
-  using Type = uint8_t;
-};
+using StoreVec = std::conditional_t<
+    kBytes == 16, uint4,
+    std::conditional_t<kBytes == 8, uint2,
+                       std::conditional_t<kBytes == 4, uint32_t,
+                                          std::conditional_t<kBytes == 2, uint16_t, uint8_t>>>>;
 
 template <typename Index>
 __device__ __forceinline__ int64_t load_store_index(const void* base, int64_t i, int64_t stride) {
@@ -56,7 +41,7 @@ template <int kVecBytes, typename Index>
 __global__ void __launch_bounds__(kStoreThreads)
     store_kv_kernel(const __grid_constant__ StoreKVParams p, int32_t elem_bytes,
                     int32_t vecs_per_row) {
-  using Vec = typename StoreVec<kVecBytes>::Type;
+  using Vec = StoreVec<kVecBytes>;
   const bool is_v = blockIdx.y != 0;
   const char* src = static_cast<const char*>(is_v ? p.v : p.k);
   char* dst = static_cast<char*>(is_v ? p.v_cache : p.k_cache);
