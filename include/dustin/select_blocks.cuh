@@ -18,8 +18,8 @@ inline constexpr int kSelectSmemBlocks = 16384;
 /// Radix digits of up to 11 bits, taken from the highest bit where the candidates' keys differ
 /// down (bits above it are common to all): scores of one row usually share their sign and most
 /// of their exponent, so fixed digits from bit 31 would spend a whole pass on those. A pick
-/// stops once the boundary bin holds exactly the blocks still needed, which for a few thousand
-/// scores is usually after the first pass.
+/// stops once the boundary bin holds exactly the blocks still needed or few enough for one
+/// warp to sort (kWarpFinishMax), which for a few thousand scores is usually the first pass.
 inline constexpr int kRadixDigitBits = 11;
 inline constexpr int kRadixBins = 1 << kRadixDigitBits;
 inline constexpr int kSelectWarps = kSelectThreads / 32;
