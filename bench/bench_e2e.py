@@ -524,7 +524,7 @@ def run_sweep(args) -> Report:
         "gate/up fused into one GEMM each (Transformer.compile_layers), attention through "
         "dustin's ops, for every method"
         if args.compile
-        else "layer glue run as eager PyTorch ops (--no-compile, or --tp)"
+        else "layer glue run as eager PyTorch ops (--no-compile)"
     )
     if args.tp > 1:
         report.notes.append(
@@ -816,7 +816,7 @@ def main() -> None:
         "--no-compile",
         dest="compile",
         action="store_false",
-        help="run the layer glue as eager ops instead of torch.compile'd kernels (always with --tp)",
+        help="run the layer glue as eager ops instead of torch.compile'd kernels",
     )
     parser.add_argument(
         "--no-peers", dest="peers", action="store_false", help="skip the dense attention peer check"
@@ -849,7 +849,6 @@ def main() -> None:
     if args.tp > 1:
         if args.target is not None:
             parser.error("--tp runs random-weight pairs only; drop --target/--draft")
-        args.compile = False  # Transformer.compile_layers refuses tensor-parallel ranks
         try:
             init_from_env(args.tp, "cuda")
         except ValueError as exc:

@@ -152,9 +152,3 @@ def test_compile_layers_fuses_projections_without_copies(checkpoint):
             storage = getattr(owner, proj).weight.untyped_storage().data_ptr()
             assert fused.get(storage) is owner, f"{proj} is not a view of the fused weight"
 
-
-def test_compile_layers_refuses_tensor_parallel_ranks(checkpoint):
-    model = load_tiny(checkpoint)
-    model.parallel = object()  # any rank of a group
-    with pytest.raises(NotImplementedError, match="tensor parallelism"):
-        model.compile_layers()

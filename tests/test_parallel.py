@@ -34,6 +34,9 @@ PAGE_SIZE = 4
 DRAFT_HEADS, TARGET_HEADS = ((0, 1),), ((1, 0), (2, 3))
 BUDGET = {"budget_tokens": 24, "n_sink": 4, "n_recent": 4}
 POLICIES = {"dense": Dense(), "dustin": Dustin(DRAFT_HEADS, TARGET_HEADS, **BUDGET)}
+# Dynamo's tracing and AOTAutograd without code generation: the compiled regions' structure
+# (which ops, where the collectives sit) at a fraction of inductor's compile time.
+COMPILE_BACKEND = "aot_eager"
 
 
 def _prompts() -> list[list[int]]:
@@ -77,8 +80,9 @@ def _decode(target: Transformer, draft: Transformer) -> dict[str, dict]:
     return out
 
 
-def _rank(rank: int, store: str, dirs: dict[str, list[str]], out: str) -> None:
-    """One rank: shard each family's target, keep the draft whole, decode; rank 0 writes."""
+def _rank(rank: int, store: str, dirs: dict[str, list[str]], out: str, compiled: bool) -> None:
+    """One rank: shard each family's target, keep the draft whole, decode (with the layer glue
+    compiled when ``compiled``); rank 0 writes."""
     torch.set_num_threads(1)
     # A file store, not a TCP port: a free port picked by the parent can be taken before the
     # ranks bind it.
@@ -89,7 +93,10 @@ def _rank(rank: int, store: str, dirs: dict[str, list[str]], out: str) -> None:
             config, state_dict, _ = load_checkpoint(Path(target_dir))
             target = sharded_model(TensorParallel(config, rank, WORLD_SIZE), state_dict)
             assert target.config.num_kv_heads == config.num_kv_heads // WORLD_SIZE
-            results[family] = _decode(target, load_tiny(Path(draft_dir)))
+            draft = load_tiny(Path(draft_dir))
+            if compiled:
+                target.compile_layers(COMPILE_BACKEND), draft.compile_layers(COMPILE_BACKEND)
+            results[family] = _decode(target, draft)
         if rank == 0:
             Path(out).write_text(json.dumps(results))
     finally:
@@ -110,14 +117,13 @@ def pairs(tmp_path_factory) -> dict[str, list[str]]:
     return dirs
 
 
-@pytest.fixture(scope="module")
-def parallel_results(pairs, tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("tp")
+def _run_ranks(dirs: dict[str, list[str]], folder: Path, compiled: bool) -> dict:
+    """``_rank`` on WORLD_SIZE spawned processes; rank 0's results."""
     out = folder / "results.json"
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # children inherit it; gloo ignores it
     context = mp.start_processes(
         _rank,
-        args=(str(folder / "store"), pairs, str(out)),
+        args=(str(folder / "store"), dirs, str(out), compiled),
         nprocs=WORLD_SIZE,
         join=False,
         start_method="spawn",
@@ -129,6 +135,11 @@ def parallel_results(pairs, tmp_path_factory) -> dict:
                 process.kill()
             pytest.fail(f"tensor-parallel ranks did not finish within {TIMEOUT_S} s")
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def parallel_results(pairs, tmp_path_factory) -> dict:
+    return _run_ranks(pairs, tmp_path_factory.mktemp("tp"), compiled=False)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +164,19 @@ def test_tensor_parallel_equals_one_process(single_results, parallel_results, fa
         assert 1.0 < alone["emitted_per_verification"] < OPTIONS.gamma + 1
     if method == "dustin":  # the selection was sparse, so the scores mattered
         assert alone["kv_read_share"] < 0.8
+
+
+def test_compiled_tensor_parallel_equals_compiled_one_process(pairs, tmp_path_factory):
+    """Compiled layer glue on tensor-parallel ranks (all-reduces outside the compiled regions)
+    decodes what one compiled process does; Qwen2 for its fused q/k/v biases."""
+    dirs = {"qwen2": pairs["qwen2"]}
+    together = _run_ranks(dirs, tmp_path_factory.mktemp("tp-compiled"), compiled=True)["qwen2"]
+    target, draft = (load_tiny(Path(d)) for d in dirs["qwen2"])
+    target.compile_layers(COMPILE_BACKEND), draft.compile_layers(COMPILE_BACKEND)
+    alone = _decode(target, draft)
+    for method in ("plain", *POLICIES, "graph-dustin"):
+        assert together[method]["tokens"] == alone[method]["tokens"], method
+        assert together[method]["verifications"] == alone[method]["verifications"], method
 
 
 def test_history_needs_both_ranks_heads(pairs, single_results):

@@ -18,7 +18,7 @@ whose attention gives Dustin its scoring signals.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -183,22 +183,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    # The glue around attention, in two pieces ``Transformer.compile_layers`` can compile: at
-    # decode sizes each layer is a few dozen tiny kernels, which cost more than its weights' read.
+    # The glue around attention, in pieces ``Transformer.compile_layers`` can compile: at decode
+    # sizes each layer is a few dozen tiny kernels, which cost more than its weights' read.
     def attention_input(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v of the residual stream ``h``: RMSNorm, projections, RoPE."""
         return self.self_attn.project(self.input_layernorm(h), cos, sin)
 
-    def layer_output(
-        self,
-        h: torch.Tensor,
-        attn_out: torch.Tensor,
-        sum_ranks: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
+    def mlp_block(self, h: torch.Tensor, attn_sum: torch.Tensor):
+        """``(h + attn_sum, MLP output)``: the residual stream after the attention's projected
+        output ``attn_sum`` (summed over tensor-parallel ranks) and the MLP's output on it (one
+        rank's partial sum under tensor parallelism)."""
+        h = h + attn_sum
+        return h, self.mlp(self.post_attention_layernorm(h))
+
+    def layer_output(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """The residual stream after o_proj of the attention output ``[B, n, Hq * D]`` and the
-        MLP; ``sum_ranks`` adds the partial sums of tensor-parallel ranks (else identity)."""
-        h = h + sum_ranks(self.self_attn.o_proj(attn_out))
-        return h + sum_ranks(self.mlp(self.post_attention_layernorm(h)))
+        MLP, on one rank (no tensor parallelism): one compiled region."""
+        h, mlp_out = self.mlp_block(h, self.self_attn.o_proj(attn_out))
+        return h + mlp_out
 
 
 class Transformer(nn.Module):
@@ -230,6 +232,7 @@ class Transformer(nn.Module):
         # Replaced by their compiled versions in compile_layers.
         self._attention_input = DecoderLayer.attention_input
         self._layer_output = DecoderLayer.layer_output
+        self._mlp_block = DecoderLayer.mlp_block
 
     @classmethod
     def from_state_dict(
@@ -291,14 +294,10 @@ class Transformer(nn.Module):
         capture (``GraphDecoder`` does). Call it once the model is on its device. Returns the
         model.
 
-        Raises:
-            NotImplementedError: the model is one rank of a tensor-parallel group (its
-                all-reduces would sit inside the compiled regions; not tried).
+        On a tensor-parallel rank the two all-reduces of a layer stay outside the compiled
+        regions (eager collectives, as CUDA-graph capture of NCCL expects): o_proj runs on its
+        own, then the compiled residual add, norm and MLP (``DecoderLayer.mlp_block``).
         """
-        if self.parallel is not None:
-            raise NotImplementedError(
-                "Transformer.compile_layers: not with tensor parallelism (untested)"
-            )
         for layer in self.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
@@ -308,7 +307,12 @@ class Transformer(nn.Module):
         self._attention_input = torch.compile(
             DecoderLayer.attention_input, dynamic=True, backend=backend
         )
-        self._layer_output = torch.compile(DecoderLayer.layer_output, dynamic=True, backend=backend)
+        if self.parallel is None:
+            self._layer_output = torch.compile(
+                DecoderLayer.layer_output, dynamic=True, backend=backend
+            )
+        else:
+            self._mlp_block = torch.compile(DecoderLayer.mlp_block, dynamic=True, backend=backend)
         return self
 
     @property
@@ -507,9 +511,11 @@ class Transformer(nn.Module):
             q, k, v = self._attention_input(layer, h, cos, sin)
             if record_heads and index in record_heads:
                 queries[index] = q[:, first:, record_heads[index]].to(self.dtype)
-            out = attend(index, q, k, v)
-            h = self._layer_output(layer, h, out.reshape(*h.shape[:2], -1), self._sum_ranks)
+            out = attend(index, q, k, v).reshape(*h.shape[:2], -1)
+            if self.parallel is None:
+                h = self._layer_output(layer, h, out)
+            else:  # o_proj and down_proj give partial sums over the ranks: one all-reduce each
+                attn_sum = self.parallel.all_reduce(layer.self_attn.o_proj(out))
+                h, mlp_out = self._mlp_block(layer, h, attn_sum)
+                h = h + self.parallel.all_reduce(mlp_out)
         return h, queries
-
-    def _sum_ranks(self, partial: torch.Tensor) -> torch.Tensor:
-        return partial if self.parallel is None else self.parallel.all_reduce(partial)
