@@ -16,40 +16,60 @@ std::string ArgCheck::cuda_error_string() {
   return "";
 }
 
-PagedKV check_paged_kv(const ArgCheck& check, const char* ref_name, const at::Tensor& ref,
-                       const at::Tensor& k_cache, const std::optional<at::Tensor>& v_cache,
-                       const at::Tensor& block_table, const at::Tensor& kv_lens,
-                       const std::string& kv_layout) {
+PagedKV check_kv_pages(const ArgCheck& check, const at::Tensor& k_cache,
+                       const std::optional<at::Tensor>& v_cache, const std::string& kv_layout,
+                       const char* device_ref_name, const at::Tensor& device_ref) {
   const KvLayout layout = parse_kv_layout(check, kv_layout);
   const bool nhd = layout == KvLayout::kNHD;
-  const int64_t batch = ref.size(0);
-  const int64_t head_dim = ref.size(3);
-
   check.dims("k_cache", k_cache, 4,
              nhd ? "[num_pages, P, Hkv, D] (NHD)" : "[num_pages, Hkv, P, D] (HND)");
-  check.same_dtype("k_cache", k_cache, ref_name, ref);
-  check.same_device("k_cache", k_cache, ref_name, ref);
   check.inner_stride("k_cache", k_cache);
   const int64_t page_dim = nhd ? 1 : 2;
   const int64_t head_dim_index = nhd ? 2 : 1;
   const int64_t page_size = k_cache.size(page_dim);
   const int64_t num_kv_heads = k_cache.size(head_dim_index);
-  check.value(k_cache.size(3) == head_dim, "k_cache head dim (size(3)) must equal D = ", head_dim,
-              " of ", ref_name, ", got ", k_cache.size(3));
   check.value(page_size >= kMinPageSize && page_size <= kMaxPageSize, "k_cache page size P (size(",
               page_dim, ") for ", kv_layout, ") must be in [", kMinPageSize, ", ", kMaxPageSize,
               "], got ", page_size);
   check.value(num_kv_heads >= 1, "k_cache must have at least one KV head (size(", head_dim_index,
               ") for ", kv_layout, "), got ", num_kv_heads);
   check.fits_int32("k_cache.size(0) (num_pages)", k_cache.size(0));
+  check.fits_int32("k_cache.size(3) (D)", k_cache.size(3));
   if (v_cache.has_value()) {
     const at::Tensor& v = *v_cache;
     check.same_shape("v_cache", v, k_cache.sizes());
     check.same_dtype("v_cache", v, "k_cache", k_cache);
-    check.same_device("v_cache", v, ref_name, ref);
+    check.same_device("v_cache", v, device_ref_name, device_ref);
     check.value(v.strides() == k_cache.strides(), "v_cache must have the strides of k_cache ",
                 k_cache.strides(), ", got ", v.strides());
   }
+
+  PagedKV kv;
+  kv.k = k_cache.data_ptr();
+  kv.v = v_cache.has_value() ? v_cache->data_ptr() : nullptr;
+  kv.page_stride = k_cache.stride(0);
+  kv.head_stride = k_cache.stride(head_dim_index);
+  kv.token_stride = k_cache.stride(page_dim);
+  kv.num_pages = static_cast<int32_t>(k_cache.size(0));
+  kv.page_size = static_cast<int32_t>(page_size);
+  kv.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  kv.head_dim = static_cast<int32_t>(k_cache.size(3));
+  kv.layout = layout;
+  kv.dtype = to_dtype(k_cache.scalar_type());
+  return kv;
+}
+
+PagedKV check_paged_kv(const ArgCheck& check, const char* ref_name, const at::Tensor& ref,
+                       const at::Tensor& k_cache, const std::optional<at::Tensor>& v_cache,
+                       const at::Tensor& block_table, const at::Tensor& kv_lens,
+                       const std::string& kv_layout) {
+  const int64_t batch = ref.size(0);
+  const int64_t head_dim = ref.size(3);
+  check.same_dtype("k_cache", k_cache, ref_name, ref);
+  check.same_device("k_cache", k_cache, ref_name, ref);
+  PagedKV kv = check_kv_pages(check, k_cache, v_cache, kv_layout, ref_name, ref);
+  check.value(k_cache.size(3) == head_dim, "k_cache head dim (size(3)) must equal D = ", head_dim,
+              " of ", ref_name, ", got ", k_cache.size(3));
 
   check.dtype("block_table", block_table, at::kInt);
   check.dims("block_table", block_table, 2, "[B, max_pages]");
@@ -64,22 +84,10 @@ PagedKV check_paged_kv(const ArgCheck& check, const char* ref_name, const at::Te
   check.same_device("kv_lens", kv_lens, ref_name, ref);
   check.contiguous("kv_lens", kv_lens);
 
-  PagedKV kv;
-  kv.k = k_cache.data_ptr();
-  kv.v = v_cache.has_value() ? v_cache->data_ptr() : nullptr;
   kv.block_table = block_table.data_ptr<int32_t>();
   kv.kv_lens = kv_lens.data_ptr<int32_t>();
-  kv.page_stride = k_cache.stride(0);
-  kv.head_stride = k_cache.stride(head_dim_index);
-  kv.token_stride = k_cache.stride(page_dim);
   kv.block_table_stride = block_table.stride(0);
-  kv.num_pages = static_cast<int32_t>(k_cache.size(0));
-  kv.page_size = static_cast<int32_t>(page_size);
-  kv.num_kv_heads = static_cast<int32_t>(num_kv_heads);
-  kv.head_dim = static_cast<int32_t>(head_dim);
   kv.max_pages = static_cast<int32_t>(block_table.size(1));
-  kv.layout = layout;
-  kv.dtype = to_dtype(k_cache.scalar_type());
   return kv;
 }
 

@@ -235,6 +235,16 @@ inline KvLayout parse_kv_layout(const ArgCheck& check, const std::string& kv_lay
   return kv_layout == "NHD" ? KvLayout::kNHD : KvLayout::kHND;
 }
 
+/// Checks k_cache (and v_cache when given) as one layer's pages in kv_layout: 4-D, innermost
+/// stride 1, P in [kMinPageSize, kMaxPageSize], at least one KV head, num_pages and D within
+/// int32; v_cache with k_cache's shape, dtype and strides, on the device of `device_ref` (named
+/// device_ref_name). Describes the pages (every PagedKV field but the block table's and
+/// kv_lens'); k_cache's own dtype and device are the caller's to check, before this. Reads no
+/// tensor values.
+PagedKV check_kv_pages(const ArgCheck& check, const at::Tensor& k_cache,
+                       const std::optional<at::Tensor>& v_cache, const std::string& kv_layout,
+                       const char* device_ref_name, const at::Tensor& device_ref);
+
 /// Checks k_cache (and v_cache when given), block_table and kv_lens against the query tensor
 /// `ref` (named ref_name: dtype, device, B = ref.size(0), D = ref.size(3)) and describes them.
 /// Reads no tensor values.

@@ -24,31 +24,11 @@ StoreKVParams check_args(const ArgCheck& check, const at::Tensor& k, const at::T
                          const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& pages, const at::Tensor& slots,
                          const std::string& kv_layout) {
-  const KvLayout layout = parse_kv_layout(check, kv_layout);
-  const bool nhd = layout == KvLayout::kNHD;
-
-  check.dims("k_cache", k_cache, 4,
-             nhd ? "[num_pages, P, Hkv, D] (NHD)" : "[num_pages, Hkv, P, D] (HND)");
   check_float_dtype(check, "k_cache", k_cache);
-  check.inner_stride("k_cache", k_cache);
-  const int64_t page_dim = nhd ? 1 : 2;
-  const int64_t head_dim_index = nhd ? 2 : 1;
-  const int64_t page_size = k_cache.size(page_dim);
-  const int64_t num_kv_heads = k_cache.size(head_dim_index);
-  const int64_t head_dim = k_cache.size(3);
-  check.value(page_size >= kMinPageSize && page_size <= kMaxPageSize, "k_cache page size P (size(",
-              page_dim, ") for ", kv_layout, ") must be in [", kMinPageSize, ", ", kMaxPageSize,
-              "], got ", page_size);
-  check.value(num_kv_heads >= 1, "k_cache must have at least one KV head (size(", head_dim_index,
-              ") for ", kv_layout, "), got ", num_kv_heads);
+  const PagedKV cache = check_kv_pages(check, k_cache, v_cache, kv_layout, "k_cache", k_cache);
+  const int32_t num_kv_heads = cache.num_kv_heads;
+  const int32_t head_dim = cache.head_dim;
   check.value(head_dim >= 1, "k_cache must have a head dim D >= 1 (size(3)), got ", head_dim);
-  check.fits_int32("k_cache.size(0) (num_pages)", k_cache.size(0));
-  check.fits_int32("k_cache.size(3) (D)", head_dim);
-  check.same_shape("v_cache", v_cache, k_cache.sizes());
-  check.same_dtype("v_cache", v_cache, "k_cache", k_cache);
-  check.same_device("v_cache", v_cache, "k_cache", k_cache);
-  check.value(v_cache.strides() == k_cache.strides(), "v_cache must have the strides of k_cache ",
-              k_cache.strides(), ", got ", v_cache.strides());
 
   check.dims("k", k, 3, "[N, Hkv, D]");
   check.same_dtype("k", k, "k_cache", k_cache);
@@ -80,20 +60,20 @@ StoreKVParams check_args(const ArgCheck& check, const at::Tensor& k, const at::T
   p.v_stride_h = v.stride(1);
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
-  p.page_stride = k_cache.stride(0);
-  p.head_stride = k_cache.stride(head_dim_index);
-  p.token_stride = k_cache.stride(page_dim);
+  p.page_stride = cache.page_stride;
+  p.head_stride = cache.head_stride;
+  p.token_stride = cache.token_stride;
   p.pages = pages.data_ptr();
   p.slots = slots.data_ptr();
   p.pages_stride = pages.stride(0);
   p.slots_stride = slots.stride(0);
   p.index_type = pages.scalar_type() == at::kLong ? IndexType::kInt64 : IndexType::kInt32;
   p.num_tokens = static_cast<int32_t>(num_tokens);
-  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
-  p.head_dim = static_cast<int32_t>(head_dim);
-  p.num_pages = static_cast<int32_t>(k_cache.size(0));
-  p.page_size = static_cast<int32_t>(page_size);
-  p.dtype = to_dtype(k_cache.scalar_type());
+  p.num_kv_heads = num_kv_heads;
+  p.head_dim = head_dim;
+  p.num_pages = cache.num_pages;
+  p.page_size = cache.page_size;
+  p.dtype = cache.dtype;
   return p;
 }
 
