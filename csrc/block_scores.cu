@@ -8,6 +8,7 @@
 #include "dustin/block_scores.cuh"
 #include "dustin/dispatch.h"
 #include "dustin/dustin.h"
+#include "cuda_launch.h"
 
 namespace dustin {
 namespace {
@@ -78,9 +79,14 @@ Status launch(const BlockScoresParams& p, const detail::BlockScoresPlan& plan,
   const dim3 sum_grid(static_cast<unsigned>((max_blocks + detail::kScoreSumThreads - 1) /
                                             detail::kScoreSumThreads),
                       static_cast<unsigned>(p.batch_size));
-  detail::block_scores_sum_kernel<<<sum_grid, detail::kScoreSumThreads,
-                                    sizeof(float) * 3 * plan.rows, stream>>>(p, plan);
-  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
+  // On Hopper a programmatic dependent launch: its CTAs start while the partial pass drains.
+  bool has_pdl = false;
+  if (detail::current_device_has_pdl(&has_pdl) != cudaSuccess) return Status::kCudaError;
+  return detail::launch_kernel(detail::block_scores_sum_kernel, sum_grid,
+                               dim3(detail::kScoreSumThreads), sizeof(float) * 3 * plan.rows,
+                               stream, has_pdl, p, plan) == cudaSuccess
+             ? Status::kOk
+             : Status::kCudaError;
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include "dustin/dustin.h"
 #include "dustin/select_blocks.cuh"
+#include "cuda_launch.h"
 
 namespace dustin {
 namespace {
@@ -25,9 +26,11 @@ Status launch(const SelectBlocksParams& p, cudaStream_t stream) {
   const size_t smem = detail::select_blocks_smem_bytes(p.num_blocks, kStaged);
   int device = 0;
   int smem_optin = 0;
+  bool has_pdl = false;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          cudaSuccess) {
+      detail::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, &smem_optin) !=
+          cudaSuccess ||
+      detail::current_device_has_pdl(&has_pdl) != cudaSuccess) {
     return Status::kCudaError;
   }
   const size_t static_smem = sizeof(detail::SelectShared);
@@ -38,8 +41,12 @@ Status launch(const SelectBlocksParams& p, cudaStream_t stream) {
     return Status::kCudaError;
   }
   const unsigned lists = static_cast<unsigned>(p.batch_size) * static_cast<unsigned>(p.num_lists);
-  kernel<<<lists, detail::kSelectThreads, smem, stream>>>(p);
-  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
+  // A programmatic dependent launch where the GPU has it: the CTAs start while the grid before
+  // (block_scores, typically) drains, and wait for it before reading the scores.
+  return detail::launch_kernel(kernel, dim3(lists), dim3(detail::kSelectThreads), smem, stream,
+                               has_pdl, p) == cudaSuccess
+             ? Status::kOk
+             : Status::kCudaError;
 }
 
 }  // namespace
@@ -50,8 +57,13 @@ Status select_blocks(const SelectBlocksParams& params, cudaStream_t stream) {
   if (static_cast<int64_t>(params.batch_size) * params.num_lists > INT32_MAX) {
     return Status::kUnsupported;
   }
-  return params.num_blocks <= detail::kSelectSmemBlocks ? launch<true>(params, stream)
-                                                           : launch<false>(params, stream);
+  // Rows staged in shared memory where they fit (GPUs with less shared memory per CTA than
+  // the H100/H200 fall back to the global-row path for the longest staged rows).
+  if (params.num_blocks <= detail::kSelectSmemBlocks) {
+    const Status staged = launch<true>(params, stream);
+    if (staged != Status::kUnsupported) return staged;
+  }
+  return launch<false>(params, stream);
 }
 
 }  // namespace dustin

@@ -10,6 +10,7 @@
 #include "dustin/dispatch.h"
 #include "dustin/dustin.h"
 #include "dustin/sparse_verify.cuh"
+#include "cuda_launch.h"
 
 namespace dustin {
 namespace {
@@ -27,7 +28,6 @@ constexpr double kSingleCtaThroughput = 0.67;
 constexpr double kCtaStartUs = 3.0;
 /// The merge launch's tail beyond reading the partials back.
 constexpr double kMergeUs = 2.0;
-constexpr int kMaxDevices = 64;
 constexpr int kMergeThreads = 128;
 
 /// How one call is cut into CTAs.
@@ -88,9 +88,9 @@ Status validate(const SparseVerifyParams& p, bool need_data) {
 template <typename T, int kHeadDim, int kMTiles>
 cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
   static std::mutex mutex;
-  static int cached[kMaxDevices] = {};
+  static int cached[detail::kMaxCachedDevices] = {};
   std::lock_guard<std::mutex> lock(mutex);
-  if (device < kMaxDevices && cached[device] > 0) {
+  if (device < detail::kMaxCachedDevices && cached[device] > 0) {
     *ctas_per_sm = cached[device];
     return cudaSuccess;
   }
@@ -103,23 +103,8 @@ cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   *ctas_per_sm = std::max(n, 1);
-  if (device < kMaxDevices) cached[device] = *ctas_per_sm;
+  if (device < detail::kMaxCachedDevices) cached[device] = *ctas_per_sm;
   return cudaSuccess;
-}
-
-/// A device attribute of `device`, looked up once.
-template <cudaDeviceAttr kAttr>
-cudaError_t device_attribute(int device, int* value) {
-  static std::mutex mutex;
-  static int cached[kMaxDevices] = {};
-  std::lock_guard<std::mutex> lock(mutex);
-  if (device < kMaxDevices && cached[device] > 0) {
-    *value = cached[device];
-    return cudaSuccess;
-  }
-  const cudaError_t err = cudaDeviceGetAttribute(value, kAttr, device);
-  if (err == cudaSuccess && device < kMaxDevices) cached[device] = *value;
-  return err;
 }
 
 /// Estimated microseconds of a plan with `splits` CTAs per list: the busiest SM runs its CTAs
@@ -165,7 +150,7 @@ cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   int sms = 0;
-  err = device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms);
+  err = detail::device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms);
   if (err != cudaSuccess) return err;
   int ctas_per_sm = 0;
   if ((err = prepare_kernel<T, kHeadDim, kMTiles>(device, &ctas_per_sm)) != cudaSuccess) {
@@ -209,17 +194,9 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, bool ho
     const int64_t rows_per_cta = splits >= detail::kMergeSplitsPerCta ? 1 : kMergeThreads / 32;
     // On Hopper the merge is a programmatic dependent launch: its CTAs start while the
     // attention grid drains and wait on the grid dependency before reading the partials.
-    cudaLaunchAttribute dependent;
-    dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    dependent.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta));
-    config.blockDim = dim3(kMergeThreads);
-    config.stream = stream;
-    config.attrs = &dependent;
-    config.numAttrs = hopper ? 1 : 0;
-    if (cudaLaunchKernelEx(&config, detail::sparse_verify_merge_kernel<T, kHeadDim>, p, splits) !=
-        cudaSuccess) {
+    if (detail::launch_kernel(detail::sparse_verify_merge_kernel<T, kHeadDim>,
+                              dim3(static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta)),
+                              dim3(kMergeThreads), 0, stream, hopper, p, splits) != cudaSuccess) {
       return Status::kCudaError;
     }
   }
@@ -234,7 +211,7 @@ Status dispatch(const SparseVerifyParams& p, cudaStream_t stream, size_t* worksp
   int device = 0;
   int cc_major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      device_attribute<cudaDevAttrComputeCapabilityMajor>(device, &cc_major) != cudaSuccess) {
+      detail::device_attribute<cudaDevAttrComputeCapabilityMajor>(device, &cc_major) != cudaSuccess) {
     return Status::kCudaError;
   }
   const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;

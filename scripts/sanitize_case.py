@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """A small CUDA case of every op, run under compute-sanitizer (memcheck, racecheck) by
 scripts/gpu_check.sh: odd lengths, a partly filled last page, both block_scores partial paths,
-both block_scores row-tile paths, a store_kv window, split and unsplit verify paths."""
+both block_scores row-tile paths, a store_kv window, select_blocks' tie scan and later radix
+passes, split and unsplit verify paths."""
 
 import torch
 
@@ -47,6 +48,17 @@ def main() -> None:
             draft, target, kv_lens, q_len, page, budget, 4, 16, 0.5
         )
         out, lse = torch.ops.dustin.sparse_verify(q, k, v, table, kv_lens, ids, counts, d**-0.5, "HND")
+    # select_blocks' other paths: tied scores (the ordered tie scan), and a long row whose
+    # boundary bins need further radix passes after the first digit.
+    tied = torch.zeros(batch, nb, device=dev)
+    torch.ops.dustin.select_blocks(tied, None, kv_lens, q_len, page, 6, 1, 1, 0.5)
+    long_nb = 5000
+    long_lens = torch.full((2,), long_nb, dtype=torch.int32, device=dev)
+    # Eight clusters of 625 (top digit) spread over the lowest bits: a second pass.
+    cluster = (torch.arange(long_nb, device=dev) % 8) * 2.0**-10
+    long_draft = 1.0 + cluster + torch.rand(2, 2, long_nb, device=dev) * 2.0**-20
+    torch.ops.dustin.select_blocks(long_draft, torch.rand_like(long_draft), long_lens, q_len, 1,
+                                   1500, 4, 16, 0.5)
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
     print("sanitize case ran")

@@ -232,85 +232,112 @@ __device__ __forceinline__ void load_score_rows(const BlockScoresParams& p, cons
   __syncthreads();
 }
 
-/// Streams the split's keys through a kStages-deep cp.async pipeline and calls
-/// score_tile(tile_begin, k_tile) for each 64-key tile, the whole CTA together. Each thread
-/// copies one 16-byte chunk of a few keys per tile; the page numbers of the next tile to copy
-/// are loaded one iteration ahead, so the block-table reads never sit between the barrier and
-/// the copies. Keys past the split and keys on a page outside the pool read as zeros (the
-/// former must be masked). The copies are branch-free: a wide multiply-add per key for the
-/// source (byte strides fit in 32 bits, which the launcher checks) and fixed shared-memory
-/// offsets, since a thread's keys are kKeyStride rows apart with the same swizzle phase.
-template <typename T, int kHeadDim, typename ScoreTileFn>
-__device__ __forceinline__ void for_each_key_tile(const BlockScoresParams& p, const ScoreCta& cta,
-                                                  T* s_keys, ScoreTileFn&& score_tile) {
+/// Streams the split's keys through a kStages-deep cp.async pipeline: start() issues the first
+/// kStages - 1 tiles (it needs only the CTA's split, so the copies fly while the CTA sets up its
+/// query rows), run(score_tile) calls score_tile(tile_begin, k_tile) for each 64-key tile, the
+/// whole CTA together. Each thread copies one 16-byte chunk of a few keys per tile; the page
+/// numbers of the next tile to copy are loaded one iteration ahead, so the block-table reads
+/// never sit between the barrier and the copies. Keys past the split and keys on a page
+/// outside the pool read as zeros (the former must be masked). The copies are branch-free: a
+/// wide multiply-add per key for the source (byte strides fit in 32 bits, which the launcher
+/// checks) and fixed shared-memory offsets, since a thread's keys are kKeyStride rows apart
+/// with the same swizzle phase.
+template <typename T, int kHeadDim>
+class KeyTileStream {
   using Tile = ScoreTile<kHeadDim>;
-  constexpr int kKeys = Tile::kKeys;
-  constexpr int kKeysPerThread = kKeys * Tile::kChunks / Tile::kThreads;
-  constexpr int kKeyStride = Tile::kThreads / Tile::kChunks;
+  static constexpr int kKeys = Tile::kKeys;
+  static constexpr int kKeysPerThread = kKeys * Tile::kChunks / Tile::kThreads;
+  static constexpr int kKeyStride = Tile::kThreads / Tile::kChunks;
   static_assert(kKeyStride % 8 == 0, "a thread's keys share the swizzle phase of its first");
-  constexpr uint32_t kTileBytes = Tile::kTileElems * sizeof(T);
-  constexpr uint32_t kKeyStrideBytes = kKeyStride * 64 * sizeof(T);  // rows of 64 elements
-  const int tid = threadIdx.x;
-  const int chunk = tid % Tile::kChunks;
-  const int first_key = tid / Tile::kChunks;
-  const char* k_base = reinterpret_cast<const char*>(static_cast<const T*>(p.kv.k) +
-                                                     cta.kv_head * p.kv.head_stride) +
-                       chunk * 16;
-  const int32_t page_bytes = static_cast<int32_t>(p.kv.page_stride * sizeof(T));
-  const int32_t token_bytes = static_cast<int32_t>(p.kv.token_stride * sizeof(T));
-  const int32_t* table = p.kv.block_table + blockIdx.z * p.kv.block_table_stride;
-  const int num_tiles = (cta.split_end - cta.split_begin + kKeys - 1) / kKeys;
-  // Positions fit in int32 (clamped_kv_len): multiply-shift division by the page size.
-  const cutlass::FastDivmod page_divmod(p.kv.page_size);
-  const uint32_t dst_first = smem_addr(s_keys + swizzle<kKeys>(first_key, chunk));
+  static constexpr uint32_t kTileBytes = Tile::kTileElems * sizeof(T);
+  static constexpr uint32_t kKeyStrideBytes = kKeyStride * 64 * sizeof(T);  // rows of 64 elements
 
+ public:
+  __device__ __forceinline__ KeyTileStream(const BlockScoresParams& p, const ScoreCta& cta,
+                                           T* s_keys)
+      : p_(p),
+        split_begin_(cta.split_begin),
+        split_end_(cta.split_end),
+        num_tiles_((cta.split_end - cta.split_begin + kKeys - 1) / kKeys),
+        first_key_(static_cast<int>(threadIdx.x) / Tile::kChunks),
+        k_base_(reinterpret_cast<const char*>(static_cast<const T*>(p.kv.k) +
+                                              cta.kv_head * p.kv.head_stride) +
+                (threadIdx.x % Tile::kChunks) * 16),
+        page_bytes_(static_cast<uint32_t>(p.kv.page_stride * sizeof(T))),
+        token_bytes_(static_cast<int32_t>(p.kv.token_stride * sizeof(T))),
+        table_(p.kv.block_table + blockIdx.z * p.kv.block_table_stride),
+        // Positions fit in int32 (clamped_kv_len): multiply-shift division by the page size.
+        page_divmod_(p.kv.page_size),
+        dst_first_(smem_addr(s_keys + swizzle<kKeys>(first_key_, threadIdx.x % Tile::kChunks))),
+        s_keys_(s_keys) {}
+
+  __device__ __forceinline__ void start() {
+#pragma unroll
+    for (int s = 0; s < Tile::kStages - 1; ++s) {
+      fetch_pages(s);
+      if (s < num_tiles_) issue_tile(s);
+      cp_async_commit();
+    }
+    fetch_pages(Tile::kStages - 1);
+  }
+
+  template <typename ScoreTileFn>
+  __device__ __forceinline__ void run(ScoreTileFn&& score_tile) {
+    for (int tile = 0; tile < num_tiles_; ++tile) {
+      cp_async_wait<Tile::kStages - 2>();
+      __syncthreads();
+      {
+        const int next = tile + Tile::kStages - 1;
+        if (next < num_tiles_) issue_tile(next % Tile::kStages);
+        cp_async_commit();
+        fetch_pages(next + 1);
+      }
+      score_tile(split_begin_ + tile * kKeys, s_keys_ + (tile % Tile::kStages) * Tile::kTileElems);
+    }
+  }
+
+ private:
   // The table is read unconditionally (clamped index, L1 hits) so the loads need no branches.
-  const int32_t last_page_index = p.kv.max_pages - 1;
-  const char* src[kKeysPerThread];
-  uint32_t src_valid = 0;  // bit j: key j of the tile is read, else zero-filled
-  auto fetch_pages = [&](int tile) {
-    const int32_t first_pos = cta.split_begin + tile * kKeys + first_key;
-    src_valid = 0;
+  __device__ __forceinline__ void fetch_pages(int tile) {
+    const int32_t first_pos = split_begin_ + tile * kKeys + first_key_;
+    const int32_t last_page_index = p_.kv.max_pages - 1;
+    src_valid_ = 0;
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
       const int32_t pos = first_pos + j * kKeyStride;
       int page_index, token;
-      page_divmod(page_index, token, pos);
-      const int32_t page = __ldg(table + min(page_index, last_page_index));
-      const bool valid = pos < cta.split_end && page >= 0 && page < p.kv.num_pages;
+      page_divmod_(page_index, token, pos);
+      const int32_t page = __ldg(table_ + min(page_index, last_page_index));
+      const bool valid = pos < split_end_ && page >= 0 && page < p_.kv.num_pages;
       const uint32_t page_u = valid ? static_cast<uint32_t>(page) : 0u;
-      src[j] = k_base + (static_cast<uint64_t>(page_u) * static_cast<uint32_t>(page_bytes) +
-                         static_cast<uint32_t>(token * token_bytes));
-      src_valid |= static_cast<uint32_t>(valid) << j;
+      src_[j] = k_base_ + (static_cast<uint64_t>(page_u) * page_bytes_ +
+                           static_cast<uint32_t>(token * token_bytes_));
+      src_valid_ |= static_cast<uint32_t>(valid) << j;
     }
-  };
-  auto issue_tile = [&](int stage) {
-    const uint32_t dst = dst_first + stage * kTileBytes;
+  }
+  __device__ __forceinline__ void issue_tile(int stage) {
+    const uint32_t dst = dst_first_ + stage * kTileBytes;
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
-      cp_async_16(dst + j * kKeyStrideBytes, src[j], (src_valid >> j) & 1u);
+      cp_async_16(dst + j * kKeyStrideBytes, src_[j], (src_valid_ >> j) & 1u);
     }
-  };
+  }
 
-#pragma unroll
-  for (int s = 0; s < Tile::kStages - 1; ++s) {
-    fetch_pages(s);
-    if (s < num_tiles) issue_tile(s);
-    cp_async_commit();
-  }
-  fetch_pages(Tile::kStages - 1);
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    cp_async_wait<Tile::kStages - 2>();
-    __syncthreads();
-    {
-      const int next = tile + Tile::kStages - 1;
-      if (next < num_tiles) issue_tile(next % Tile::kStages);
-      cp_async_commit();
-      fetch_pages(next + 1);
-    }
-    score_tile(cta.split_begin + tile * kKeys, s_keys + (tile % Tile::kStages) * Tile::kTileElems);
-  }
-}
+  const BlockScoresParams& p_;
+  const int32_t split_begin_;
+  const int32_t split_end_;
+  const int num_tiles_;
+  const int first_key_;
+  const char* const k_base_;
+  const uint32_t page_bytes_;
+  const int32_t token_bytes_;
+  const int32_t* const table_;
+  const cutlass::FastDivmod page_divmod_;
+  const uint32_t dst_first_;
+  T* const s_keys_;
+  const char* src_[kKeysPerThread];
+  uint32_t src_valid_ = 0;  // bit j: key j of the tile is read, else zero-filled
+};
 
 /// A fragments (m16n8k16) of query rows [16 mt, 16 mt + 16) for every k16 step of D.
 template <typename T, int kHeadDim>
@@ -396,6 +423,8 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   using Tile = ScoreTile<kHeadDim>;
   constexpr int kPartsPerWarp = 16 / kPartialLen;
   constexpr int kTilesPerPart = kPartialLen / 8;
+  // The sum pass (a programmatic dependent on Hopper) may be scheduled once every CTA is here.
+  allow_dependent_launch();
   const ScoreCta cta = score_cta(p, plan);
   if (cta.kv_head < 0) return;
   const int tid = threadIdx.x;
@@ -411,6 +440,8 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   float* s_run_sum = s_run_max + Tile::kWarps * rows_pad;                   // [kWarps][rows_pad]
   int32_t* s_row_out = reinterpret_cast<int32_t*>(s_run_sum + Tile::kWarps * rows_pad);
   int32_t* s_row_pos = s_row_out + rows_pad;
+  KeyTileStream<T, kHeadDim> keys(p, cta, s_keys);
+  keys.start();
   for (int e = tid; e < Tile::kWarps * rows_pad; e += Tile::kThreads) {
     s_run_max[e] = -INFINITY;
     s_run_sum[e] = 0.f;
@@ -508,7 +539,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
     }
   };
 
-  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, [&](int32_t tile_begin, const T* k_tile) {
+  keys.run([&](int32_t tile_begin, const T* k_tile) {
     if (tile_begin + Tile::kKeys > first_hidden) {
       score_tile(std::true_type{}, tile_begin, k_tile);
     } else {
@@ -554,6 +585,8 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
                              const BlockScoresPlan plan, int rows_pad, bool q_vec16) {
   using Tile = ScoreTile<kHeadDim>;
   constexpr int kLogitPitch = Tile::kLogitPitch;
+  // The sum pass (a programmatic dependent on Hopper) may be scheduled once every CTA is here.
+  allow_dependent_launch();
   const ScoreCta cta = score_cta(p, plan);
   if (cta.kv_head < 0) return;
   const int tid = threadIdx.x;
@@ -575,6 +608,8 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
     s_max[r] = -INFINITY;
     s_carry[r] = 0.f;
   }
+  KeyTileStream<T, kHeadDim> keys(p, cta, s_keys);
+  keys.start();
   for (int e = tid; e < rows_pad * 32; e += Tile::kThreads) s_lane_sum[e] = 0.f;
   load_score_rows<T, kHeadDim>(p, cta, rows_pad, 0, q_vec16, s_q, s_row_out, s_row_pos);
 
@@ -583,7 +618,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   float2* block_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
                                                      plan.block_partials_offset);
 
-  for_each_key_tile<T, kHeadDim>(p, cta, s_keys, [&](int32_t tile_begin, const T* k_tile) {
+  keys.run([&](int32_t tile_begin, const T* k_tile) {
     // Logits of this warp's 16 keys for every row, log2-scaled and causally masked.
     for (int mt = 0; mt < m_tiles; ++mt) {
       uint32_t q_frag[kHeadDim / 16][4];
@@ -717,9 +752,13 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
+  // Lengths are inputs of both passes, so they are read before the wait; the partials come
+  // from the partial pass (the grid before this one).
   const int32_t kv_len = clamped_kv_len(p, b, block_scores_max_len(p));
   const int32_t nblk = num_blocks_for(kv_len, p.block_size);
   const int32_t first_block = blockIdx.x * kScoreSumThreads;
+  wait_for_preceding_grid();
+  allow_dependent_launch();
   if (first_block >= nblk) return;
   const int32_t splits = (kv_len + plan.split_len - 1) / plan.split_len;
 

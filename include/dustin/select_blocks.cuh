@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "dustin/dependent_launch.cuh"
 #include "dustin/select_blocks_params.h"
 
 namespace dustin::detail {
@@ -70,20 +71,49 @@ struct KeyBits {
     any |= key;
     all &= key;
   }
+  /// Low bits the radix digits must cover (0: every candidate has the same key).
+  __device__ __forceinline__ int open_bits() const {
+    const uint32_t differ = any ^ all;
+    return differ == 0u ? 0 : 32 - __clz(differ);
+  }
 };
 
-/// A boundary bin this small is finished by one warp sorting its candidates (key, then id)
+/// Shift of the next digit when `open_bits` low bits are still undecided.
+__device__ __forceinline__ int digit_shift(int open_bits) {
+  return open_bits > kRadixDigitBits ? open_bits - kRadixDigitBits : 0;
+}
+
+/// The first radix digit of a pick: the highest bits below those all its candidates share.
+struct FirstDigit {
+  int shift = 0;
+  uint32_t digit_mask = 0u;
+  __device__ __forceinline__ explicit FirstDigit(KeyBits bits) {
+    const int open_bits = bits.open_bits();
+    shift = digit_shift(open_bits);
+    digit_mask = open_bits == 0 ? 0u : (1u << (open_bits - shift)) - 1u;
+  }
+  __device__ __forceinline__ uint32_t bin(uint32_t key) const {
+    return (key >> shift) & digit_mask;
+  }
+};
+
+/// A boundary bin this small is finished by one warp ranking its candidates (key, then id)
 /// instead of by more radix passes: each pass costs a few block-wide barriers.
 inline constexpr int kWarpFinishMax = 32;
 
+/// Warp-scan block scans: one barrier each (the default raking scan takes two and a serial
+/// warp pass).
+using SelectScan = cub::BlockScan<int32_t, kSelectThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+
 struct SelectShared {
-  uint32_t histogram[2][kRadixBins];  // double-buffered so one pass clears the next one's
-  KeyBits key_bits[kSelectWarps][2];  // per warp: draft and fill candidates' key bits
-  uint32_t boundary_key[kWarpFinishMax];  // the boundary bin's candidates, in any order
+  uint32_t first_histogram[2][kRadixBins];  // both picks' first digit, counted in one sweep
+  uint32_t histogram[2][kRadixBins];        // later passes, alternating; each clears the next
+  KeyBits key_bits[kSelectWarps][2];        // per warp: draft and fill candidates' key bits
+  uint32_t boundary_key[kWarpFinishMax];    // the boundary bin's candidates, in any order
   int32_t boundary_id[kWarpFinishMax];
   int32_t boundary_count;
   RadixThreshold threshold;
-  typename cub::BlockScan<int32_t, kSelectThreads>::TempStorage scan;
+  typename SelectScan::TempStorage scan;
 };
 
 /// Rank key of block `id` as a candidate of the pick in progress, or kNotCandidate.
@@ -93,65 +123,124 @@ __device__ __forceinline__ uint32_t candidate_key(int32_t id, const float* score
   return score_rank_key(scores[id]);
 }
 
+/// Adds the counted lanes' keys to their bins. Warp-collective (all lanes, same trip counts):
+/// the bin of the first counted lane takes one atomic for all lanes that share it, since
+/// scores cluster in a few bins where plain shared atomics would serialise (ballots are cheap,
+/// __match_any_sync is not); the other lanes add one each.
+__device__ __forceinline__ void count_in_bin(uint32_t* hist, bool counted, uint32_t bin) {
+  const uint32_t counted_lanes = __ballot_sync(0xffffffffu, counted);
+  if (counted_lanes == 0u) return;
+  const int lane = threadIdx.x & 31;
+  const int leader = __ffs(counted_lanes) - 1;
+  const uint32_t leader_bin = __shfl_sync(0xffffffffu, bin, leader);
+  const uint32_t sharing = __ballot_sync(0xffffffffu, counted && bin == leader_bin);
+  if (lane == leader) {
+    atomicAdd(&hist[leader_bin], __popc(sharing));
+  } else if (counted && bin != leader_bin) {
+    atomicAdd(&hist[bin], 1u);
+  }
+}
+
+/// The first radix pass of both picks in one sweep over the blocks not yet chosen (sinks and
+/// recent blocks are): the draft keys' first digits into sh.first_histogram[0], the fill keys'
+/// into [1]. The fill pick's candidates are these less the draft pick's, which that pick
+/// takes out of [1] as it marks them (LaterPick). The histograms must be zero on entry; the
+/// caller's next barrier publishes them.
+__device__ __forceinline__ void count_first_digits(const float* __restrict__ draft,
+                                                   const float* __restrict__ fill, int32_t nblk,
+                                                   FirstDigit draft_digit, FirstDigit fill_digit,
+                                                   const uint32_t* chosen, SelectShared& sh) {
+  const int tid = threadIdx.x;
+  for (int32_t base = 0; base < nblk; base += kSelectThreads * kSelectUnroll) {
+    // Rounds with no id left for any thread are skipped (uniform across the CTA).
+    const int rounds = min(kSelectUnroll, (nblk - base + kSelectThreads - 1) / kSelectThreads);
+    uint32_t draft_key[kSelectUnroll];
+    uint32_t fill_key[kSelectUnroll];
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      const int32_t id = base + u * kSelectThreads + tid;
+      const bool candidate = id < nblk && !((chosen[id >> 5] >> (id & 31)) & 1u);
+      draft_key[u] = candidate ? score_rank_key(draft[id]) : kNotCandidate;
+      fill_key[u] = candidate ? score_rank_key(fill[id]) : kNotCandidate;
+    }
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      if (u >= rounds) break;
+      const bool counted = draft_key[u] != kNotCandidate;
+      count_in_bin(sh.first_histogram[0], counted, draft_digit.bin(draft_key[u]));
+      count_in_bin(sh.first_histogram[1], counted, fill_digit.bin(fill_key[u]));
+    }
+  }
+}
+
+/// The fill pick, still to come, as seen by the draft pick: every block the draft pick marks
+/// leaves the fill pick's candidates, so its first-digit count is taken back.
+struct LaterPick {
+  const float* scores;
+  uint32_t* first_histogram;
+  FirstDigit digit;
+  __device__ __forceinline__ void remove(int32_t id) const {
+    atomicSub(&first_histogram[digit.bin(score_rank_key(scores[id]))], 1u);
+  }
+};
+
 /// Marks in `chosen` the best `k` not-yet-chosen blocks of [0, nblk) by `scores` (score
 /// descending, ties to the lower id, NaN last); `scores` is a shared-memory copy or the global
-/// row; `bits` covers at least the candidates (not-yet-chosen blocks). k must not exceed the
-/// number of candidates. Ends with a barrier; the whole CTA calls it with the same arguments.
+/// row; `bits` covers at least the candidates (not-yet-chosen blocks) and `first_histogram`
+/// holds their first digits (count_first_digits, FirstDigit(bits)). `later`, if not null, is
+/// told of every block marked. k must not exceed the number of candidates. Ends with a
+/// barrier; the whole CTA calls it with the same arguments.
 __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores, int32_t nblk,
-                                                int32_t k, KeyBits bits, uint32_t* chosen,
+                                                int32_t k, KeyBits bits,
+                                                const uint32_t* first_histogram,
+                                                const LaterPick* later, uint32_t* chosen,
                                                 SelectShared& sh) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   if (k <= 0) return;
   if (tid == 0) sh.boundary_count = 0;  // read after this pick's first barrier
+  const auto mark = [&](int32_t id) {
+    atomicOr(&chosen[id >> 5], 1u << (id & 31));
+    if (later != nullptr) later->remove(id);
+  };
 
   // The first digit starts below the bits every candidate shares. With no differing bit all
   // candidates tie: the tie scan below picks the lowest ids.
-  const uint32_t differ = bits.any ^ bits.all;
-  int open_bits = differ == 0u ? 0 : 32 - __clz(differ);  // low bits the digits cover
+  int open_bits = bits.open_bits();
   const uint32_t common = open_bits == 32 ? 0u : ~((1u << open_bits) - 1u);
   RadixThreshold t{bits.all & common, common, k, 0, 0};
   int pass = 0;
   bool settled = false;  // the last pass broke out: exact, or a boundary bin for one warp
 #pragma unroll 1
   for (; open_bits > 0; ++pass) {
-    const int shift = open_bits > kRadixDigitBits ? open_bits - kRadixDigitBits : 0;
+    const int shift = digit_shift(open_bits);
     const uint32_t digit_mask = (1u << (open_bits - shift)) - 1u;
     open_bits = shift;
-    uint32_t* hist = sh.histogram[pass & 1];
-    // All lanes of a warp run the same trip count so the warp can aggregate equal bins:
-    // scores cluster in a few exponent bins, where plain shared atomics would serialise.
-    for (int32_t base = 0; base < nblk; base += kSelectThreads * kSelectUnroll) {
-      // Rounds with no id left for any thread are skipped (uniform across the CTA).
-      const int rounds = min(kSelectUnroll, (nblk - base + kSelectThreads - 1) / kSelectThreads);
-      uint32_t key[kSelectUnroll];
+    // Pass 0's histogram was counted with the other pick's (count_first_digits).
+    const uint32_t* hist = first_histogram;
+    if (pass > 0) {
+      uint32_t* counted_hist = sh.histogram[pass & 1];
+      hist = counted_hist;
+      for (int32_t base = 0; base < nblk; base += kSelectThreads * kSelectUnroll) {
+        const int rounds = min(kSelectUnroll, (nblk - base + kSelectThreads - 1) / kSelectThreads);
+        uint32_t key[kSelectUnroll];
 #pragma unroll
-      for (int u = 0; u < kSelectUnroll; ++u) {
-        const int32_t id = base + u * kSelectThreads + tid;
-        key[u] = id < nblk ? candidate_key(id, scores, chosen) : kNotCandidate;
-      }
+        for (int u = 0; u < kSelectUnroll; ++u) {
+          const int32_t id = base + u * kSelectThreads + tid;
+          key[u] = id < nblk ? candidate_key(id, scores, chosen) : kNotCandidate;
+        }
 #pragma unroll
-      for (int u = 0; u < kSelectUnroll; ++u) {
-        if (u >= rounds) break;
-        const bool counted = key[u] != kNotCandidate && (key[u] & t.mask) == t.prefix;
-        const uint32_t bin = (key[u] >> shift) & digit_mask;
-        // The bin of the first counted lane takes one atomic for all lanes that share it
-        // (ballots are cheap, __match_any_sync is not); the other lanes add one each.
-        const uint32_t counted_lanes = __ballot_sync(0xffffffffu, counted);
-        if (counted_lanes == 0u) continue;
-        const int leader = __ffs(counted_lanes) - 1;
-        const uint32_t leader_bin = __shfl_sync(0xffffffffu, bin, leader);
-        const uint32_t sharing = __ballot_sync(0xffffffffu, counted && bin == leader_bin);
-        if (lane == leader) {
-          atomicAdd(&hist[leader_bin], __popc(sharing));
-        } else if (counted && bin != leader_bin) {
-          atomicAdd(&hist[bin], 1u);
+        for (int u = 0; u < kSelectUnroll; ++u) {
+          if (u >= rounds) break;
+          const bool counted = key[u] != kNotCandidate && (key[u] & t.mask) == t.prefix;
+          count_in_bin(counted_hist, counted, (key[u] >> shift) & digit_mask);
         }
       }
+      __syncthreads();
     }
-    __syncthreads();
     // Thread i owns the kBinsPerThread bins below kRadixBins - kBinsPerThread * i: a scan over
-    // threads counts the keys in higher bins, and the owner of the need-th writes.
+    // threads counts the keys in higher bins, and the owner of the need-th writes. The bins of
+    // digits narrower than kRadixDigitBits are the low ones; the rest count zero.
     uint32_t counts[kBinsPerThread];
     int32_t mine = 0;
 #pragma unroll
@@ -161,7 +250,7 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
       sh.histogram[(pass + 1) & 1][tid * kBinsPerThread + j] = 0;  // the next pass's buffer
     }
     int32_t above = 0;
-    cub::BlockScan<int32_t, kSelectThreads>(sh.scan).ExclusiveSum(mine, above);
+    SelectScan(sh.scan).ExclusiveSum(mine, above);
     if (above < t.need && t.need <= above + mine) {
       bool found = false;
 #pragma unroll
@@ -186,12 +275,6 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
       break;
     }
   }
-  // Leave both histograms zeroed for the next pick: the last pass (if any ran) used
-  // histogram[pass & 1] when it broke out, else histogram[(pass - 1) & 1], and cleared the other.
-  if (pass > 0 || settled) {
-    const int used = (settled ? pass : pass - 1) & 1;
-    for (int i = tid; i < kRadixBins; i += kSelectThreads) sh.histogram[used][i] = 0;
-  }
 
   // Everything strictly above the threshold, and all of the threshold bin when it fits; a
   // small boundary bin is gathered for one warp to finish.
@@ -201,7 +284,7 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
     if (key == kNotCandidate) continue;
     const uint32_t masked = key & t.mask;
     if (masked > t.prefix || (t.exact && masked == t.prefix)) {
-      atomicOr(&chosen[id >> 5], 1u << (id & 31));
+      mark(id);
     } else if (warp_finish && masked == t.prefix) {
       const int32_t slot = atomicAdd(&sh.boundary_count, 1);
       sh.boundary_key[slot] = key;
@@ -211,27 +294,19 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
   if (warp_finish) {
     __syncthreads();  // the boundary bin is gathered
     if (tid < 32) {
-      // Bitonic sort of the bin over the warp, best first: larger key, then lower id (ids are
-      // unique; empty lanes sort last).
+      // Each lane ranks its candidate against the whole bin (broadcast reads, independent of
+      // each other): better = larger key, then lower id; ids are unique.
       const bool have = lane < t.in_bin;
-      uint32_t key = have ? sh.boundary_key[lane] : kNotCandidate;
-      int32_t id = have ? sh.boundary_id[lane] : INT32_MAX;
-#pragma unroll
-      for (int run = 2; run <= 32; run <<= 1) {
-#pragma unroll
-        for (int step = run >> 1; step > 0; step >>= 1) {
-          const uint32_t other_key = __shfl_xor_sync(0xffffffffu, key, step);
-          const int32_t other_id = __shfl_xor_sync(0xffffffffu, id, step);
-          const bool other_better = other_key > key || (other_key == key && other_id < id);
-          // Runs alternate direction until the last, whose lower lanes keep the better half.
-          const bool keep_better = ((lane & step) == 0) == ((lane & run) == 0);
-          if (keep_better == other_better) {
-            key = other_key;
-            id = other_id;
-          }
-        }
+      const uint32_t key = have ? sh.boundary_key[lane] : kNotCandidate;
+      const int32_t id = have ? sh.boundary_id[lane] : INT32_MAX;
+      int32_t better = 0;
+#pragma unroll 8
+      for (int j = 0; j < t.in_bin; ++j) {
+        const uint32_t other_key = sh.boundary_key[j];
+        const int32_t other_id = sh.boundary_id[j];
+        better += other_key > key || (other_key == key && other_id < id);
       }
-      if (lane < t.need) atomicOr(&chosen[id >> 5], 1u << (id & 31));
+      if (have && better < t.need) mark(id);
     }
   } else if (!t.exact) {
     __syncthreads();  // the marks above are settled before the tie scan reads chosen bits
@@ -243,10 +318,10 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
     int32_t tied = 0;
     for (int32_t id = first; id < last; ++id) tied += candidate_key(id, scores, chosen) == t.prefix;
     int32_t before = 0;
-    cub::BlockScan<int32_t, kSelectThreads>(sh.scan).ExclusiveSum(tied, before);
+    SelectScan(sh.scan).ExclusiveSum(tied, before);
     for (int32_t id = first; id < last && before < t.need; ++id) {
       if (candidate_key(id, scores, chosen) == t.prefix) {
-        atomicOr(&chosen[id >> 5], 1u << (id & 31));
+        mark(id);
         ++before;
       }
     }
@@ -275,6 +350,11 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   const int32_t list = blockIdx.x;
   const int32_t b = list / p.num_lists;
   const int32_t h = list % p.num_lists;
+
+  // Launched as a programmatic dependent on Hopper (csrc/select_blocks.cu): the scores and
+  // lengths come from the grid before, and the next grid may be scheduled now.
+  wait_for_preceding_grid();
+  allow_dependent_launch();
 
   const float* draft = p.draft_scores + b * p.draft_stride_b + h * p.draft_stride_h;
   const float* fill = p.target_scores == nullptr
@@ -308,7 +388,10 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   for (int32_t w = tid; w < words; w += kSelectThreads) {
     chosen[w] = id_range_bits(w * 32, 0, sink) | id_range_bits(w * 32, recent, nblk);
   }
-  for (int i = tid; i < kRadixBins; i += kSelectThreads) sh.histogram[0][i] = 0;
+  for (int i = tid; i < kRadixBins; i += kSelectThreads) {
+    sh.first_histogram[0][i] = 0;
+    sh.first_histogram[1][i] = 0;
+  }
   if constexpr (kStaged) asm volatile("cp.async.wait_all;\n" ::: "memory");
   // Key bits of both picks' candidates, from the rows this thread staged itself (so before the
   // barrier): the blocks not forced. The fill pick's candidates are a subset (the draft pick
@@ -336,8 +419,15 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
     }
   }
 
-  pick_top_blocks(draft, nblk, by_draft, bits[0], chosen, sh);
-  pick_top_blocks(fill, nblk, rest - by_draft, bits[1], chosen, sh);
+  // One sweep counts both picks' first digits; the draft pick then takes its marks out of the
+  // fill pick's count, so the fill pick starts at its first scan.
+  const FirstDigit fill_digit(bits[1]);
+  count_first_digits(draft, fill, nblk, FirstDigit(bits[0]), fill_digit, chosen, sh);
+  __syncthreads();
+  const LaterPick fill_pick{fill, sh.first_histogram[1], fill_digit};
+  pick_top_blocks(draft, nblk, by_draft, bits[0], sh.first_histogram[0], &fill_pick, chosen, sh);
+  pick_top_blocks(fill, nblk, rest - by_draft, bits[1], sh.first_histogram[1], nullptr, chosen,
+                  sh);
 
   // Ascending output: each thread compacts a contiguous run of words after a scan of counts.
   int32_t* out = p.block_ids + static_cast<int64_t>(list) * p.capacity;
@@ -348,7 +438,7 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   for (int32_t w = first; w < last; ++w) mine += __popc(chosen[w]);
   int32_t slot = 0;
   int32_t total = 0;
-  cub::BlockScan<int32_t, kSelectThreads>(sh.scan).ExclusiveSum(mine, slot, total);
+  SelectScan(sh.scan).ExclusiveSum(mine, slot, total);
   for (int32_t w = first; w < last; ++w) {
     for (uint32_t bits = chosen[w]; bits != 0u; bits &= bits - 1u) {
       if (slot < p.capacity) out[slot] = w * 32 + __ffs(bits) - 1;

@@ -13,6 +13,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "dustin/dependent_launch.cuh"
+
 namespace dustin::detail {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -42,22 +44,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-/// Programmatic dependent launch (sm_90+): lets the next kernel of the stream, launched with
-/// programmatic stream serialization, start its CTAs while this grid still runs, so its launch
-/// latency hides behind this grid's tail. No-op before sm_90 or without such a dependent.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-/// The dependent side: blocks until the preceding grid has finished and its writes are visible.
-/// Must come before the first read of anything that grid wrote.
-__device__ __forceinline__ void wait_for_preceding_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
