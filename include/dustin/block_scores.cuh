@@ -22,9 +22,11 @@ namespace dustin::detail {
 inline constexpr int32_t kMaxScoreRows = ::dustin::kMaxScoreRows;
 /// Keys per pipeline stage of the partial pass; 16 per warp in the MMA.
 inline constexpr int32_t kScoreTileKeys = 64;
-/// CTAs per launch the plan aims for (B x Hs x splits): about eight waves of the three
-/// resident CTAs per SM of an H200, so the last wave is short.
-inline constexpr int64_t kScoreCtasTarget = 4096;
+/// CTAs per launch the plan aims for (B x Hs x splits): about four waves of the four resident
+/// CTAs per SM of an H200 at D = 128. Swept on the H200 (B = 16, 32k, 4 or 8 retrieval heads):
+/// 2048 beat 4096 by 7% with four heads on distinct KV heads and by 13% with one shared KV
+/// head, tied with eight; 1024 lost 40-70% with shared heads, 8192 lost 14-30%.
+inline constexpr int64_t kScoreCtasTarget = 2048;
 /// Shortest split worth a CTA: 4 tiles of 64 keys amortise loading the queries.
 inline constexpr int32_t kMinScoreSplit = 256;
 
@@ -737,10 +739,17 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
 // ---- pass 2: exact normalisation and the sum over rows ---------------------------------------
 
 inline constexpr int kScoreSumThreads = 256;
+/// (row, partial) terms of one block a thread loads at once; the first batch is in flight while
+/// the CTA merges the rows' split partials.
+inline constexpr int kScoreSumBatch = 32;
+/// Rows each warp merges at once (their split partials loaded together).
+inline constexpr int kScoreSumRowsPerWarp = 4;
 
 /// Grid (ceil(NB / 256), B). Each CTA merges the split partials of every row into (max,
 /// 1 / sum), then each thread adds, for one block, its probability mass over the rows in the
-/// fixed order (head, query) into scores: one writer per element, no atomics.
+/// fixed order (head, query) into scores: one writer per element, no atomics. Every load of a
+/// phase is issued before the first one is used, so the pass costs about two memory latencies
+/// after the partial pass ends (it is a programmatic dependent of it on Hopper).
 __global__ void __launch_bounds__(kScoreSumThreads)
     block_scores_sum_kernel(const __grid_constant__ BlockScoresParams p,
                             const BlockScoresPlan plan) {
@@ -748,6 +757,7 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   float* s_row_max = s_stats;
   float* s_row_inv = s_stats + plan.rows;
   float* s_row_scored = s_stats + 2 * plan.rows;
+  constexpr int kWarps = kScoreSumThreads / 32;
   const int b = blockIdx.y;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -762,77 +772,101 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   if (first_block >= nblk) return;
   const int32_t splits = (kv_len + plan.split_len - 1) / plan.split_len;
 
-  // Per row: the max over its split partials and 1 / the sum below it, each lane folding its
-  // splits in one pass (online rescaling), then a butterfly over the lanes (every lane ends
-  // with the same values: each combine is symmetric).
-  const float2* split_partials = reinterpret_cast<const float2*>(
-      static_cast<const char*>(p.workspace) + plan.split_partials_offset);
-  for (int r = warp; r < plan.rows; r += kScoreSumThreads / 32) {
-    const float2* parts = split_partials + (static_cast<int64_t>(b) * plan.rows + r) * plan.num_splits;
-    float m = -INFINITY;
-    float sum = 0.f;
-    for (int s = lane; s < splits; s += 32) {
-      const float2 part = parts[s];  // (max, sum of exp2(logit - max)) of one split
-      if (part.y > 0.f) {
-        const float new_m = fmaxf(m, part.x);
-        sum = sum * exp2f(m - new_m) + part.y * exp2f(part.x - new_m);
-        m = new_m;
-      }
-    }
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) {
-      const float other_m = __shfl_xor_sync(0xffffffffu, m, d);
-      const float other_sum = __shfl_xor_sync(0xffffffffu, sum, d);
-      const float new_m = fmaxf(m, other_m);
-      sum = new_m == -INFINITY ? 0.f
-                               : sum * exp2f(m - new_m) + other_sum * exp2f(other_m - new_m);
-      m = new_m;
-    }
-    if (lane == 0) {
-      const int32_t kv_head = p.head_map[r / p.num_queries];
-      s_row_max[r] = m;
-      s_row_inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-      s_row_scored[r] = kv_head >= 0 && kv_head < p.kv.num_kv_heads ? 1.f : 0.f;
-    }
-  }
-  __syncthreads();
-
+  // This thread's block terms (row, partial) in a fixed order, row-major: the block's partials
+  // are one on the scan path, block_size / partial_len on the fragment path, where those past
+  // the last tile of the sequence were never written; rows of heads that were not scored (bad
+  // head_map entries) were never written either, and are skipped when added.
   const int32_t block = first_block + tid;
-  if (block >= nblk) return;
   const float2* block_partials = reinterpret_cast<const float2*>(
       static_cast<const char*>(p.workspace) + plan.block_partials_offset);
-  // The block's partials: one on the scan path, block_size / partial_len on the fragment path,
-  // where those past the last tile of the sequence were never written; rows of heads that were
-  // not scored (bad head_map entries) were never written either.
   const int32_t parts_per_block = p.block_size / plan.partial_len;
   const int32_t first_part = block * parts_per_block;
   const int32_t end_part =
       min(first_part + parts_per_block, (kv_len + plan.partial_len - 1) / plan.partial_len);
-  // The (row, partial) terms in a fixed order, row-major, loaded kBatch at a time so the loads
-  // overlap instead of each waiting on the previous one's sum.
-  constexpr int kBatch = 8;
   const cutlass::FastDivmod part_divmod(parts_per_block);
-  const int32_t terms = plan.rows * parts_per_block;
+  const int32_t terms = block < nblk ? plan.rows * parts_per_block : 0;
   const float2* batch_parts =
       block_partials + static_cast<int64_t>(b) * plan.rows * plan.num_partials;
-  float total = 0.f;
-  for (int32_t t0 = 0; t0 < terms; t0 += kBatch) {
-    float2 part[kBatch];
-    int row[kBatch];
+  float2 part[kScoreSumBatch];
+  const auto load_terms = [&](int32_t t0) {
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
+    for (int k = 0; k < kScoreSumBatch; ++k) {
       int r, offset;
       part_divmod(r, offset, t0 + k);
       const int32_t j = first_part + offset;
-      row[k] = min(r, plan.rows - 1);
-      const bool used = t0 + k < terms && j < end_part && s_row_scored[row[k]] != 0.f;
-      part[k] = used ? batch_parts[static_cast<int64_t>(r) * plan.num_partials + j]
-                     : make_float2(0.f, 0.f);
+      part[k] = t0 + k < terms && j < end_part
+                    ? batch_parts[static_cast<int64_t>(r) * plan.num_partials + j]
+                    : make_float2(0.f, 0.f);
+    }
+  };
+  load_terms(0);
+
+  // Per row: the max over its split partials and 1 / the sum below it, each lane folding its
+  // splits in one pass (online rescaling), then a butterfly over the lanes (every lane ends
+  // with the same values: each combine is symmetric). A warp's rows load together.
+  const float2* split_partials = reinterpret_cast<const float2*>(
+      static_cast<const char*>(p.workspace) + plan.split_partials_offset);
+  for (int r0 = warp; r0 < plan.rows; r0 += kWarps * kScoreSumRowsPerWarp) {
+    float m[kScoreSumRowsPerWarp];
+    float sum[kScoreSumRowsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
+      m[i] = -INFINITY;
+      sum[i] = 0.f;
+    }
+    for (int s = lane; s < splits; s += 32) {
+      float2 split[kScoreSumRowsPerWarp];  // (max, sum of exp2(logit - max)) of one split
+#pragma unroll
+      for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
+        const int r = r0 + i * kWarps;
+        split[i] = r < plan.rows
+                       ? split_partials[(static_cast<int64_t>(b) * plan.rows + r) * plan.num_splits + s]
+                       : make_float2(0.f, 0.f);
+      }
+#pragma unroll
+      for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
+        if (split[i].y > 0.f) {
+          const float new_m = fmaxf(m[i], split[i].x);
+          sum[i] = sum[i] * exp2f(m[i] - new_m) + split[i].y * exp2f(split[i].x - new_m);
+          m[i] = new_m;
+        }
+      }
     }
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
-      if (part[k].x > 0.f) {
-        total += part[k].x * exp2f(part[k].y - s_row_max[row[k]]) * s_row_inv[row[k]];
+    for (int d = 16; d > 0; d >>= 1) {
+#pragma unroll
+      for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
+        const float other_m = __shfl_xor_sync(0xffffffffu, m[i], d);
+        const float other_sum = __shfl_xor_sync(0xffffffffu, sum[i], d);
+        const float new_m = fmaxf(m[i], other_m);
+        sum[i] = new_m == -INFINITY
+                     ? 0.f
+                     : sum[i] * exp2f(m[i] - new_m) + other_sum * exp2f(other_m - new_m);
+        m[i] = new_m;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
+      const int r = r0 + i * kWarps;
+      if (lane == 0 && r < plan.rows) {
+        const int32_t kv_head = p.head_map[r / p.num_queries];
+        s_row_max[r] = m[i];
+        s_row_inv[r] = sum[i] > 0.f ? 1.f / sum[i] : 0.f;
+        s_row_scored[r] = kv_head >= 0 && kv_head < p.kv.num_kv_heads ? 1.f : 0.f;
+      }
+    }
+  }
+  __syncthreads();
+  if (block >= nblk) return;
+
+  float total = 0.f;
+  for (int32_t t0 = 0; t0 < terms; t0 += kScoreSumBatch) {
+    if (t0 > 0) load_terms(t0);
+#pragma unroll
+    for (int k = 0; k < kScoreSumBatch; ++k) {
+      const int r = min(part_divmod.div(t0 + k), plan.rows - 1);
+      if (part[k].x > 0.f && s_row_scored[r] != 0.f) {
+        total += part[k].x * exp2f(part[k].y - s_row_max[r]) * s_row_inv[r];
       }
     }
   }

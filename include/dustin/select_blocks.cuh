@@ -339,8 +339,10 @@ __device__ __forceinline__ void cp_async_4(float* dst, const float* src) {
 
 /// One CTA per (sequence, list). Shared memory: chosen bits [ceil(NB / 32)], then with
 /// kStaged the draft row [NB] and the fill row [NB] (target, or draft again without one).
-template <bool kStaged>
-__global__ void __launch_bounds__(kSelectThreads, 1)
+/// kCtasPerSm: 1 lets the compiler use up to 128 registers (fastest when every list has an
+/// SM); 2 caps them at 64 so two CTAs share an SM when there are more lists than SMs.
+template <bool kStaged, int kCtasPerSm>
+__global__ void __launch_bounds__(kSelectThreads, kCtasPerSm)
     select_blocks_kernel(const __grid_constant__ SelectBlocksParams p) {
   extern __shared__ __align__(16) uint32_t smem[];
   __shared__ SelectShared sh;
@@ -388,9 +390,11 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   for (int32_t w = tid; w < words; w += kSelectThreads) {
     chosen[w] = id_range_bits(w * 32, 0, sink) | id_range_bits(w * 32, recent, nblk);
   }
-  for (int i = tid; i < kRadixBins; i += kSelectThreads) {
-    sh.first_histogram[0][i] = 0;
-    sh.first_histogram[1][i] = 0;
+  if (rest > 0) {
+    for (int i = tid; i < kRadixBins; i += kSelectThreads) {
+      sh.first_histogram[0][i] = 0;
+      sh.first_histogram[1][i] = 0;
+    }
   }
   if constexpr (kStaged) asm volatile("cp.async.wait_all;\n" ::: "memory");
   // Key bits of both picks' candidates, from the rows this thread staged itself (so before the
@@ -421,13 +425,16 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
 
   // One sweep counts both picks' first digits; the draft pick then takes its marks out of the
   // fill pick's count, so the fill pick starts at its first scan.
-  const FirstDigit fill_digit(bits[1]);
-  count_first_digits(draft, fill, nblk, FirstDigit(bits[0]), fill_digit, chosen, sh);
-  __syncthreads();
-  const LaterPick fill_pick{fill, sh.first_histogram[1], fill_digit};
-  pick_top_blocks(draft, nblk, by_draft, bits[0], sh.first_histogram[0], &fill_pick, chosen, sh);
-  pick_top_blocks(fill, nblk, rest - by_draft, bits[1], sh.first_histogram[1], nullptr, chosen,
-                  sh);
+  if (rest > 0) {  // the same for the whole CTA
+    const FirstDigit fill_digit(bits[1]);
+    count_first_digits(draft, fill, nblk, FirstDigit(bits[0]), fill_digit, chosen, sh);
+    __syncthreads();
+    const LaterPick fill_pick{fill, sh.first_histogram[1], fill_digit};
+    pick_top_blocks(draft, nblk, by_draft, bits[0], sh.first_histogram[0], &fill_pick, chosen,
+                    sh);
+    pick_top_blocks(fill, nblk, rest - by_draft, bits[1], sh.first_histogram[1], nullptr,
+                    chosen, sh);
+  }
 
   // Ascending output: each thread compacts a contiguous run of words after a scan of counts.
   int32_t* out = p.block_ids + static_cast<int64_t>(list) * p.capacity;
@@ -450,7 +457,7 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   if (tid == 0) p.block_counts[list] = written;
 }
 
-/// Dynamic shared memory of select_blocks_kernel<kStaged> for `num_blocks` columns.
+/// Dynamic shared memory of select_blocks_kernel<kStaged, *> for `num_blocks` columns.
 inline size_t select_blocks_smem_bytes(int32_t num_blocks, bool staged) {
   const size_t words = (static_cast<size_t>(num_blocks) + 31) / 32;
   return sizeof(uint32_t) * (words + (staged ? 2 * static_cast<size_t>(num_blocks) : 0));
