@@ -236,23 +236,26 @@ __device__ __forceinline__ void load_score_rows(const BlockScoresParams& p, cons
 
 /// Streams the split's keys through a kStages-deep cp.async pipeline: start() issues the first
 /// kStages - 1 tiles (it needs only the CTA's split, so the copies fly while the CTA sets up its
-/// query rows), run(score_tile) calls score_tile(tile_begin, k_tile) for each 64-key tile, the
-/// whole CTA together. Each thread copies one 16-byte chunk of a few keys per tile; the page
-/// numbers of the next tile to copy are loaded one iteration ahead, so the block-table reads
-/// never sit between the barrier and the copies. Keys past the split and keys on a page
-/// outside the pool read as zeros (the former must be masked). The copies are branch-free: a
-/// wide multiply-add per key for the source (byte strides fit in 32 bits, which the launcher
-/// checks) and fixed shared-memory offsets, since a thread's keys are kKeyStride rows apart
-/// with the same swizzle phase.
-template <typename T, int kHeadDim>
+/// query rows), run(score_tile) calls score_tile(tile_begin, k_tile) for each 64-key tile.
+/// kWarpPrivate: warp w copies keys [16 w, 16 w + 16) of every tile, the only ones it reads
+/// (the fragment path), so each warp waits for its own copies alone and no CTA barrier paces
+/// the warps; else the CTA copies each tile together and meets at a barrier per tile. Each
+/// thread copies one 16-byte chunk of a few keys per tile; the page numbers of the next tile to
+/// copy are loaded one iteration ahead, so the block-table reads never sit between the wait and
+/// the copies. Keys past the split and keys on a page outside the pool read as zeros (the
+/// former must be masked). The copies are branch-free: a wide multiply-add per key for the
+/// source (byte strides fit in 32 bits, which the launcher checks) and shared-memory offsets
+/// computed once.
+template <typename T, int kHeadDim, bool kWarpPrivate>
 class KeyTileStream {
   using Tile = ScoreTile<kHeadDim>;
   static constexpr int kKeys = Tile::kKeys;
-  static constexpr int kKeysPerThread = kKeys * Tile::kChunks / Tile::kThreads;
-  static constexpr int kKeyStride = Tile::kThreads / Tile::kChunks;
-  static_assert(kKeyStride % 8 == 0, "a thread's keys share the swizzle phase of its first");
+  static constexpr int kCopyThreads = kWarpPrivate ? 32 : Tile::kThreads;
+  static constexpr int kCopyKeys = kWarpPrivate ? kKeys / Tile::kWarps : kKeys;
+  static constexpr int kKeysPerThread = kCopyKeys * Tile::kChunks / kCopyThreads;
+  static constexpr int kKeyStride = kCopyThreads / Tile::kChunks;  // rows between a thread's keys
   static constexpr uint32_t kTileBytes = Tile::kTileElems * sizeof(T);
-  static constexpr uint32_t kKeyStrideBytes = kKeyStride * 64 * sizeof(T);  // rows of 64 elements
+  static_assert(kCopyThreads % Tile::kChunks == 0, "a thread copies the same chunk of each key");
 
  public:
   __device__ __forceinline__ KeyTileStream(const BlockScoresParams& p, const ScoreCta& cta,
@@ -261,7 +264,8 @@ class KeyTileStream {
         split_begin_(cta.split_begin),
         split_end_(cta.split_end),
         num_tiles_((cta.split_end - cta.split_begin + kKeys - 1) / kKeys),
-        first_key_(static_cast<int>(threadIdx.x) / Tile::kChunks),
+        first_key_((kWarpPrivate ? static_cast<int>(threadIdx.x / 32) * kCopyKeys : 0) +
+                   static_cast<int>(threadIdx.x % kCopyThreads) / Tile::kChunks),
         k_base_(reinterpret_cast<const char*>(static_cast<const T*>(p.kv.k) +
                                               cta.kv_head * p.kv.head_stride) +
                 (threadIdx.x % Tile::kChunks) * 16),
@@ -270,8 +274,13 @@ class KeyTileStream {
         table_(p.kv.block_table + blockIdx.z * p.kv.block_table_stride),
         // Positions fit in int32 (clamped_kv_len): multiply-shift division by the page size.
         page_divmod_(p.kv.page_size),
-        dst_first_(smem_addr(s_keys + swizzle<kKeys>(first_key_, threadIdx.x % Tile::kChunks))),
-        s_keys_(s_keys) {}
+        s_keys_(s_keys) {
+#pragma unroll
+    for (int j = 0; j < kKeysPerThread; ++j) {
+      dst_[j] = smem_addr(s_keys + swizzle<kKeys>(first_key_ + j * kKeyStride,
+                                                  threadIdx.x % Tile::kChunks));
+    }
+  }
 
   __device__ __forceinline__ void start() {
 #pragma unroll
@@ -287,7 +296,11 @@ class KeyTileStream {
   __device__ __forceinline__ void run(ScoreTileFn&& score_tile) {
     for (int tile = 0; tile < num_tiles_; ++tile) {
       cp_async_wait<Tile::kStages - 2>();
-      __syncthreads();
+      if constexpr (kWarpPrivate) {
+        __syncwarp();
+      } else {
+        __syncthreads();
+      }
       {
         const int next = tile + Tile::kStages - 1;
         if (next < num_tiles_) issue_tile(next % Tile::kStages);
@@ -318,10 +331,9 @@ class KeyTileStream {
     }
   }
   __device__ __forceinline__ void issue_tile(int stage) {
-    const uint32_t dst = dst_first_ + stage * kTileBytes;
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
-      cp_async_16(dst + j * kKeyStrideBytes, src_[j], (src_valid_ >> j) & 1u);
+      cp_async_16(dst_[j] + stage * kTileBytes, src_[j], (src_valid_ >> j) & 1u);
     }
   }
 
@@ -335,8 +347,8 @@ class KeyTileStream {
   const int32_t token_bytes_;
   const int32_t* const table_;
   const cutlass::FastDivmod page_divmod_;
-  const uint32_t dst_first_;
   T* const s_keys_;
+  uint32_t dst_[kKeysPerThread];  // shared-memory address of each key's chunk in stage 0
   const char* src_[kKeysPerThread];
   uint32_t src_valid_ = 0;  // bit j: key j of the tile is read, else zero-filled
 };
@@ -442,7 +454,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   float* s_run_sum = s_run_max + Tile::kWarps * rows_pad;                   // [kWarps][rows_pad]
   int32_t* s_row_out = reinterpret_cast<int32_t*>(s_run_sum + Tile::kWarps * rows_pad);
   int32_t* s_row_pos = s_row_out + rows_pad;
-  KeyTileStream<T, kHeadDim> keys(p, cta, s_keys);
+  KeyTileStream<T, kHeadDim, /*kWarpPrivate=*/true> keys(p, cta, s_keys);
   keys.start();
   for (int e = tid; e < Tile::kWarps * rows_pad; e += Tile::kThreads) {
     s_run_max[e] = -INFINITY;
@@ -610,7 +622,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
     s_max[r] = -INFINITY;
     s_carry[r] = 0.f;
   }
-  KeyTileStream<T, kHeadDim> keys(p, cta, s_keys);
+  KeyTileStream<T, kHeadDim, /*kWarpPrivate=*/false> keys(p, cta, s_keys);
   keys.start();
   for (int e = tid; e < rows_pad * 32; e += Tile::kThreads) s_lane_sum[e] = 0.f;
   load_score_rows<T, kHeadDim>(p, cta, rows_pad, 0, q_vec16, s_q, s_row_out, s_row_pos);
