@@ -33,6 +33,8 @@ CASES = [
     ("HND", 128, torch.bfloat16, 16, 8, [0, 1], 5, [1000, 70, 4097], False),
     ("NHD", 64, torch.float16, 16, 24, [1, 0, 1], 2, [3001, 24, 777], True),
     ("HND", 64, torch.bfloat16, 8, 12, [0, 0], 7, [1234, 12, 2500], False),
+    # Pages shorter than a warp's 16 keys of a tile: the fragment path's per-key page lookups.
+    ("HND", 128, torch.bfloat16, 8, 16, [0, 1], 5, [1000, 4097, 63], False),
 ]
 
 

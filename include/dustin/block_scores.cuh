@@ -274,6 +274,7 @@ class KeyTileStream {
         table_(p.kv.block_table + blockIdx.z * p.kv.block_table_stride),
         // Positions fit in int32 (clamped_kv_len): multiply-shift division by the page size.
         page_divmod_(p.kv.page_size),
+        one_page_(kWarpPrivate && p.kv.page_size % kCopyKeys == 0),
         s_keys_(s_keys) {
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
@@ -312,11 +313,32 @@ class KeyTileStream {
   }
 
  private:
-  // The table is read unconditionally (clamped index, L1 hits) so the loads need no branches.
   __device__ __forceinline__ void fetch_pages(int tile) {
     const int32_t first_pos = split_begin_ + tile * kKeys + first_key_;
-    const int32_t last_page_index = p_.kv.max_pages - 1;
     src_valid_ = 0;
+    if (one_page_) {
+      // A warp's kCopyKeys keys start at a multiple of kCopyKeys (tiles start at multiples of
+      // 64 on the fragment path) and a page holds whole such runs: one page for all of this
+      // thread's keys, so one division and one table load per tile instead of one per key.
+      const int32_t run_key = first_key_ % kCopyKeys;  // this thread's first key in the run
+      int page_index, token;
+      page_divmod_(page_index, token, first_pos - run_key);
+      const int32_t page = __ldg(table_ + min(page_index, p_.kv.max_pages - 1));
+      const bool page_ok = page >= 0 && page < p_.kv.num_pages;
+      const char* first_src =
+          k_base_ + (static_cast<uint64_t>(page_ok ? static_cast<uint32_t>(page) : 0u) *
+                         page_bytes_ +
+                     static_cast<uint32_t>((token + run_key) * token_bytes_));
+      const int32_t keys_left = split_end_ - first_pos;
+#pragma unroll
+      for (int j = 0; j < kKeysPerThread; ++j) {
+        src_[j] = first_src + j * kKeyStride * token_bytes_;
+        src_valid_ |= static_cast<uint32_t>(page_ok && j * kKeyStride < keys_left) << j;
+      }
+      return;
+    }
+    // The table is read unconditionally (clamped index, L1 hits) so the loads need no branches.
+    const int32_t last_page_index = p_.kv.max_pages - 1;
 #pragma unroll
     for (int j = 0; j < kKeysPerThread; ++j) {
       const int32_t pos = first_pos + j * kKeyStride;
@@ -347,6 +369,7 @@ class KeyTileStream {
   const int32_t token_bytes_;
   const int32_t* const table_;
   const cutlass::FastDivmod page_divmod_;
+  const bool one_page_;  // each warp's keys of a tile lie on one page (fetch_pages)
   T* const s_keys_;
   uint32_t dst_[kKeysPerThread];  // shared-memory address of each key's chunk in stage 0
   const char* src_[kKeysPerThread];
