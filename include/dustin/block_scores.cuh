@@ -535,7 +535,7 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
         float sum = 0.f;
 #pragma unroll
         for (int t = 0; t < kTilesPerPart; ++t) {
-          sum += exp2f(v[part + t][0] - ref) + exp2f(v[part + t][1] - ref);
+          sum += fast_exp2(v[part + t][0] - ref) + fast_exp2(v[part + t][1] - ref);
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -545,9 +545,9 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
           block_partials[index] = make_float2(sum, ref);
         }
         const float new_max = fmaxf(run_max[half], part_max);
-        if (new_max != -INFINITY) {  // sum == 0 keeps exp2f(ref - new_max) from overflowing
-          run_sum[half] = run_sum[half] * exp2f(run_max[half] - new_max) +
-                          (sum > 0.f ? sum * exp2f(ref - new_max) : 0.f);
+        if (new_max != -INFINITY) {  // sum == 0 keeps 2^(ref - new_max) from overflowing
+          run_sum[half] = run_sum[half] * fast_exp2(run_max[half] - new_max) +
+                          (sum > 0.f ? sum * fast_exp2(ref - new_max) : 0.f);
         }
         run_max[half] = new_max;
       }

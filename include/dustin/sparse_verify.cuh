@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(128)
         tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 2));
         const float m_new = fmaxf(row_max[hr], tile_max[hr]);
         base[hr] = m_new == kNegInf ? 0.f : m_new;  // a row with nothing visible yet stays at 0
-        alpha[hr] = exp2f(row_max[hr] - base[hr]);
+        alpha[hr] = fast_exp2(row_max[hr] - base[hr]);
         row_max[hr] = m_new;
         row_sum[hr] *= alpha[hr];
       }
@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(128)
       for (int nt = 0; nt < kWarpN / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
+          s[nt][e] = fast_exp2(s[nt][e] - base[e >> 1]);
           row_sum[e >> 1] += s[nt][e];
         }
       }

@@ -21,6 +21,15 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
+/// 2^x as the hardware computes it (one MUFU.EX2, about 2 ulp), results below 2^-126 flushed to
+/// zero. exp2f wraps the same instruction in a fix-up for such results (four instructions per
+/// call); in the per-tile softmax they are terms far below the running sums they join.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 /// Element offset of 16-byte chunk `chunk` of row `row` in a [kTileRows, D] shared-memory tile,
 /// stored as D / 64 column blocks of [kTileRows, 64] with 128-byte rows whose chunks are XORed
 /// with row % 8: the canonical 128-byte-swizzled layout of wgmma operands (1024-byte aligned
