@@ -501,12 +501,28 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   float run_max0[2] = {-INFINITY, -INFINITY};
   float run_sum0[2] = {0.f, 0.f};
 
+  // Where the block partials of row tile mt's two rows of this lane go (the quad's first lane
+  // writes them; nullptr elsewhere and for padding rows); row tile 0's are found once.
+  const auto rows_partials = [&](int mt, float2* (&row_partials)[2]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = mt * 16 + (lane >> 2) + half * 8;
+      row_partials[half] = (lane & 3) == 0 && r < cta.rows
+                               ? block_partials + (row_base + s_row_out[r]) * plan.num_partials
+                               : nullptr;
+    }
+  };
+  float2* first_row_partials[2];
+  rows_partials(0, first_row_partials);
+
   // Softmax partials of one row tile's logits over this warp's keys [warp_begin, +16): per
   // partial the max and the sum of exp2(logit - max) over its lane quad, written by the quad's
   // first lane, and folded into the rows' running statistics. Masking only where some key may
   // be hidden, chosen once per tile.
   const auto score_rows = [&](auto masked, int mt, const float (&acc)[2][4], int32_t warp_begin,
                               float (&run_max)[2], float (&run_sum)[2]) {
+    float2* row_partials[2] = {first_row_partials[0], first_row_partials[1]};
+    if (mt > 0) rows_partials(mt, row_partials);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = mt * 16 + (lane >> 2) + half * 8;
@@ -539,10 +555,9 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        if ((lane & 3) == 0 && r < cta.rows) {
-          const int64_t index = (row_base + s_row_out[r]) * plan.num_partials +
-                                (warp_begin + part * kPartialLen) / kPartialLen;
-          block_partials[index] = make_float2(sum, ref);
+        if (row_partials[half] != nullptr) {
+          row_partials[half][(warp_begin + part * kPartialLen) / kPartialLen] =
+              make_float2(sum, ref);
         }
         const float new_max = fmaxf(run_max[half], part_max);
         if (new_max != -INFINITY) {  // sum == 0 keeps 2^(ref - new_max) from overflowing
