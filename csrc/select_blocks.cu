@@ -39,7 +39,7 @@ Status launch(const SelectBlocksParams& p, cudaStream_t stream) {
   const size_t static_smem = sizeof(detail::SelectShared);
   if (smem + static_smem > static_cast<size_t>(smem_optin)) return Status::kUnsupported;
   // More lists than SMs: the variant whose registers let two CTAs share an SM (measured on the
-  // H200: the single-CTA variant is 2-5% faster where every list has its own SM, and 1.5x
+  // H200: the single-CTA variant is 2-5% faster where every list has its own SM, and 1.3-1.5x
   // slower at 512 lists).
   auto kernel = lists > static_cast<unsigned>(sms) ? detail::select_blocks_kernel<kStaged, 2>
                                                    : detail::select_blocks_kernel<kStaged, 1>;
