@@ -80,8 +80,12 @@ Status launch(const BlockScoresParams& p, const detail::BlockScoresPlan& plan,
                                             detail::kScoreSumThreads),
                       static_cast<unsigned>(p.batch_size));
   // On Hopper a programmatic dependent launch: its CTAs start while the partial pass drains.
+  int device = 0;
   bool has_pdl = false;
-  if (detail::current_device_has_pdl(&has_pdl) != cudaSuccess) return Status::kCudaError;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      detail::device_has_pdl(device, &has_pdl) != cudaSuccess) {
+    return Status::kCudaError;
+  }
   return detail::launch_kernel(detail::block_scores_sum_kernel, sum_grid,
                                dim3(detail::kScoreSumThreads), sizeof(float) * 3 * plan.rows,
                                stream, has_pdl, p, plan) == cudaSuccess

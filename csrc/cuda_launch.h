@@ -28,17 +28,15 @@ cudaError_t device_attribute(int device, int* value) {
   return err;
 }
 
-/// Whether the current device has programmatic dependent launch (sm_90 and later).
-inline cudaError_t current_device_has_pdl(bool* has_pdl) {
-  int device = 0;
+/// Whether `device` has programmatic dependent launch (sm_90 and later).
+inline cudaError_t device_has_pdl(int device, bool* has_pdl) {
   int cc_major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = device_attribute<cudaDevAttrComputeCapabilityMajor>(device, &cc_major);
+  const cudaError_t err = device_attribute<cudaDevAttrComputeCapabilityMajor>(device, &cc_major);
   *has_pdl = err == cudaSuccess && cc_major >= 9;
   return err;
 }
 
-/// Launches `kernel`; with `programmatic` (only where current_device_has_pdl), as a
+/// Launches `kernel`; with `programmatic` (only where device_has_pdl), as a
 /// programmatic dependent of the stream's previous kernel: its CTAs may start once that kernel
 /// allows it (allow_dependent_launch) and must call wait_for_preceding_grid() before reading
 /// anything that kernel wrote or writing anything it reads.

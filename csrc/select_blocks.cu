@@ -33,7 +33,7 @@ Status launch(const SelectBlocksParams& p, cudaStream_t stream) {
       detail::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, &smem_optin) !=
           cudaSuccess ||
       detail::device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms) != cudaSuccess ||
-      detail::current_device_has_pdl(&has_pdl) != cudaSuccess) {
+      detail::device_has_pdl(device, &has_pdl) != cudaSuccess) {
     return Status::kCudaError;
   }
   const size_t static_smem = sizeof(detail::SelectShared);

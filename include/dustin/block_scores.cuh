@@ -154,7 +154,7 @@ struct ScoreTile {
 /// What one partial-pass CTA scores: grid (num_splits, Hs, B). The CTA of head `leader` works
 /// only when it is the first head reading its KV head; it then scores every head of that KV
 /// head, so each key is read once. Its rows are (head, query) pairs r = g * n + i for the g-th
-/// head of the group and query i.
+/// head of the group and query i. score_cta() is the first thing both partial kernels do.
 struct ScoreCta {
   int32_t kv_head = -1;  ///< -1: nothing to do
   int32_t rows = 0;
@@ -165,6 +165,8 @@ struct ScoreCta {
 
 __device__ __forceinline__ ScoreCta score_cta(const BlockScoresParams& p,
                                               const BlockScoresPlan& plan) {
+  // The sum pass (a programmatic dependent on Hopper) may be scheduled once every CTA is here.
+  allow_dependent_launch();
   ScoreCta cta;
   const int leader = blockIdx.y;
   const int32_t kv_head = p.head_map[leader];
@@ -460,8 +462,6 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   using Tile = ScoreTile<kHeadDim>;
   constexpr int kPartsPerWarp = 16 / kPartialLen;
   constexpr int kTilesPerPart = kPartialLen / 8;
-  // The sum pass (a programmatic dependent on Hopper) may be scheduled once every CTA is here.
-  allow_dependent_launch();
   const ScoreCta cta = score_cta(p, plan);
   if (cta.kv_head < 0) return;
   const int tid = threadIdx.x;
@@ -637,8 +637,6 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
                              const BlockScoresPlan plan, int rows_pad, bool q_vec16) {
   using Tile = ScoreTile<kHeadDim>;
   constexpr int kLogitPitch = Tile::kLogitPitch;
-  // The sum pass (a programmatic dependent on Hopper) may be scheduled once every CTA is here.
-  allow_dependent_launch();
   const ScoreCta cta = score_cta(p, plan);
   if (cta.kv_head < 0) return;
   const int tid = threadIdx.x;
