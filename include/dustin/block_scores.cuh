@@ -109,50 +109,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-/// Softmax statistics of part of a row in the log2 domain: its max and the sum of
-/// exp2(logit - max). Combining is exact up to rounding and, in a fixed order, deterministic.
-struct SoftmaxStats {
-  float max = -INFINITY;
-  float sum = 0.f;  // 0: nothing visible (max then stays -inf)
-
-  __device__ __forceinline__ void add(float other_max, float other_sum) {
-    if (other_sum > 0.f) {
-      const float new_max = fmaxf(max, other_max);
-      sum = sum * exp2f(max - new_max) + other_sum * exp2f(other_max - new_max);
-      max = new_max;
-    }
-  }
-};
-
-/// Statistics of kRows rows over `count` parts each, with part(i, j) = (max, sum) of part j of
-/// row i: each lane folds parts lane, lane + 32, ... (the rows' loads issued together), then a
-/// butterfly combines the lanes (every lane ends with the same values: each step is symmetric).
-template <int kRows, typename PartFn>
-__device__ __forceinline__ void warp_softmax_stats(int32_t count, PartFn&& part,
-                                                   SoftmaxStats (&stats)[kRows]) {
-  const int lane = threadIdx.x & 31;
-  for (int32_t j = lane; j < count; j += 32) {
-    float2 parts[kRows];
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) parts[i] = part(i, j);
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) stats[i].add(parts[i].x, parts[i].y);
-  }
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) {
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const float other_max = __shfl_xor_sync(0xffffffffu, stats[i].max, d);
-      const float other_sum = __shfl_xor_sync(0xffffffffu, stats[i].sum, d);
-      const float new_max = fmaxf(stats[i].max, other_max);
-      stats[i].sum = new_max == -INFINITY ? 0.f
-                                          : stats[i].sum * exp2f(stats[i].max - new_max) +
-                                                other_sum * exp2f(other_max - new_max);
-      stats[i].max = new_max;
-    }
-  }
-}
-
 // ---- pass 1: logits and softmax partials ------------------------------------------------------
 
 template <int kHeadDim>
@@ -172,9 +128,11 @@ struct ScoreTile {
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the MMA k of 16");
   static_assert(kKeys == kWarps * 16, "each warp scores 16 keys of a tile");
 
-  /// Floats per padded row the scan path keeps in shared memory besides keys and queries: its
-  /// logits, running max, open-block carry and per-lane sums (the fragment path keeps none).
+  /// Floats per padded row each path keeps in shared memory besides keys and queries: the scan
+  /// path's logits, running max, open-block carry and per-lane sums; the fragment path's
+  /// running max and sum per warp.
   static constexpr int kScanFloatsPerRow = kLogitPitch + 2 + 32;
+  static constexpr int kFragmentFloatsPerRow = 2 * kWarps;
 
   /// Query rows of `rows_pad` (a multiple of 16) each path stages in shared memory: the
   /// fragment path reads its first row tile straight into registers (at D = 128 with up to 32
@@ -188,7 +146,7 @@ struct ScoreTile {
     const size_t rows = static_cast<size_t>(rows_pad);
     const size_t q_rows = static_cast<size_t>(staged_q_rows(rows_pad, scan));
     return sizeof(uint16_t) * (static_cast<size_t>(kStages) * kTileElems + q_rows * kPitch) +
-           sizeof(float) * rows * (scan ? kScanFloatsPerRow : 0) +
+           sizeof(float) * rows * (scan ? kScanFloatsPerRow : kFragmentFloatsPerRow) +
            sizeof(int32_t) * 2 * rows;
   }
 };
@@ -494,8 +452,8 @@ __device__ __forceinline__ void tile_logits(float (&acc)[2][4],
 /// Fragment path (block_size a multiple of kPartialLen = 8 or 16). Per tile each warp turns
 /// its MMA fragments straight into partials over kPartialLen keys: max and sum of
 /// exp2(logit - max) reduced over the lane quad that holds a row, no shared-memory round trip.
-/// No running statistics are kept per tile: at the end the CTA reads its own block partials
-/// back (L2 hits) and combines them into each row's split partial.
+/// The owner lane of each (warp, row) keeps the row's running max and sum in shared memory;
+/// the CTA combines them into the split partial at the end.
 template <typename T, int kHeadDim, int kPartialLen>
 __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
     block_scores_fragment_kernel(const __grid_constant__ BlockScoresParams p,
@@ -515,10 +473,16 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   T* s_keys = reinterpret_cast<T*>(smem_raw);         // [kStages][kKeys x D swizzled]
   T* s_q = s_keys + Tile::kStages * Tile::kTileElems;  // [rows_pad - 16][kPitch]: rows 16..
   const int q_rows = Tile::staged_q_rows(rows_pad, /*scan=*/false);
-  int32_t* s_row_out = reinterpret_cast<int32_t*>(s_q + q_rows * Tile::kPitch);
+  float* s_run_max = reinterpret_cast<float*>(s_q + q_rows * Tile::kPitch);  // [kWarps][rows_pad]
+  float* s_run_sum = s_run_max + Tile::kWarps * rows_pad;                   // [kWarps][rows_pad]
+  int32_t* s_row_out = reinterpret_cast<int32_t*>(s_run_sum + Tile::kWarps * rows_pad);
   int32_t* s_row_pos = s_row_out + rows_pad;
   KeyTileStream<T, kHeadDim, /*kWarpPrivate=*/true> keys(p, cta, s_keys);
   keys.start();
+  for (int e = tid; e < Tile::kWarps * rows_pad; e += Tile::kThreads) {
+    s_run_max[e] = -INFINITY;
+    s_run_sum[e] = 0.f;
+  }
   load_score_rows<T, kHeadDim>(p, cta, rows_pad, 16, q_vec16, s_q, s_row_out, s_row_pos);
 
   const float scale_log2 = p.sm_scale * kLog2e;
@@ -530,9 +494,12 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
   const int64_t row_base = static_cast<int64_t>(b) * plan.rows;
 
   // One row tile (one head, or a few sharing a KV head, with n <= 16 queries) is the usual
-  // case: its query fragments then stay in registers for the whole split.
+  // case: its query fragments and its rows' running max and sum then stay in registers for
+  // the whole split. Every lane of a quad holds its two rows' statistics.
   uint32_t q0[kHeadDim / 16][4];
   load_first_q_fragments<T, kHeadDim>(q0, p, cta, s_row_out);
+  float run_max0[2] = {-INFINITY, -INFINITY};
+  float run_sum0[2] = {0.f, 0.f};
 
   // Where the block partials of row tile mt's two rows of this lane go (the quad's first lane
   // writes them; nullptr elsewhere and for padding rows); row tile 0's are found once.
@@ -550,8 +517,10 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
 
   // Softmax partials of one row tile's logits over this warp's keys [warp_begin, +16): per
   // partial the max and the sum of exp2(logit - max) over its lane quad, written by the quad's
-  // first lane. Masking only where some key may be hidden, chosen once per tile.
-  const auto score_rows = [&](auto masked, int mt, const float (&acc)[2][4], int32_t warp_begin) {
+  // first lane, and folded into the rows' running statistics. Masking only where some key may
+  // be hidden, chosen once per tile.
+  const auto score_rows = [&](auto masked, int mt, const float (&acc)[2][4], int32_t warp_begin,
+                              float (&run_max)[2], float (&run_sum)[2]) {
     float2* row_partials[2] = {first_row_partials[0], first_row_partials[1]};
     if (mt > 0) rows_partials(mt, row_partials);
 #pragma unroll
@@ -590,6 +559,12 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
           row_partials[half][(warp_begin + part * kPartialLen) / kPartialLen] =
               make_float2(sum, ref);
         }
+        const float new_max = fmaxf(run_max[half], part_max);
+        if (new_max != -INFINITY) {  // sum == 0 keeps 2^(ref - new_max) from overflowing
+          run_sum[half] = run_sum[half] * fast_exp2(run_max[half] - new_max) +
+                          (sum > 0.f ? sum * fast_exp2(ref - new_max) : 0.f);
+        }
+        run_max[half] = new_max;
       }
     }
   };
@@ -597,12 +572,22 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
     const int32_t warp_begin = tile_begin + warp * 16;
     float acc[2][4];
     tile_logits<T, kHeadDim>(acc, q0, k_tile);
-    score_rows(masked, 0, acc, warp_begin);
+    score_rows(masked, 0, acc, warp_begin, run_max0, run_sum0);
     for (int mt = 1; mt < m_tiles; ++mt) {
       uint32_t q[kHeadDim / 16][4];
       load_q_fragments<T, kHeadDim>(q, s_q, mt - 1);  // s_q starts at row tile 1
       tile_logits<T, kHeadDim>(acc, q, k_tile);
-      score_rows(masked, mt, acc, warp_begin);
+      const int r0 = warp * rows_pad + mt * 16 + (lane >> 2);
+      float run_max[2] = {s_run_max[r0], s_run_max[r0 + 8]};
+      float run_sum[2] = {s_run_sum[r0], s_run_sum[r0 + 8]};
+      score_rows(masked, mt, acc, warp_begin, run_max, run_sum);
+      __syncwarp();  // the quad's lanes have read before the first one writes
+      if ((lane & 3) == 0) {
+        s_run_max[r0] = run_max[0];
+        s_run_max[r0 + 8] = run_max[1];
+        s_run_sum[r0] = run_sum[0];
+        s_run_sum[r0 + 8] = run_sum[1];
+      }
     }
   };
 
@@ -613,32 +598,31 @@ __global__ void __launch_bounds__(ScoreTile<kHeadDim>::kThreads)
       score_tile(std::false_type{}, tile_begin, k_tile);
     }
   });
-  // Split partials from this CTA's block partials, combined in a fixed order. Every partial of
-  // the split's tiles was written (hidden keys as sum 0), and the barrier makes this CTA's global
-  // writes visible to all its threads.
+  if ((lane & 3) == 0) {
+    const int r0 = warp * rows_pad + (lane >> 2);
+    s_run_max[r0] = run_max0[0];
+    s_run_max[r0 + 8] = run_max0[1];
+    s_run_sum[r0] = run_sum0[0];
+    s_run_sum[r0 + 8] = run_sum0[1];
+  }
+
+  // Split partials: the warps' running statistics combined in a fixed order.
   __syncthreads();
   float2* split_partials = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) +
                                                      plan.split_partials_offset);
-  const int32_t part_begin = cta.split_begin / kPartialLen;
-  const int32_t num_parts = (cta.split_end + kPartialLen - 1) / kPartialLen - part_begin;
-  constexpr int kRowsAtOnce = 4;
-  for (int r0 = warp; r0 < cta.rows; r0 += Tile::kWarps * kRowsAtOnce) {
-    SoftmaxStats stats[kRowsAtOnce];
-    warp_softmax_stats(num_parts, [&](int i, int32_t j) {
-      const int r = r0 + i * Tile::kWarps;
-      if (r >= cta.rows) return make_float2(0.f, 0.f);
-      const float2 part =
-          block_partials[(row_base + s_row_out[r]) * plan.num_partials + part_begin + j];
-      return make_float2(part.y, part.x);  // block partials are (sum, ref)
-    }, stats);
+  for (int r = tid; r < cta.rows; r += Tile::kThreads) {
+    float row_max = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < kRowsAtOnce; ++i) {
-      const int r = r0 + i * Tile::kWarps;
-      if (lane == 0 && r < cta.rows) {
-        split_partials[(row_base + s_row_out[r]) * plan.num_splits + blockIdx.x] =
-            make_float2(stats[i].max, stats[i].sum);
+    for (int w = 0; w < Tile::kWarps; ++w) row_max = fmaxf(row_max, s_run_max[w * rows_pad + r]);
+    float row_sum = 0.f;
+    if (row_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < Tile::kWarps; ++w) {
+        row_sum += s_run_sum[w * rows_pad + r] * exp2f(s_run_max[w * rows_pad + r] - row_max);
       }
     }
+    split_partials[(row_base + s_row_out[r]) * plan.num_splits + blockIdx.x] =
+        make_float2(row_max, row_sum);
   }
 }
 
@@ -865,25 +849,57 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   };
   load_terms(0);
 
-  // Per row: the max over its split partials and 1 / the sum below it; a warp's rows load
-  // together.
+  // Per row: the max over its split partials and 1 / the sum below it, each lane folding its
+  // splits in one pass (online rescaling), then a butterfly over the lanes (every lane ends
+  // with the same values: each combine is symmetric). A warp's rows load together.
   const float2* split_partials = reinterpret_cast<const float2*>(
       static_cast<const char*>(p.workspace) + plan.split_partials_offset);
   for (int r0 = warp; r0 < plan.rows; r0 += kWarps * kScoreSumRowsPerWarp) {
-    SoftmaxStats stats[kScoreSumRowsPerWarp];
-    warp_softmax_stats(splits, [&](int i, int32_t s) {
-      const int r = r0 + i * kWarps;
-      return r < plan.rows
-                 ? split_partials[(static_cast<int64_t>(b) * plan.rows + r) * plan.num_splits + s]
-                 : make_float2(0.f, 0.f);
-    }, stats);
+    float m[kScoreSumRowsPerWarp];
+    float sum[kScoreSumRowsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
+      m[i] = -INFINITY;
+      sum[i] = 0.f;
+    }
+    for (int s = lane; s < splits; s += 32) {
+      float2 split[kScoreSumRowsPerWarp];  // (max, sum of exp2(logit - max)) of one split
+#pragma unroll
+      for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
+        const int r = r0 + i * kWarps;
+        split[i] = r < plan.rows
+                       ? split_partials[(static_cast<int64_t>(b) * plan.rows + r) * plan.num_splits + s]
+                       : make_float2(0.f, 0.f);
+      }
+#pragma unroll
+      for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
+        if (split[i].y > 0.f) {
+          const float new_m = fmaxf(m[i], split[i].x);
+          sum[i] = sum[i] * exp2f(m[i] - new_m) + split[i].y * exp2f(split[i].x - new_m);
+          m[i] = new_m;
+        }
+      }
+    }
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) {
+#pragma unroll
+      for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
+        const float other_m = __shfl_xor_sync(0xffffffffu, m[i], d);
+        const float other_sum = __shfl_xor_sync(0xffffffffu, sum[i], d);
+        const float new_m = fmaxf(m[i], other_m);
+        sum[i] = new_m == -INFINITY
+                     ? 0.f
+                     : sum[i] * exp2f(m[i] - new_m) + other_sum * exp2f(other_m - new_m);
+        m[i] = new_m;
+      }
+    }
 #pragma unroll
     for (int i = 0; i < kScoreSumRowsPerWarp; ++i) {
       const int r = r0 + i * kWarps;
       if (lane == 0 && r < plan.rows) {
         const int32_t kv_head = p.head_map[r / p.num_queries];
-        s_row_max[r] = stats[i].max;
-        s_row_inv[r] = stats[i].sum > 0.f ? 1.f / stats[i].sum : 0.f;
+        s_row_max[r] = m[i];
+        s_row_inv[r] = sum[i] > 0.f ? 1.f / sum[i] : 0.f;
         s_row_scored[r] = kv_head >= 0 && kv_head < p.kv.num_kv_heads ? 1.f : 0.f;
       }
     }
