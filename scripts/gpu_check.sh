@@ -6,6 +6,7 @@
 #                                        profile-e2e (kernels of each phase of a decode step;
 #                                        PROFILE_E2E_ARGS passed to scripts/profile_e2e_step.py)
 #                                        bench-<name> (runs bench/bench_<name>.py)
+#                                        e2e-tp<N> (bench_e2e.py --tp N under torchrun)
 #                                        weights (joins the real pair sent in slices, below)
 #                                        quality-<context> (dustin eval at that context;
 #                                        QUALITY_ARGS adds options, QUALITY_TAG names the files)
@@ -122,6 +123,14 @@ for stage in "${stages[@]}"; do
         --head-steps "${CALIBRATE_STEPS:-32}" --share-steps "${CALIBRATE_STEPS:-32}" \
         --out "bench/results/quality/qwen2.5-coder-0.5b_1.5b.calibrated-$ctx.json" 2>&1 \
         | tee "$LOGS/calibrate_$ctx.log" | tail -n 40 || status=1
+      ;;
+    e2e-tp*)
+      # The end-to-end benchmark with the target split over N GPUs (nvidia-h200-xN), rank 0
+      # writing the results; BENCH_ARGS_e2e is passed on (default pairs: the 72B and 32B shapes).
+      n=${stage#e2e-tp}
+      step "bench e2e, tensor parallel over $n GPUs"
+      NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node "$n" bench/bench_e2e.py --tp "$n" \
+        ${BENCH_ARGS_e2e:---pairs qwen2.5-72b/0.5b qwen2.5-32b/0.5b} 2>&1 | tee "$LOGS/bench_e2e_tp$n.log" || status=1
       ;;
     bench-*)
       name=${stage#bench-}
