@@ -810,11 +810,15 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  // Lengths are inputs of both passes, so they are read before the wait; the partials come
-  // from the partial pass (the grid before this one).
+  // Lengths and the scores accumulated into are inputs of both passes, written before the
+  // partial pass began, so they are read before the wait; the partials come from the partial
+  // pass (the grid before this one).
   const int32_t kv_len = clamped_kv_len(p, b, block_scores_max_len(p));
   const int32_t nblk = num_blocks_for(kv_len, p.block_size);
   const int32_t first_block = blockIdx.x * kScoreSumThreads;
+  const int32_t block = first_block + tid;  // this thread's block
+  float* const score = p.scores + b * p.scores_stride_b + block;
+  const float prior = block < nblk ? *score : 0.f;
   wait_for_preceding_grid();
   allow_dependent_launch();
   if (first_block >= nblk) return;
@@ -824,7 +828,6 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   // are one on the scan path, block_size / partial_len on the fragment path, where those past
   // the last tile of the sequence were never written; rows of heads that were not scored (bad
   // head_map entries) were never written either, and are skipped when added.
-  const int32_t block = first_block + tid;
   const float2* block_partials = reinterpret_cast<const float2*>(
       static_cast<const char*>(p.workspace) + plan.block_partials_offset);
   const int32_t parts_per_block = p.block_size / plan.partial_len;
@@ -918,7 +921,7 @@ __global__ void __launch_bounds__(kScoreSumThreads)
       }
     }
   }
-  p.scores[b * p.scores_stride_b + block] += total;
+  *score = prior + total;
 }
 
 }  // namespace dustin::detail
