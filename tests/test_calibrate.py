@@ -104,9 +104,31 @@ def test_calibrate_writes_a_loadable_config(tmp_path):
         max_layers=2,
     )
     config.check(draft.config, target.config)
-    assert config.draft_share in (0.0, 1.0) and config.budget_tokens == 32
-    assert 1 <= len({layer for layer, _ in config.draft_heads}) <= 2
-    assert set(report["share_search"]["results"]) == {"share=0", "share=1", "default"}
+    assert config.budget_tokens == 32
+    search = report["share_search"]
+    # Both head sets at every share; the defaults also at their own share (0.5).
+    assert set(search["results"]) == {
+        "chosen/share=0",
+        "chosen/share=1",
+        "default/share=0",
+        "default/share=0.5",
+        "default/share=1",
+    }
+    # The config is the best candidate on the objective, so never below the defaults.
+    objective = search["objective_values"]
+    chosen = report["chosen"]["candidate"]
+    assert objective[chosen] == max(objective.values())
+    assert objective[chosen] >= objective["default/share=0.5"]
+    heads, share = chosen.split("/share=")
+    assert config.draft_share == float(share)
+    if heads == "chosen":
+        assert 1 <= len({layer for layer, _ in config.draft_heads}) <= 2
+    else:
+        default = PairConfig.default_for(draft.config, target.config)
+        assert (config.draft_heads, config.target_heads) == (
+            default.draft_heads,
+            default.target_heads,
+        )
     path = tmp_path / "pair.json"
     write_config(config, path)
     assert PairConfig.load(path) == config
