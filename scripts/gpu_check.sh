@@ -118,9 +118,10 @@ for stage in "${stages[@]}"; do
       ctx=${stage#calibrate-}
       step "calibrate $ctx"
       # Held-out from the quality texts above; the config lands in bench/results/quality/.
+      # CALIBRATE_ARGS adds options, e.g. "--windows-per-text 4" for more calibration data.
       timeout "${CALIBRATE_TIMEOUT:-500}" python3 -m dustin calibrate --no-progress --context "$ctx" \
         --texts "${CALIBRATE_TEXTS:-emma,sensesensibility}" \
-        --head-steps "${CALIBRATE_STEPS:-32}" --share-steps "${CALIBRATE_STEPS:-32}" \
+        --head-steps "${CALIBRATE_STEPS:-32}" --share-steps "${CALIBRATE_STEPS:-32}" ${CALIBRATE_ARGS:-} \
         --out "bench/results/quality/qwen2.5-coder-0.5b_1.5b.calibrated-$ctx.json" 2>&1 \
         | tee "$LOGS/calibrate_$ctx.log" | tail -n 40 || status=1
       ;;
