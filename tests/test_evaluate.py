@@ -215,3 +215,33 @@ def test_eval_command_writes_results(models, tmp_path):
     assert (out / "quality-cpu-80-ctx80.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         parser.parse_args(["--policies", "dense,nonsense"])
+
+
+def test_eval_command_keeps_finished_contexts_when_cut_short(models, tmp_path, monkeypatch):
+    """A run that fails in its second context still leaves the first one's results on disk."""
+    from dustin import quality_cli
+
+    root = tmp_path / "ckpt"
+    target = save_tiny(root / "target", "llama", "target", seed=3, max_position_embeddings=1024)
+    draft = save_tiny(root / "draft", "llama", "draft", seed=4, max_position_embeddings=1024)
+    parser = argparse.ArgumentParser()
+    quality_cli.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        f"--target {target} --draft {draft} --texts emma --contexts 80,96 --steps 2 --gamma 2 "
+        f"--budgets 32 --block-sizes 16 --main-budget 32 --free-tokens 0 --policies dense,dustin "
+        f"--out-dir {out} --no-store --no-progress --device cpu --tag cut".split()
+    )
+    real = quality_cli.teacher_forced
+
+    def fails_at_96(target, draft, windows, *rest, **kwargs):
+        if windows[0].window.context == 96:
+            raise RuntimeError("cut short")
+        return real(target, draft, windows, *rest, **kwargs)
+
+    monkeypatch.setattr(quality_cli, "teacher_forced", fails_at_96)
+    with pytest.raises(RuntimeError, match="cut short"):
+        quality_cli.run(args)
+    data = json.loads((out / "quality-cut.json").read_text())
+    assert set(data["results"]) == {"80"}
+    assert set(data["results"]["80"]["teacher_forced"]) == {"dustin/b32/p16"}

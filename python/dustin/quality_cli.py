@@ -274,21 +274,6 @@ def run(args: argparse.Namespace) -> int:
     pair.check(draft.config, target.config)
     variants = variants_for(args, pair, default_pair)
     progress = not args.no_progress
-    results = {}
-    for context, windows in prefilled.items():
-        tf = teacher_forced(
-            target, draft, windows, variants, gamma=args.gamma, steps=args.steps, progress=progress
-        )
-        entry = {"teacher_forced": tf.summaries, "dense": tf.dense}
-        if args.free_tokens:
-            main = [
-                v
-                for v in variants
-                if v.label.endswith(f"/b{args.main_budget}/p{args.main_block_size}")
-            ]
-            options = DecodeOptions(max_new_tokens=args.free_tokens, gamma=args.gamma)
-            entry["free_running"] = free_running(target, draft, windows, main, options, progress)
-        results[context] = entry
     meta = {
         "target": str(args.target),
         "draft": str(args.draft),
@@ -317,6 +302,22 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     tag = args.tag or f"{args.resolved_device}-{'-'.join(str(c) for c in contexts)}"
-    paths = write_results(args.out_dir, tag, meta, results)
-    tqdm.write("wrote " + ", ".join(str(p) for p in paths))
+    # Written again after each context, so a long run cut short keeps the contexts it finished.
+    results = {}
+    for context, windows in prefilled.items():
+        tf = teacher_forced(
+            target, draft, windows, variants, gamma=args.gamma, steps=args.steps, progress=progress
+        )
+        entry = {"teacher_forced": tf.summaries, "dense": tf.dense}
+        if args.free_tokens:
+            main = [
+                v
+                for v in variants
+                if v.label.endswith(f"/b{args.main_budget}/p{args.main_block_size}")
+            ]
+            options = DecodeOptions(max_new_tokens=args.free_tokens, gamma=args.gamma)
+            entry["free_running"] = free_running(target, draft, windows, main, options, progress)
+        results[context] = entry
+        paths = write_results(args.out_dir, tag, meta, results)
+        tqdm.write(f"context {context} done: wrote " + ", ".join(str(p) for p in paths))
     return 0
