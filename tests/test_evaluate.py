@@ -178,7 +178,9 @@ def test_free_running_against_dense(models, tmp_path):
     assert results["streaming/b16/p1"]["kv_read_share"] < 0.5
 
 
-def test_eval_command_writes_results(models, tmp_path):
+def eval_command(tmp_path, options: str):
+    """``dustin eval``'s parser and the arguments for a tiny checkpoint pair plus `options`,
+    writing to ``tmp_path / "out"`` on the CPU."""
     from dustin import quality_cli
 
     root = tmp_path / "ckpt"
@@ -186,11 +188,21 @@ def test_eval_command_writes_results(models, tmp_path):
     draft = save_tiny(root / "draft", "llama", "draft", seed=4, max_position_embeddings=1024)
     parser = argparse.ArgumentParser()
     quality_cli.add_arguments(parser)
-    out = tmp_path / "out"
     args = parser.parse_args(
-        f"--target {target} --draft {draft} --texts emma --context 80 --steps 2 --gamma 2 --budgets 16,32 "
-        f"--block-sizes 1,16 --main-budget 32 --free-tokens 4 --policies dense,dustin,dustin-default,streaming,quest "
-        f"--out-dir {out} --store {tmp_path / 'store'} --no-progress --device cpu".split()
+        f"--target {target} --draft {draft} --texts emma --steps 2 --gamma 2 --main-budget 32 "
+        f"--out-dir {tmp_path / 'out'} --no-progress --device cpu {options}".split()
+    )
+    return parser, args
+
+
+def test_eval_command_writes_results(models, tmp_path):
+    from dustin import quality_cli
+
+    out = tmp_path / "out"
+    parser, args = eval_command(
+        tmp_path,
+        "--context 80 --budgets 16,32 --block-sizes 1,16 --free-tokens 4 "
+        f"--policies dense,dustin,dustin-default,streaming,quest --store {tmp_path / 'store'}",
     )
     assert quality_cli.run(args) == 0
     data = json.loads((out / "quality-cpu-80.json").read_text())
@@ -221,16 +233,10 @@ def test_eval_command_keeps_finished_contexts_when_cut_short(models, tmp_path, m
     """A run that fails in its second context still leaves the first one's results on disk."""
     from dustin import quality_cli
 
-    root = tmp_path / "ckpt"
-    target = save_tiny(root / "target", "llama", "target", seed=3, max_position_embeddings=1024)
-    draft = save_tiny(root / "draft", "llama", "draft", seed=4, max_position_embeddings=1024)
-    parser = argparse.ArgumentParser()
-    quality_cli.add_arguments(parser)
-    out = tmp_path / "out"
-    args = parser.parse_args(
-        f"--target {target} --draft {draft} --texts emma --contexts 80,96 --steps 2 --gamma 2 "
-        f"--budgets 32 --block-sizes 16 --main-budget 32 --free-tokens 0 --policies dense,dustin "
-        f"--out-dir {out} --no-store --no-progress --device cpu --tag cut".split()
+    _, args = eval_command(
+        tmp_path,
+        "--contexts 80,96 --budgets 32 --block-sizes 16 --free-tokens 0 --policies dense,dustin "
+        "--no-store --tag cut",
     )
     real = quality_cli.teacher_forced
 
@@ -242,6 +248,6 @@ def test_eval_command_keeps_finished_contexts_when_cut_short(models, tmp_path, m
     monkeypatch.setattr(quality_cli, "teacher_forced", fails_at_96)
     with pytest.raises(RuntimeError, match="cut short"):
         quality_cli.run(args)
-    data = json.loads((out / "quality-cut.json").read_text())
+    data = json.loads((tmp_path / "out" / "quality-cut.json").read_text())
     assert set(data["results"]) == {"80"}
     assert set(data["results"]["80"]["teacher_forced"]) == {"dustin/b32/p16"}
