@@ -121,8 +121,7 @@ void block_scores(const at::Tensor& q_srh, const at::Tensor& k_cache, const at::
   check.status(dustin::block_scores(p, c10::cuda::getCurrentCUDAStream()));
 #else
   (void)p;
-  check.not_implemented(false, "dustin was built without CUDA, so it cannot run on ",
-                        q_srh.device(), "; rebuild with nvcc available (DUSTIN_CUDA=ON)");
+  check.no_cuda_build(q_srh.device());
 #endif
 }
 

@@ -140,6 +140,13 @@ class ArgCheck {
     value(std::isfinite(v), name, " must be finite, got ", v);
   }
 
+  /// The error of every CUDA call in a build without CUDA kernels.
+  [[noreturn]] void no_cuda_build(const at::Device& device) const {
+    not_implemented(false, "dustin was built without CUDA, so it cannot run on ", device,
+                    "; rebuild with nvcc available (DUSTIN_CUDA=ON)");
+    __builtin_unreachable();
+  }
+
   /// Turns a non-Ok Status of libdustin into the matching Python error.
   void status(Status s) const {
     if (s == Status::kOk) return;

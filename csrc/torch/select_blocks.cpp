@@ -133,8 +133,7 @@ void launch(const ArgCheck& check, SelectBlocksParams p, const at::Tensor& draft
   check.status(dustin::select_blocks(p, c10::cuda::getCurrentCUDAStream()));
 #else
   (void)p;
-  check.not_implemented(false, "dustin was built without CUDA, so it cannot run on ",
-                        draft_scores.device(), "; rebuild with nvcc available (DUSTIN_CUDA=ON)");
+  check.no_cuda_build(draft_scores.device());
 #endif
 }
 

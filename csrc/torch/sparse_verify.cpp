@@ -177,8 +177,7 @@ void launch(const ArgCheck& check, SparseVerifyParams p, const at::Tensor& q,
   check.status(dustin::sparse_verify(p, c10::cuda::getCurrentCUDAStream()));
 #else
   (void)p, (void)workspace;
-  check.not_implemented(false, "dustin was built without CUDA, so it cannot run on ", q.device(),
-                        "; rebuild with nvcc available (DUSTIN_CUDA=ON)");
+  check.no_cuda_build(q.device());
 #endif
 }
 

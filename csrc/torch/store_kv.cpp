@@ -119,8 +119,7 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   check.status(dustin::store_kv(p, c10::cuda::getCurrentCUDAStream()));
 #else
   (void)p;
-  check.not_implemented(false, "dustin was built without CUDA, so it cannot run on ",
-                        k_cache.device(), "; rebuild with nvcc available (DUSTIN_CUDA=ON)");
+  check.no_cuda_build(k_cache.device());
 #endif
 }
 
