@@ -15,15 +15,17 @@ namespace dustin::detail {
 /// Position stored for a tile slot that holds no attended token: larger than every query.
 constexpr int32_t kMaskedPos = 0x7fffffff;
 
-/// Tile shapes of one instantiation. A CTA of 4 warps owns the kRows = 16 * kMTiles query rows
-/// (G heads x q tokens, token-major) of one KV head; warps split those rows into 16-row MMA
-/// tiles and, when there are fewer than 4 row tiles, split each KV tile's tokens too, so each
-/// KV byte is read from HBM once for all rows (design.md s. 4).
+/// Tile shapes of one instantiation. A CTA owns the kRows = 16 * kMTiles query rows (G heads x
+/// q tokens, token-major) of one KV head; its warps split those rows into 16-row MMA tiles and
+/// each KV tile's tokens into kWarpsN slices, so each KV byte is read from HBM once for all rows
+/// (design.md s. 4). With 4 row tiles (64 rows, one warpgroup's wgmma M) the CTA has two
+/// warpgroups, each attending half of every tile's tokens: a lone warpgroup per SM (small
+/// budgets, one CTA per SM) left its loads and serial softmax exposed.
 template <int kHeadDim_, int kMTiles_>
 struct VerifyTileConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kMTiles = kMTiles_;
-  static constexpr int kThreads = 128;
+  static constexpr int kThreads = kMTiles == 4 ? 256 : 128;
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kRows = 16 * kMTiles;
   static constexpr int kWarpsM = kMTiles;
@@ -35,7 +37,9 @@ struct VerifyTileConfig {
   /// that a few stages in flight per SM cover HBM latency at full bandwidth.
   static constexpr int kTileN = 64;
   static constexpr int kWarpN = kTileN / kWarpsN;  // tokens of a tile one warp attends
-  static constexpr int kStages = kHeadDim == 128 ? 3 : 4;
+  /// Two warpgroups at D = 128 need more registers than two CTAs per SM allow, so one CTA
+  /// holds as many tiles in flight as two CTAs of one warpgroup did.
+  static constexpr int kStages = kHeadDim == 64 ? 4 : kThreads == 256 ? 6 : 3;
   static constexpr int kChunks = kHeadDim * 2 / 16;  // 16-byte chunks per row
   static constexpr int kLoadRowStep = kThreads / kChunks;
   static constexpr int kLoadRowsPerThread = kTileN / kLoadRowStep;
@@ -48,7 +52,7 @@ struct VerifyTileConfig {
   static constexpr int kPosOffsetBytes = kStagesBytes;
   /// Attended blocks whose logical id and physical page are looked up together, ahead of the
   /// tiles that read them: one pair of dependent global loads per chunk instead of per tile.
-  static constexpr int kChunkBlocks = 128;
+  static constexpr int kChunkBlocks = kThreads;
   static constexpr int kChunkOffsetBytes = kPosOffsetBytes + kStages * kTileN * 4;
   /// Per stage: whether its tile is clean (every slot a valid listed token, so visible to every
   /// query row), which lets the softmax skip the mask.
@@ -85,11 +89,19 @@ struct SequenceView {
   int64_t num_slots;     // tile slots: (count + window blocks) * P
 };
 
+__device__ __forceinline__ int list_of(const SparseVerifyParams& p, int h) {
+  return p.num_lists == 1 ? 0 : h;
+}
+
+__device__ __forceinline__ const int32_t* list_ids(const SparseVerifyParams& p, int b, int h) {
+  return p.block_ids + b * p.block_ids_stride_b + list_of(p, h) * p.block_ids_stride_s;
+}
+
 __device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& p, int b, int h) {
   const PagedKV& kv = p.kv;
   SequenceView s;
-  const int list = p.num_lists == 1 ? 0 : h;
-  s.ids = p.block_ids + b * p.block_ids_stride_b + list * p.block_ids_stride_s;
+  const int list = list_of(p, h);
+  s.ids = list_ids(p, b, h);
   s.table = kv.block_table + b * kv.block_table_stride;
   s.count = min(max(__ldg(p.block_counts + b * p.block_counts_stride_b + list), 0), p.max_blocks);
   // Never trust lengths past the block table: reads stay inside it whatever kv_lens holds.
@@ -108,7 +120,7 @@ __device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& 
 /// With one split the CTA writes out and lse; otherwise fp32 partials (normalised output and
 /// log2-domain lse) for sparse_verify_merge_kernel.
 template <typename T, int kHeadDim, int kMTiles>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles>::kThreads)
     sparse_verify_kernel(const __grid_constant__ SparseVerifyParams p, int num_splits,
                          int num_row_chunks) {
   using Cfg = VerifyTileConfig<kHeadDim, kMTiles>;
@@ -142,6 +154,20 @@ __global__ void __launch_bounds__(128)
   const int group = p.num_qo_heads / num_kv_heads;
   const int rows_total = group * p.q_len;
   const int row0 = row_chunk * kRows;
+  // The first chunk of listed ids (below) depends only on the list's address, not on its count:
+  // loaded alongside the count and length, it takes one dependent round trip off the start
+  // (count -> ids -> pages -> KV becomes ids and count -> pages -> KV). Only the first split
+  // starts at attended block 0 whatever the count.
+  constexpr int kChunkPerThread = Cfg::kChunkBlocks / Cfg::kThreads;
+  int first_chunk_ids[kChunkPerThread];
+  {
+    const int32_t* ids = list_ids(p, b, h);
+#pragma unroll
+    for (int j = 0; j < kChunkPerThread; ++j) {
+      const int vblock = threadIdx.x + j * Cfg::kThreads;
+      first_chunk_ids[j] = split == 0 && vblock < p.max_blocks ? __ldg(ids + vblock) : -1;
+    }
+  }
   const SequenceView seq = sequence_view(p, b, h);
   const int page_size = kv.page_size;
 
@@ -182,7 +208,6 @@ __global__ void __launch_bounds__(128)
 
   // Attended block `vblock` of this list: listed ids first (ids at or past the window, or
   // outside the sequence, are skipped, never read), then every block of the window.
-  constexpr int kChunkPerThread = Cfg::kChunkBlocks / Cfg::kThreads;
   int chunk_first = -Cfg::kChunkBlocks;  // first attended block held in chunk_*
   bool chunk_listed_valid = false;       // every listed block of the chunk will be read
   auto fill_chunk = [&](int first) {
@@ -193,7 +218,7 @@ __global__ void __launch_bounds__(128)
     for (int j = 0; j < kChunkPerThread; ++j) {
       const int vblock = first + tid + j * Cfg::kThreads;
       if (vblock < seq.count) {
-        block[j] = __ldg(seq.ids + vblock);
+        block[j] = first == 0 && split == 0 ? first_chunk_ids[j] : __ldg(seq.ids + vblock);
         valid[j] = block[j] >= 0 && block[j] < seq.first_window;
       } else {
         block[j] = seq.first_window + (vblock - seq.count);
@@ -324,13 +349,15 @@ __global__ void __launch_bounds__(128)
       for (int nt = 0; nt < kWarpN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
       if constexpr (Cfg::kWarpgroupMma) {
-        // B = K tile [64 tokens, D], K-major: k-step ks is 32 bytes into column block ks / 4.
+        // B = this warpgroup's kWarpN tokens of the K tile [64 tokens, D], K-major: rows of
+        // 128 bytes, k-step ks is 32 bytes into column block ks / 4.
         fence_accumulators(s);
         cute::warpgroup_arrive();
 #pragma unroll
         for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-          const uint32_t addr = smem_addr(k_stage) + (ks >> 2) * (kTileN * 128) + (ks & 3) * 32;
-          WarpgroupMma<T, kTileN, false>::run(s, q_frag[ks], swizzle128_desc(addr, 16, 1024));
+          const uint32_t addr =
+              smem_addr(k_stage) + (ks >> 2) * (kTileN * 128) + n0 * 128 + (ks & 3) * 32;
+          WarpgroupMma<T, kWarpN, false>::run(s, q_frag[ks], swizzle128_desc(addr, 16, 1024));
         }
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
@@ -406,13 +433,14 @@ __global__ void __launch_bounds__(128)
       }
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
       if constexpr (Cfg::kWarpgroupMma) {
-        // B = V tile [64 tokens, D], MN-major: k-step kt starts 16 token rows in; column blocks
-        // of 64 d are kTileN * 128 bytes apart, 8-row groups 1024 bytes.
+        // B = V tile [64 tokens, D], MN-major: k-step kt starts 16 token rows into this
+        // warpgroup's tokens; column blocks of 64 d are kTileN * 128 bytes apart, 8-row groups
+        // 1024 bytes.
         fence_accumulators(o);
         cute::warpgroup_arrive();
 #pragma unroll
         for (int kt = 0; kt < kWarpN / 16; ++kt) {
-          const uint32_t addr = smem_addr(v_stage) + kt * 16 * 128;
+          const uint32_t addr = smem_addr(v_stage) + (n0 + kt * 16) * 128;
           WarpgroupMma<T, kHeadDim, true>::run(o, pa[kt], swizzle128_desc(addr, kTileN * 128, 1024));
         }
         cute::warpgroup_commit_batch();

@@ -111,14 +111,18 @@ __device__ __forceinline__ T from_float(float x) {
 /// B is K-major (kMnMajorB false: K tile, d contiguous) or MN-major (V tile, d contiguous).
 template <typename T, int kN, bool kMnMajorB>
 struct WarpgroupMma {
+  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma N: 32, 64 or 128");
+  static constexpr auto kMajorA = cute::SM90::GMMA::Major::K;
   static constexpr auto kMajorB =
       kMnMajorB ? cute::SM90::GMMA::Major::MN : cute::SM90::GMMA::Major::K;
-  using Bf16Atom = std::conditional_t<
-      kN == 64, cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, kMajorB>,
-      cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, kMajorB>>;
-  using F16Atom = std::conditional_t<
-      kN == 64, cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, kMajorB>,
-      cute::SM90::GMMA::MMA_64x128x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, kMajorB>>;
+  template <typename N32, typename N64, typename N128>
+  using ByN = std::conditional_t<kN == 32, N32, std::conditional_t<kN == 64, N64, N128>>;
+  using Bf16Atom = ByN<cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_RS<kMajorA, kMajorB>,
+                       cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<kMajorA, kMajorB>,
+                       cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<kMajorA, kMajorB>>;
+  using F16Atom = ByN<cute::SM90::GMMA::MMA_64x32x16_F32F16F16_RS<kMajorA, kMajorB>,
+                      cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<kMajorA, kMajorB>,
+                      cute::SM90::GMMA::MMA_64x128x16_F32F16F16_RS<kMajorA, kMajorB>>;
   using Atom = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, Bf16Atom, F16Atom>;
 
   /// d[kN / 8][4] += A[64 x 16] * B[16 x kN]; d's layout is the mma.sync C layout per warp.
