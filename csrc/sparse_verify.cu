@@ -24,6 +24,9 @@ constexpr int kMaxSplits = 128;
 /// and its serial softmax exposed, at two thirds of that (1.77 us per tile).
 constexpr double kSmBytesPerUs = 27.5e3;
 constexpr double kSingleCtaThroughput = 0.67;
+/// A lone CTA of two warpgroups (64-row CTAs on Hopper): a tile per 1.25-1.3 us in the same
+/// benchmark's budget rows (128 to 2048 tokens, 72B B = 16), 0.9 of two CTAs' rate.
+constexpr double kTwoWarpgroupThroughput = 0.9;
 /// From a CTA's start to its first KV tile: the dependent loads of lengths, ids and pages.
 constexpr double kCtaStartUs = 3.0;
 /// The merge launch's tail beyond reading the partials back.
@@ -34,6 +37,7 @@ constexpr int kMergeThreads = 128;
 struct LaunchPlan {
   int row_chunks = 1;      // CTAs sharing one (b, h) when G * q exceeds 64 rows
   int num_splits = 1;      // CTAs sharing one (b, h, row chunk)'s block list
+  int warpgroups = 1;      // 2: one CTA of two warpgroups per SM (64-row CTAs, Hopper)
   size_t split_bytes = 0;  // workspace per split
 };
 
@@ -85,7 +89,7 @@ Status validate(const SparseVerifyParams& p, bool need_data) {
 
 /// Raises the kernel's shared-memory limit and returns how many of its CTAs fit on one SM, once
 /// per device (host-side queries only: nothing synchronises, so graph capture is safe).
-template <typename T, int kHeadDim, int kMTiles>
+template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
 cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
   static std::mutex mutex;
   static int cached[detail::kMaxCachedDevices] = {};
@@ -94,8 +98,8 @@ cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
     *ctas_per_sm = cached[device];
     return cudaSuccess;
   }
-  using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
-  const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles>;
+  using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
+  const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -108,16 +112,16 @@ cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
 }
 
 /// Estimated microseconds of a plan with `splits` CTAs per list: the busiest SM runs its CTAs
-/// in waves of `ctas_per_sm` (a lone CTA at the single-CTA rate), each wave paying a CTA start;
-/// a split plan adds the fp32 partials written and read back (spread over all SMs) and the
-/// merge's tail.
+/// in waves of `ctas_per_sm` (a lone CTA at `lone_throughput` of the rate), each wave paying a
+/// CTA start; a split plan adds the fp32 partials written and read back (spread over all SMs)
+/// and the merge's tail.
 double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ctas_per_sm,
-               double tile_bytes, double split_partial_bytes) {
+               double tile_bytes, double split_partial_bytes, double lone_throughput) {
   const int64_t sm_ctas = (base_ctas * splits + sms - 1) / sms;
   const double cta_read_us = static_cast<double>((max_tiles + splits - 1) / splits) * tile_bytes /
                              kSmBytesPerUs;
   const auto wave_us = [&](int64_t ctas) {
-    return kCtaStartUs + ctas * cta_read_us / (ctas > 1 ? 1.0 : kSingleCtaThroughput);
+    return kCtaStartUs + ctas * cta_read_us / (ctas > 1 ? 1.0 : lone_throughput);
   };
   double us = static_cast<double>(sm_ctas / ctas_per_sm) * wave_us(ctas_per_sm);
   if (sm_ctas % ctas_per_sm != 0) us += wave_us(sm_ctas % ctas_per_sm);
@@ -125,26 +129,27 @@ double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ct
   return us;
 }
 
+struct SplitChoice {
+  int splits = 1;
+  double us = 0.0;
+};
+
 /// The split count with the smallest estimated time (ties: fewer splits). Splitting pays when it
 /// brings idle SMs or CTA slots to work on lists long enough to repay the merge.
-int choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, int ctas_per_sm,
-                  double tile_bytes, double split_partial_bytes) {
+SplitChoice choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, int ctas_per_sm,
+                          double tile_bytes, double split_partial_bytes) {
   const int limit = static_cast<int>(std::min<int64_t>(max_tiles, kMaxSplits));
-  int best = 1;
-  double best_us = 0.0;
+  SplitChoice best;
   for (int s = 1; s <= limit; ++s) {
-    const double us =
-        plan_us(base_ctas, max_tiles, s, sms, ctas_per_sm, tile_bytes, split_partial_bytes);
-    if (s == 1 || us < best_us) {
-      best = s;
-      best_us = us;
-    }
+    const double us = plan_us(base_ctas, max_tiles, s, sms, ctas_per_sm, tile_bytes,
+                              split_partial_bytes, kSingleCtaThroughput);
+    if (s == 1 || us < best.us) best = {s, us};
   }
   return best;
 }
 
 template <typename T, int kHeadDim, int kMTiles>
-cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
+cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan) {
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -153,7 +158,7 @@ cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
   err = detail::device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms);
   if (err != cudaSuccess) return err;
   int ctas_per_sm = 0;
-  if ((err = prepare_kernel<T, kHeadDim, kMTiles>(device, &ctas_per_sm)) != cudaSuccess) {
+  if ((err = prepare_kernel<T, kHeadDim, kMTiles, 1>(device, &ctas_per_sm)) != cudaSuccess) {
     return err;
   }
   const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
@@ -163,17 +168,46 @@ cudaError_t make_plan(const SparseVerifyParams& p, LaunchPlan* plan) {
   const int64_t max_tiles = (max_attended_slots(p) + Cfg::kTileN - 1) / Cfg::kTileN;
   plan->split_bytes =
       static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads * (kHeadDim + 1) * sizeof(float);
-  plan->num_splits = choose_splits(base_ctas, max_tiles, sms, ctas_per_sm, Cfg::kStageElems * 2.0,
-                                   static_cast<double>(plan->split_bytes));
+  const double tile_bytes = Cfg::kStageElems * 2.0;
+  const double split_partial_bytes = static_cast<double>(plan->split_bytes);
+  const SplitChoice one = choose_splits(base_ctas, max_tiles, sms, ctas_per_sm, tile_bytes,
+                                        split_partial_bytes);
+  plan->num_splits = one.splits;
+  if constexpr (kMTiles == 4) {
+    // The alternative: one CTA of two warpgroups on each SM, lists split as far as that fills
+    // the SMs.
+    if (hopper && base_ctas <= sms) {
+      const int splits = static_cast<int>(
+          std::min<int64_t>({max_tiles, sms / base_ctas, int64_t{kMaxSplits}}));
+      const double us = plan_us(base_ctas, max_tiles, std::max(splits, 1), sms, 1, tile_bytes,
+                                split_partial_bytes, kTwoWarpgroupThroughput);
+      if (us < one.us) {
+        int unused = 0;
+        if ((err = prepare_kernel<T, kHeadDim, 4, 2>(device, &unused)) != cudaSuccess) return err;
+        plan->num_splits = std::max(splits, 1);
+        plan->warpgroups = 2;
+      }
+    }
+  }
   return cudaSuccess;
+}
+
+template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
+cudaError_t launch_attention(const SparseVerifyParams& p, cudaStream_t stream, int splits,
+                             int row_chunks) {
+  using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
+  const int64_t ctas = static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * splits * row_chunks;
+  detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>
+      <<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, splits,
+                                                                                row_chunks);
+  return cudaPeekAtLastError();
 }
 
 template <typename T, int kHeadDim, int kMTiles>
 Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, bool hopper,
                        size_t* workspace_bytes) {
-  using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles>;
   LaunchPlan plan;
-  if (make_plan<T, kHeadDim, kMTiles>(p, &plan) != cudaSuccess) return Status::kCudaError;
+  if (make_plan<T, kHeadDim, kMTiles>(p, hopper, &plan) != cudaSuccess) return Status::kCudaError;
   if (workspace_bytes != nullptr) {
     *workspace_bytes = plan.num_splits > 1 ? plan.num_splits * plan.split_bytes : 0;
     return Status::kOk;
@@ -183,12 +217,15 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, bool ho
   int splits = static_cast<int>(std::min<size_t>(plan.num_splits, affordable));
   if (splits < 2) splits = 1;
 
-  const int64_t ctas =
-      static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * splits * plan.row_chunks;
-  detail::sparse_verify_kernel<T, kHeadDim, kMTiles>
-      <<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, splits,
-                                                                                plan.row_chunks);
-  if (cudaPeekAtLastError() != cudaSuccess) return Status::kCudaError;
+  cudaError_t err;
+  if constexpr (kMTiles == 4) {
+    err = plan.warpgroups == 2
+              ? launch_attention<T, kHeadDim, 4, 2>(p, stream, splits, plan.row_chunks)
+              : launch_attention<T, kHeadDim, 4, 1>(p, stream, splits, plan.row_chunks);
+  } else {
+    err = launch_attention<T, kHeadDim, kMTiles, 1>(p, stream, splits, plan.row_chunks);
+  }
+  if (err != cudaSuccess) return Status::kCudaError;
   if (splits > 1) {
     const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
     const int64_t rows_per_cta = splits >= detail::kMergeSplitsPerCta ? 1 : kMergeThreads / 32;

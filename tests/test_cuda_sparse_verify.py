@@ -6,6 +6,9 @@ Covers both dtypes, head dims and layouts, page sizes 1/8/16/64/128, G in {1, 4,
 q in {1, 2, 5, 8, 16}, lengths that are not multiples of P, empty, full and random lists, per-KV-
 head lists, split and unsplit launches, query rows beyond one CTA (G * q > 64), B up to 64,
 CUDA-graph replay, and ids or lengths outside the contract (skipped or clamped, never read).
+On Hopper, 64-row CTAs (G * q > 16) run as two warpgroups when the grid has at most one CTA per
+SM (the small batches here) and as one warpgroup otherwise (B = 64 in
+test_batches_and_row_chunks and test_split_and_unsplit_paths_agree): both kernels are covered.
 """
 
 from __future__ import annotations

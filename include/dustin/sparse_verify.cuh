@@ -18,14 +18,17 @@ constexpr int32_t kMaskedPos = 0x7fffffff;
 /// Tile shapes of one instantiation. A CTA owns the kRows = 16 * kMTiles query rows (G heads x
 /// q tokens, token-major) of one KV head; its warps split those rows into 16-row MMA tiles and
 /// each KV tile's tokens into kWarpsN slices, so each KV byte is read from HBM once for all rows
-/// (design.md s. 4). With 4 row tiles (64 rows, one warpgroup's wgmma M) the CTA has two
-/// warpgroups, each attending half of every tile's tokens: a lone warpgroup per SM (small
-/// budgets, one CTA per SM) left its loads and serial softmax exposed.
-template <int kHeadDim_, int kMTiles_>
+/// (design.md s. 4). With 4 row tiles (64 rows, one warpgroup's wgmma M) a CTA may have two
+/// warpgroups, each attending half of every tile's tokens: the launcher picks them when the
+/// grid leaves at most one CTA per SM (small budgets), where a lone warpgroup left its loads
+/// and serial softmax exposed; with more CTAs than SMs, two CTAs of one warpgroup per SM
+/// overlap each other better than one CTA of two in lockstep.
+template <int kHeadDim_, int kMTiles_, int kWarpgroups_ = 1>
 struct VerifyTileConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kMTiles = kMTiles_;
-  static constexpr int kThreads = kMTiles == 4 ? 256 : 128;
+  static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kRows = 16 * kMTiles;
   static constexpr int kWarpsM = kMTiles;
@@ -39,7 +42,7 @@ struct VerifyTileConfig {
   static constexpr int kWarpN = kTileN / kWarpsN;  // tokens of a tile one warp attends
   /// Two warpgroups at D = 128 need more registers than two CTAs per SM allow, so one CTA
   /// holds as many tiles in flight as two CTAs of one warpgroup did.
-  static constexpr int kStages = kHeadDim == 64 ? 4 : kThreads == 256 ? 6 : 3;
+  static constexpr int kStages = kHeadDim == 64 ? 4 : kWarpgroups == 2 ? 6 : 3;
   static constexpr int kChunks = kHeadDim * 2 / 16;  // 16-byte chunks per row
   static constexpr int kLoadRowStep = kThreads / kChunks;
   static constexpr int kLoadRowsPerThread = kTileN / kLoadRowStep;
@@ -69,6 +72,8 @@ struct VerifyTileConfig {
   static constexpr int kEpilogueBytes = (kWarpsN * kRows * (kHeadDim + 2)) * 4;
 
   static_assert(kMTiles >= 1 && kMTiles <= 4, "row tiles per CTA: 1 to 4");
+  static_assert(kWarpgroups == 1 || (kWarpgroups == 2 && kMTiles == 4),
+                "two warpgroups only for 64-row CTAs");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
   static_assert(kWarpN % 16 == 0, "each warp attends whole k16 steps of the tile");
   static_assert(kTileN % kLoadRowStep == 0, "loads cover the tile exactly");
@@ -119,11 +124,11 @@ __device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& 
 /// tiles [split's share] of its attended slots. Grid: one CTA per (b, h, split, row chunk).
 /// With one split the CTA writes out and lse; otherwise fp32 partials (normalised output and
 /// log2-domain lse) for sparse_verify_merge_kernel.
-template <typename T, int kHeadDim, int kMTiles>
-__global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles>::kThreads)
+template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
+__global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>::kThreads)
     sparse_verify_kernel(const __grid_constant__ SparseVerifyParams p, int num_splits,
                          int num_row_chunks) {
-  using Cfg = VerifyTileConfig<kHeadDim, kMTiles>;
+  using Cfg = VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
   constexpr int kRows = Cfg::kRows;
   constexpr int kTileN = Cfg::kTileN;
   constexpr int kWarpN = Cfg::kWarpN;
