@@ -192,15 +192,17 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
   return cudaSuccess;
 }
 
+/// On Hopper the attention grid is a programmatic dependent of the stream's previous kernel
+/// (select_blocks, store_kv, a previous layer's merge): its CTAs start as that kernel drains and
+/// wait on the grid dependency before their first read.
 template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
-cudaError_t launch_attention(const SparseVerifyParams& p, cudaStream_t stream, int splits,
-                             int row_chunks) {
+cudaError_t launch_attention(const SparseVerifyParams& p, cudaStream_t stream, bool hopper,
+                             int splits, int row_chunks) {
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
   const int64_t ctas = static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * splits * row_chunks;
-  detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>
-      <<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, splits,
-                                                                                row_chunks);
-  return cudaPeekAtLastError();
+  return detail::launch_kernel(detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>,
+                               dim3(static_cast<unsigned>(ctas)), dim3(Cfg::kThreads),
+                               Cfg::kSmemBytes, stream, hopper, p, splits, row_chunks);
 }
 
 template <typename T, int kHeadDim, int kMTiles>
@@ -220,10 +222,10 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, bool ho
   cudaError_t err;
   if constexpr (kMTiles == 4) {
     err = plan.warpgroups == 2
-              ? launch_attention<T, kHeadDim, 4, 2>(p, stream, splits, plan.row_chunks)
-              : launch_attention<T, kHeadDim, 4, 1>(p, stream, splits, plan.row_chunks);
+              ? launch_attention<T, kHeadDim, 4, 2>(p, stream, hopper, splits, plan.row_chunks)
+              : launch_attention<T, kHeadDim, 4, 1>(p, stream, hopper, splits, plan.row_chunks);
   } else {
-    err = launch_attention<T, kHeadDim, kMTiles, 1>(p, stream, splits, plan.row_chunks);
+    err = launch_attention<T, kHeadDim, kMTiles, 1>(p, stream, hopper, splits, plan.row_chunks);
   }
   if (err != cudaSuccess) return Status::kCudaError;
   if (splits > 1) {

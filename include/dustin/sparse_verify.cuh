@@ -159,6 +159,9 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
   const int group = p.num_qo_heads / num_kv_heads;
   const int rows_total = group * p.q_len;
   const int row0 = row_chunk * kRows;
+  // Launched as a programmatic dependent (Hopper): everything below reads what the preceding
+  // kernel may have written (ids, lengths, Q, KV) or writes what it may read (out, workspace).
+  wait_for_preceding_grid();
   // The first chunk of listed ids (below) depends only on the list's address, not on its count:
   // loaded alongside the count and length, it takes one dependent round trip off the start
   // (count -> ids -> pages -> KV becomes ids and count -> pages -> KV). Only the first split
