@@ -12,7 +12,7 @@
 #                                        QUALITY_ARGS adds options, QUALITY_TAG names the files)
 #                                        calibrate-<context> (dustin calibrate at that context)
 #                                        (default: build test sanitize)
-# The real GGUF pair reaches the machine in 56 MiB slices (`dustin fetch split FILE .weights`
+# The real GGUF pair reaches the machine in 48 MiB slices (`dustin fetch split FILE .weights`
 # here), one call per slice copying it to ~/xfer; the `weights` stage joins them into the
 # dustin cache (`dustin fetch join`), which verifies every SHA-256.
 # Carry the wheel folder and the commit: `git rev-parse --short=12 HEAD > .dustin-commit`, then

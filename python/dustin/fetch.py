@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 _CHUNK_BYTES = 8 << 20  # streaming copy/hash granularity: large enough to be I/O bound
 _MIB = 1 << 20
-_DEFAULT_SLICE_MIB = 56  # fits the GPU machine's per-call transfer limit with room to spare
+_DEFAULT_SLICE_MIB = 48  # a device call carries 64 MiB in all, the working tree (about 9 MiB) included
 
 
 def _default_file_mode() -> int:
