@@ -27,7 +27,8 @@ constexpr double kSingleCtaThroughput = 0.67;
 /// A lone CTA of two warpgroups (64-row CTAs on Hopper): a tile per 1.25-1.3 us in the same
 /// benchmark's budget rows (128 to 2048 tokens, 72B B = 16), 0.9 of two CTAs' rate.
 constexpr double kTwoWarpgroupThroughput = 0.9;
-/// From a CTA's start to its first KV tile: the dependent loads of lengths, ids and pages.
+/// From a CTA's start to its first KV tile: two dependent loads (the list count, length and
+/// first ids together, then the pages) before the first KV bytes.
 constexpr double kCtaStartUs = 3.0;
 /// The merge launch's tail beyond reading the partials back.
 constexpr double kMergeUs = 2.0;
