@@ -78,20 +78,15 @@ struct KeyBits {
   }
 };
 
-/// Shift of the next digit when `open_bits` low bits are still undecided.
-__device__ __forceinline__ int digit_shift(int open_bits) {
-  return open_bits > kRadixDigitBits ? open_bits - kRadixDigitBits : 0;
-}
-
-/// The first radix digit of a pick: the highest bits below those all its candidates share.
-struct FirstDigit {
-  int shift = 0;
-  uint32_t digit_mask = 0u;
-  __device__ __forceinline__ explicit FirstDigit(KeyBits bits) {
-    const int open_bits = bits.open_bits();
-    shift = digit_shift(open_bits);
-    digit_mask = open_bits == 0 ? 0u : (1u << (open_bits - shift)) - 1u;
-  }
+/// The next radix digit when the low `open_bits` bits of the candidates' keys are undecided
+/// (the bits above are shared by all of them): the highest kRadixDigitBits of those bits, or
+/// all of them when fewer remain. A pick's first digit is RadixDigit(bits.open_bits()).
+struct RadixDigit {
+  int shift;
+  uint32_t digit_mask;
+  __device__ __forceinline__ explicit RadixDigit(int open_bits)
+      : shift(open_bits > kRadixDigitBits ? open_bits - kRadixDigitBits : 0),
+        digit_mask(open_bits == 0 ? 0u : (1u << (open_bits - shift)) - 1u) {}
   __device__ __forceinline__ uint32_t bin(uint32_t key) const {
     return (key >> shift) & digit_mask;
   }
@@ -148,7 +143,7 @@ __device__ __forceinline__ void count_in_bin(uint32_t* hist, bool counted, uint3
 /// caller's next barrier publishes them.
 __device__ __forceinline__ void count_first_digits(const float* __restrict__ draft,
                                                    const float* __restrict__ fill, int32_t nblk,
-                                                   FirstDigit draft_digit, FirstDigit fill_digit,
+                                                   RadixDigit draft_digit, RadixDigit fill_digit,
                                                    const uint32_t* chosen, SelectShared& sh) {
   const int tid = threadIdx.x;
   for (int32_t base = 0; base < nblk; base += kSelectThreads * kSelectUnroll) {
@@ -178,7 +173,7 @@ __device__ __forceinline__ void count_first_digits(const float* __restrict__ dra
 struct LaterPick {
   const float* scores;
   uint32_t* first_histogram;
-  FirstDigit digit;
+  RadixDigit digit;
   __device__ __forceinline__ void remove(int32_t id) const {
     atomicSub(&first_histogram[digit.bin(score_rank_key(scores[id]))], 1u);
   }
@@ -187,9 +182,9 @@ struct LaterPick {
 /// Marks in `chosen` the best `k` not-yet-chosen blocks of [0, nblk) by `scores` (score
 /// descending, ties to the lower id, NaN last); `scores` is a shared-memory copy or the global
 /// row; `bits` covers at least the candidates (not-yet-chosen blocks) and `first_histogram`
-/// holds their first digits (count_first_digits, FirstDigit(bits)). `later`, if not null, is
-/// told of every block marked. k must not exceed the number of candidates. Ends with a
-/// barrier; the whole CTA calls it with the same arguments.
+/// holds their first digits (count_first_digits, RadixDigit(bits.open_bits())). `later`, if
+/// not null, is told of every block marked. k must not exceed the number of candidates. Ends
+/// with a barrier; the whole CTA calls it with the same arguments.
 __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores, int32_t nblk,
                                                 int32_t k, KeyBits bits,
                                                 const uint32_t* first_histogram,
@@ -213,9 +208,8 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
   bool settled = false;  // the last pass broke out: exact, or a boundary bin for one warp
 #pragma unroll 1
   for (; open_bits > 0; ++pass) {
-    const int shift = digit_shift(open_bits);
-    const uint32_t digit_mask = (1u << (open_bits - shift)) - 1u;
-    open_bits = shift;
+    const RadixDigit radix(open_bits);
+    open_bits = radix.shift;
     // Pass 0's histogram was counted with the other pick's (count_first_digits).
     const uint32_t* hist = first_histogram;
     if (pass > 0) {
@@ -233,7 +227,7 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
         for (int u = 0; u < kSelectUnroll; ++u) {
           if (u >= rounds) break;
           const bool counted = key[u] != kNotCandidate && (key[u] & t.mask) == t.prefix;
-          count_in_bin(counted_hist, counted, (key[u] >> shift) & digit_mask);
+          count_in_bin(counted_hist, counted, radix.bin(key[u]));
         }
       }
       __syncthreads();
@@ -259,8 +253,8 @@ __device__ __forceinline__ void pick_top_blocks(const float* __restrict__ scores
         if (!found && above + c >= t.need) {
           found = true;
           const uint32_t digit = static_cast<uint32_t>(kRadixBins - 1 - (tid * kBinsPerThread + j));
-          sh.threshold.prefix = t.prefix | (digit << shift);
-          sh.threshold.mask = t.mask | (digit_mask << shift);
+          sh.threshold.prefix = t.prefix | (digit << radix.shift);
+          sh.threshold.mask = t.mask | (radix.digit_mask << radix.shift);
           sh.threshold.need = t.need - above;
           sh.threshold.exact = c == t.need - above;
           sh.threshold.in_bin = c;
@@ -426,8 +420,9 @@ __global__ void __launch_bounds__(kSelectThreads, kCtasPerSm)
   // One sweep counts both picks' first digits; the draft pick then takes its marks out of the
   // fill pick's count, so the fill pick starts at its first scan.
   if (rest > 0) {  // the same for the whole CTA
-    const FirstDigit fill_digit(bits[1]);
-    count_first_digits(draft, fill, nblk, FirstDigit(bits[0]), fill_digit, chosen, sh);
+    const RadixDigit fill_digit(bits[1].open_bits());
+    count_first_digits(draft, fill, nblk, RadixDigit(bits[0].open_bits()), fill_digit, chosen,
+                       sh);
     __syncthreads();
     const LaterPick fill_pick{fill, sh.first_histogram[1], fill_digit};
     pick_top_blocks(draft, nblk, by_draft, bits[0], sh.first_histogram[0], &fill_pick, chosen,

@@ -260,8 +260,8 @@ def calibrate(
     adopted, adoption = adopt_over_defaults(
         searched.summaries, best_label, default_label, comparisons=len(candidates) - 1
     )
-    chosen_label = best_label if adopted else default_label
-    chosen_heads, chosen_share = candidates[chosen_label]
+    config_label = best_label if adopted else default_label
+    config_heads, config_share = candidates[config_label]
     best = searched.summaries[best_label]
     reference = searched.summaries[default_label]
     texts = ", ".join(f"{w.window.text}@{w.window.start}" for w in windows)
@@ -279,9 +279,9 @@ def calibrate(
         )
     config = dataclasses.replace(
         default,
-        draft_heads=heads_of[chosen_heads][0],
-        target_heads=heads_of[chosen_heads][1],
-        draft_share=chosen_share,
+        draft_heads=heads_of[config_heads][0],
+        target_heads=heads_of[config_heads][1],
+        draft_share=config_share,
         note=(
             f"calibrated by `dustin calibrate` on {texts} (context {windows[0].window.context}, gamma {gamma}, "
             f"budget {budget_tokens}, block {page_size}): {measured}"
@@ -309,10 +309,10 @@ def calibrate(
         "dense": searched.dense,
         "adoption": adoption | {"adopted": adopted},
         "chosen": {
-            "candidate": chosen_label,
+            "candidate": config_label,
             "draft_heads": config.draft_heads,
             "target_heads": config.target_heads,
-            "draft_share": chosen_share,
+            "draft_share": config_share,
         },
         "seconds": time.perf_counter() - start,
     }
