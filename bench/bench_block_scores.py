@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dustin  # noqa: F401  (registers torch.ops.dustin)
 
-from bench.common import Report, pct_of_ceiling, tbps, time_cuda
+from bench.common import Report, ceiling_note, pct_of_ceiling, tbps, time_cuda
 
 D = 128
 QUERIES = 5
@@ -87,6 +87,7 @@ def main() -> None:
     )
     report.notes.append(f"n={QUERIES}, D={D}, bf16, HND pages of {PAGE} (shuffled), blocks of {BLOCK}")
     report.notes.append("bytes = keys read once; peer = torch matmul+softmax+reshape-sum on dense keys")
+    report.notes.append(ceiling_note())
     gen = torch.Generator(device="cuda").manual_seed(0)
     start = time.monotonic()
     skipped = 0

@@ -58,7 +58,7 @@ from dustin.model import Transformer, rope_inv_freq
 from dustin.parallel import TensorParallel, init_from_env
 from dustin.policies import CONFIG_DIR, Dense, Dustin, PairConfig
 
-from bench.common import READ_CEILING_TBPS, RESULTS_DIR, Report, time_cuda
+from bench.common import RESULTS_DIR, Report, read_ceiling_tbps, time_cuda
 
 OUT_DIR = RESULTS_DIR / "e2e"
 DTYPE = torch.bfloat16
@@ -515,7 +515,7 @@ def run_sweep(args) -> Report:
         ),
         (
             f"floor_ms: the bytes a step must read once (weights of every forward pass, the KV "
-            f"it attends, the keys its scoring reads) at the {READ_CEILING_TBPS} TB/s read "
+            f"it attends, the keys its scoring reads) at the {read_ceiling_tbps():.2f} TB/s read "
             "ceiling; pct_of_floor = floor_ms / step_ms"
         ),
     ]
@@ -684,7 +684,7 @@ def step_floor_ms(setup, method: Method, gamma: int, pair_cfg: PairConfig, args)
     if method.sparse:
         total += key_bytes(setup.draft, pair_cfg.draft_heads, batch, ctx)
         total += key_bytes(setup.target, pair_cfg.target_heads, batch, ctx)
-    return total / (READ_CEILING_TBPS * 1e12) * 1e3
+    return total / (read_ceiling_tbps() * 1e12) * 1e3
 
 
 def summarize(setup, gamma, label, weights, result, decoder) -> dict:

@@ -6,6 +6,8 @@
 #                                        profile-e2e (kernels of each phase of a decode step;
 #                                        PROFILE_E2E_ARGS passed to scripts/profile_e2e_step.py)
 #                                        bench-<name> (runs bench/bench_<name>.py)
+#                                        base, base-bench-<name> (the same against a baseline
+#                                        build of .base: an A/B run on one machine)
 #                                        e2e-tp<N> (bench_e2e.py --tp N under torchrun)
 #                                        weights (joins the real pair sent in slices, below)
 #                                        quality-<context> (dustin eval at that context;
@@ -46,6 +48,15 @@ for stage in "${stages[@]}"; do
       step build
       python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -n 30
       python3 -c "import dustin; assert dustin.built_with_cuda(), 'no CUDA kernels'; print('built with CUDA')" || exit 1
+      ;;
+    base)
+      # The baseline of an A/B run: .base holds the sources of the commit compared against
+      # (`git archive`, see docs/gpu-notes.md), installed into /tmp/base-site; base-bench-<name>
+      # then runs this tree's benchmark against that build, tagging its files "base".
+      step "build baseline $(cat .base/.dustin-commit)"
+      python3 -m pip install -q --no-build-isolation --no-deps --no-index --target /tmp/base-site \
+        ./.base 2>&1 | tail -n 30
+      PYTHONPATH=/tmp/base-site:$PYTHONPATH python3 -c "import dustin; print('baseline at', dustin.__file__)" || exit 1
       ;;
     diagnose)
       step diagnose; bash scripts/diagnose_crash.sh 2>&1 | tee "$LOGS/diagnose.log"
@@ -132,6 +143,15 @@ for stage in "${stages[@]}"; do
       step "bench e2e, tensor parallel over $n GPUs"
       NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node "$n" bench/bench_e2e.py --tp "$n" \
         ${BENCH_ARGS_e2e:---pairs qwen2.5-72b/0.5b qwen2.5-32b/0.5b} 2>&1 | tee "$LOGS/bench_e2e_tp$n.log" || status=1
+      ;;
+    base-bench-*)
+      name=${stage#base-bench-}
+      step "bench $name (baseline)"
+      args_var="BENCH_ARGS_${name}"
+      PYTHONPATH=/tmp/base-site:$PYTHONPATH DUSTIN_BENCH_TAG=base \
+        DUSTIN_COMMIT="$(cat .base/.dustin-commit) (baseline build)" \
+        python3 "bench/bench_${name}.py" ${!args_var:-${BENCH_ARGS:-}} 2>&1 \
+        | tee "$LOGS/bench_${name}_base.log" || status=1
       ;;
     bench-*)
       name=${stage#bench-}
