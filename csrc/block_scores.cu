@@ -52,7 +52,8 @@ auto partial_kernel(int32_t fragment) {
 }
 
 template <typename T, int kHeadDim>
-Status launch(const BlockScoresParams& p, detail::BlockScoresPlan plan, cudaStream_t stream) {
+Status launch(const BlockScoresParams& p, const detail::BlockScoresPlan& plan,
+              cudaStream_t stream) {
   using Tile = detail::ScoreTile<kHeadDim>;
   const int rows_pad = (plan.rows + 15) / 16 * 16;
   const int32_t fragment = detail::fragment_partial_len(p.block_size);
@@ -62,20 +63,6 @@ Status launch(const BlockScoresParams& p, detail::BlockScoresPlan plan, cudaStre
                            static_cast<int>(smem)) != cudaSuccess) {
     return Status::kCudaError;
   }
-  // The split count fills the CTA slots this kernel has on this GPU (host queries only, so
-  // graph capture is safe).
-  int device = 0;
-  int sms = 0;
-  int ctas_per_sm = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      detail::device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, partial, Tile::kThreads,
-                                                    smem) != cudaSuccess) {
-    return Status::kCudaError;
-  }
-  plan.num_splits = detail::choose_score_splits(
-      plan, static_cast<int64_t>(p.batch_size) * p.num_heads,
-      static_cast<int64_t>(sms) * (ctas_per_sm > 0 ? ctas_per_sm : 1));
   const dim3 partial_grid(static_cast<unsigned>(plan.num_splits),
                           static_cast<unsigned>(p.num_heads),
                           static_cast<unsigned>(p.batch_size));
@@ -93,8 +80,12 @@ Status launch(const BlockScoresParams& p, detail::BlockScoresPlan plan, cudaStre
                                             detail::kScoreSumThreads),
                       static_cast<unsigned>(p.batch_size));
   // On Hopper a programmatic dependent launch: its CTAs start while the partial pass drains.
+  int device = 0;
   bool has_pdl = false;
-  if (detail::device_has_pdl(device, &has_pdl) != cudaSuccess) return Status::kCudaError;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      detail::device_has_pdl(device, &has_pdl) != cudaSuccess) {
+    return Status::kCudaError;
+  }
   return detail::launch_kernel(detail::block_scores_sum_kernel, sum_grid,
                                dim3(detail::kScoreSumThreads), sizeof(float) * 3 * plan.rows,
                                stream, has_pdl, p, plan) == cudaSuccess
@@ -111,7 +102,7 @@ size_t block_scores_workspace_bytes(const BlockScoresParams& params) {
 Status block_scores(const BlockScoresParams& params, cudaStream_t stream) {
   if (!valid_params(params)) return Status::kInvalidArgument;
   const detail::BlockScoresPlan plan = detail::plan_block_scores(params);
-  if (plan.num_units == 0) return Status::kOk;  // no sequence, head or context to score
+  if (plan.num_splits == 0) return Status::kOk;  // no sequence, head or context to score
   if (params.workspace == nullptr || params.workspace_bytes < plan.workspace_bytes) {
     return Status::kWorkspaceTooSmall;
   }

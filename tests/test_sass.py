@@ -67,16 +67,13 @@ def written_registers(text: str) -> range:
 
 
 def q_fragment_clobbers(code: list[tuple[int, str]]) -> tuple[set[int], list[str]]:
-    """The Q K^T MMAs' A registers inside the KV loop, and the loop's other writes to them.
-
-    The loop is every backward branch around a Q K^T MMA (the two-warpgroup kernel issues its
-    first tile's Q K^T before the loop, then the next tile's inside it)."""
+    """The Q K^T MMAs' A registers inside the KV loop, and the loop's other writes to them."""
     qk = [a for a, t in code if QK_MMA.match(t)]
     assert qk, "no Q K^T warpgroup MMA found"
     loops = [
         (int(m.group(1), 16), a)
         for a, t in code
-        if (m := BRANCH.search(t)) and any(int(m.group(1), 16) <= x < a for x in qk)
+        if (m := BRANCH.search(t)) and int(m.group(1), 16) <= min(qk) < a
     ]
     assert loops, "no loop around the Q K^T warpgroup MMA"
     head, tail = min(h for h, _ in loops), max(t for _, t in loops)

@@ -25,15 +25,8 @@ inline constexpr int32_t kScoreTileKeys = 64;
 /// CTAs per launch the plan aims for (B x Hs x splits): about four waves of the four resident
 /// CTAs per SM of an H200 at D = 128. Swept on the H200 (B = 16, 32k, 4 or 8 retrieval heads):
 /// 2048 beat 4096 by 7% with four heads on distinct KV heads and by 13% with one shared KV
-/// head, tied with eight; 1024 lost 40-70% with shared heads, 8192 lost 14-30%. The host cannot
-/// see head_map (device memory), so how many of those CTAs score (one per KV head read) is
-/// unknown to it: the split count stays within kScoreSplitSpan of this target.
+/// head, tied with eight; 1024 lost 40-70% with shared heads, 8192 lost 14-30%.
 inline constexpr int64_t kScoreCtasTarget = 2048;
-/// The split counts tried: from the target's count times (1 - span) to times (1 + span).
-inline constexpr double kScoreSplitSpan = 0.25;
-/// A CTA's fixed cost (queries, first copies, split partials) in 64-key tiles of streaming:
-/// 4096 CTAs of 8 tiles took 7% longer than 2048 of 16 in the sweep above (8 waves against 4).
-inline constexpr double kScoreCtaStartTiles = 1.0;
 /// Shortest split worth a CTA: 4 tiles of 64 keys amortise loading the queries.
 inline constexpr int32_t kMinScoreSplit = 256;
 
@@ -48,16 +41,9 @@ __host__ __device__ constexpr int32_t fragment_partial_len(int32_t block_size) {
 ///   block partials [B, Hs * n, num_partials] float2 (sum of exp2(logit - ref), ref), each
 ///     over partial_len consecutive keys, and
 ///   split partials [B, Hs * n, num_splits] float2 (max, sum of exp2(logit - max)).
-/// The context is cut into units (whole 64-key tiles on the fragment path, so no partial
-/// straddles two CTAs; whole blocks on the scan path, so each (row, block) partial has one
-/// writer), and split i takes units [i * num_units / num_splits, (i + 1) * ...): split sizes
-/// differ by at most one unit, so the count can be any number and the launch picks the one
-/// that fills the GPU's CTA slots best (choose_score_splits).
 struct BlockScoresPlan {
-  int32_t unit = 0;          ///< keys per unit: 64 (fragment path) or block_size (scan path)
-  int32_t num_units = 0;     ///< units covering the longest possible context
-  int32_t num_splits = 0;    ///< splits per (sequence, head) of the launch; set by the launcher
-  int32_t max_splits = 0;    ///< most splits the workspace holds
+  int32_t split_len = 0;     ///< tokens per split: whole tiles (fragment path) or blocks (scan)
+  int32_t num_splits = 0;    ///< splits covering the longest possible context
   int32_t rows = 0;          ///< Hs * n
   int32_t partial_len = 0;   ///< keys per block partial: 8 or 16, or block_size (scan path)
   int32_t num_partials = 0;  ///< block partials per row
@@ -66,18 +52,6 @@ struct BlockScoresPlan {
   size_t workspace_bytes = 0;
 };
 
-/// First key of split `split` (split == num_splits: the end of the last).
-__host__ __device__ inline int32_t split_first_key(const BlockScoresPlan& plan, int32_t split) {
-  return static_cast<int32_t>(static_cast<int64_t>(split) * plan.num_units / plan.num_splits) *
-         plan.unit;
-}
-
-/// Splits holding any of the first `len` keys: those whose first unit is below ceil(len / unit).
-__host__ __device__ inline int32_t splits_covering(const BlockScoresPlan& plan, int32_t len) {
-  const int64_t units = (static_cast<int64_t>(len) + plan.unit - 1) / plan.unit;
-  return static_cast<int32_t>((units * plan.num_splits + plan.num_units - 1) / plan.num_units);
-}
-
 /// Longest context the kernels will read: the block table's capacity and the score row's.
 __host__ __device__ inline int64_t block_scores_max_len(const BlockScoresParams& p) {
   const int64_t by_table = static_cast<int64_t>(p.kv.max_pages) * p.kv.page_size;
@@ -85,61 +59,32 @@ __host__ __device__ inline int64_t block_scores_max_len(const BlockScoresParams&
   return by_table < by_scores ? by_table : by_scores;
 }
 
-/// The plan's layout for the most splits the launch may choose (num_splits is left 0 for the
-/// launcher), so the workspace size does not depend on the GPU.
 inline BlockScoresPlan plan_block_scores(const BlockScoresParams& p) {
   BlockScoresPlan plan;
   const int64_t max_len = block_scores_max_len(p);
   if (p.batch_size <= 0 || p.num_heads <= 0 || p.num_queries <= 0 || max_len <= 0) return plan;
+  const int64_t heads_total = static_cast<int64_t>(p.batch_size) * p.num_heads;
+  const int64_t want_splits = (kScoreCtasTarget + heads_total - 1) / heads_total;
+  int64_t split = (max_len + want_splits - 1) / want_splits;
+  split = split < kMinScoreSplit ? kMinScoreSplit : split;
+  // Fragment path: whole tiles per split, so no partial straddles two CTAs; scan path: whole
+  // blocks, so each (row, block) partial has one writer.
   const int32_t fragment = fragment_partial_len(p.block_size);
-  plan.unit = fragment > 0 ? kScoreTileKeys : p.block_size;
-  plan.num_units = static_cast<int32_t>((max_len + plan.unit - 1) / plan.unit);
-  const int64_t min_units = (kMinScoreSplit + plan.unit - 1) / plan.unit;
-  // Every split of at least kMinScoreSplit keys (one split when the context is shorter).
-  const int64_t whole_splits = plan.num_units / min_units;
-  plan.max_splits = static_cast<int32_t>(whole_splits > 1 ? whole_splits : 1);
+  const int64_t align = fragment > 0 ? kScoreTileKeys : p.block_size;
+  split = (split + align - 1) / align * align;
+  plan.split_len = static_cast<int32_t>(split);
+  plan.num_splits = static_cast<int32_t>((max_len + split - 1) / split);
   plan.rows = p.num_heads * p.num_queries;
   plan.partial_len = fragment > 0 ? fragment : p.block_size;
-  plan.num_partials = fragment > 0 ? plan.num_units * (kScoreTileKeys / fragment) : p.num_blocks;
+  plan.num_partials =
+      fragment > 0 ? static_cast<int32_t>(plan.num_splits * split / fragment) : p.num_blocks;
   const size_t per_row = sizeof(float) * 2;
   const size_t rows_total = static_cast<size_t>(p.batch_size) * plan.rows;
   plan.block_partials_offset = 0;
   plan.split_partials_offset = rows_total * static_cast<size_t>(plan.num_partials) * per_row;
   plan.workspace_bytes =
-      plan.split_partials_offset + rows_total * static_cast<size_t>(plan.max_splits) * per_row;
+      plan.split_partials_offset + rows_total * static_cast<size_t>(plan.num_splits) * per_row;
   return plan;
-}
-
-/// Splits per (sequence, head) for `slots` CTAs resident at once (SMs x CTAs per SM), near
-/// kScoreCtasTarget CTAs in all. CTAs start as slots free up, so by the model a launch takes
-/// (its waves) x (a CTA's start + its mean tiles) plus the spread of the tiles per CTA: a last
-/// wave that leaves slots empty costs as much as a full one. On an H200 or H100 (132 SMs, 4
-/// CTAs each at D = 128) with B x Hs = 64 that picks 33 splits (2112 CTAs, four full waves)
-/// where 32 (2048, 3.9 waves) left an eighth of the last wave's slots empty.
-inline int32_t choose_score_splits(const BlockScoresPlan& plan, int64_t heads_total,
-                                   int64_t slots) {
-  const int64_t target = (kScoreCtasTarget + heads_total - 1) / heads_total;
-  const auto clamp_splits = [&](double s) {
-    const int64_t v = static_cast<int64_t>(s);
-    return v < 1 ? int64_t{1} : (v > plan.max_splits ? int64_t{plan.max_splits} : v);
-  };
-  const int64_t lo = clamp_splits(static_cast<double>(target) * (1.0 - kScoreSplitSpan));
-  const int64_t hi = clamp_splits(static_cast<double>(target) * (1.0 + kScoreSplitSpan) + 1.0);
-  int64_t best = hi;
-  double best_cost = 0.0;
-  for (int64_t s = hi; s >= lo; --s) {  // ties go to fewer splits
-    const double mean_tiles = static_cast<double>(plan.num_units) * plan.unit / kScoreTileKeys / s;
-    const double max_tiles = static_cast<double>((plan.num_units + s - 1) / s) * plan.unit /
-                             kScoreTileKeys;
-    const int64_t waves = (heads_total * s + slots - 1) / slots;
-    const double cost = static_cast<double>(waves) * (kScoreCtaStartTiles + mean_tiles) +
-                        (max_tiles - mean_tiles);
-    if (s == hi || cost <= best_cost) {
-      best = s;
-      best_cost = cost;
-    }
-  }
-  return static_cast<int32_t>(best);
 }
 
 /// Context length of sequence b as the kernels read it: clamped so that bad lengths never
@@ -234,9 +179,9 @@ __device__ __forceinline__ ScoreCta score_cta(const BlockScoresParams& p,
     }
   }
   cta.kv_len = clamped_kv_len(p, blockIdx.z, block_scores_max_len(p));
-  cta.split_begin = split_first_key(plan, blockIdx.x);
+  cta.split_begin = blockIdx.x * plan.split_len;
   if (cta.split_begin >= cta.kv_len) return cta;
-  cta.split_end = min(split_first_key(plan, blockIdx.x + 1), cta.kv_len);
+  cta.split_end = min(cta.split_begin + plan.split_len, cta.kv_len);
   cta.rows = group * p.num_queries;
   cta.kv_head = kv_head;
   return cta;
@@ -877,7 +822,7 @@ __global__ void __launch_bounds__(kScoreSumThreads)
   wait_for_preceding_grid();
   allow_dependent_launch();
   if (first_block >= nblk) return;
-  const int32_t splits = splits_covering(plan, kv_len);
+  const int32_t splits = (kv_len + plan.split_len - 1) / plan.split_len;
 
   // This thread's block terms (row, partial) in a fixed order, row-major: the block's partials
   // are one on the scan path, block_size / partial_len on the fragment path, where those past

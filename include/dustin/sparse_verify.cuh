@@ -322,243 +322,158 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
   float row_max[2] = {kNegInf, kNegInf};
   float row_sum[2] = {0.f, 0.f};
 
-  // ---- one tile's attention, in three pieces the main loops put in order ------------------
-  // The warpgroup MMA pieces issue and commit only; `wait_mma` waits for every group in flight.
-  using Scores = float[kWarpN / 8][4];     // S of this warp's kWarpN tokens
-  using Probs = uint32_t[kWarpN / 16][4];  // P packed as the A operand of P V
-  const int n0 = warp_n * kWarpN;
-
-  // S = Q K^T over this warp's tokens of the tile in `stage`.
-  const auto issue_scores = [&](int stage, Scores& s) {
-    const T* k_stage = stage_base + stage * Cfg::kStageElems;
-#pragma unroll
-    for (int nt = 0; nt < kWarpN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
-    if constexpr (Cfg::kWarpgroupMma) {
-      // B = this warpgroup's kWarpN tokens of the K tile [64 tokens, D], K-major: rows of
-      // 128 bytes, k-step ks is 32 bytes into column block ks / 4.
-      fence_accumulators(s);
-      cute::warpgroup_arrive();
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-        const uint32_t addr =
-            smem_addr(k_stage) + (ks >> 2) * (kTileN * 128) + n0 * 128 + (ks & 3) * 32;
-        WarpgroupMma<T, kWarpN, false>::run(s, q_frag[ks], swizzle128_desc(addr, 16, 1024));
-      }
-      cute::warpgroup_commit_batch();
-    } else
-#endif
-    {
-#pragma unroll
-      for (int kc = 0; kc < kHeadDim / 32; ++kc) {
-#pragma unroll
-        for (int nt = 0; nt < kWarpN / 8; ++nt) {
-          uint32_t kb[4];
-          const int r = n0 + nt * 8 + (lane & 7);
-          ldmatrix_x4(kb, smem_addr(k_stage + swizzle<kTileN>(r, kc * 4 + (lane >> 3))));
-          mma_16816<T>(s[nt], q_frag[2 * kc], kb[0], kb[1]);
-          mma_16816<T>(s[nt], q_frag[2 * kc + 1], kb[2], kb[3]);
-        }
-      }
-    }
-  };
-
-  // Causal and slot masks (a clean tile needs none: every slot a valid listed token, which
-  // precedes every query), then the online softmax in the log2 domain: the running max, sum
-  // and output rescaled, and P packed for P V.
-  const auto softmax = [&](int stage, Scores& s, Probs& pa, auto masked) {
-    const int32_t* pos_tile = pos_smem + stage * kTileN;
-    float tile_max[2] = {kNegInf, kNegInf};
-#pragma unroll
-    for (int nt = 0; nt < kWarpN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = n0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        if constexpr (decltype(masked)::value) {
-          const bool visible = pos_tile[col] <= row_pos[e >> 1];
-          s[nt][e] = visible ? s[nt][e] * scale_log2 : kNegInf;
-        } else {
-          s[nt][e] *= scale_log2;
-        }
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
-      }
-    }
-    float alpha[2];
-    float base[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 1));
-      tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 2));
-      const float m_new = fmaxf(row_max[hr], tile_max[hr]);
-      base[hr] = m_new == kNegInf ? 0.f : m_new;  // a row with nothing visible yet stays at 0
-      alpha[hr] = fast_exp2(row_max[hr] - base[hr]);
-      row_max[hr] = m_new;
-      row_sum[hr] *= alpha[hr];
-    }
-#pragma unroll
-    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kWarpN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = fast_exp2(s[nt][e] - base[e >> 1]);
-        row_sum[e >> 1] += s[nt][e];
-      }
-    }
-    // The score accumulators are already laid out as the A operand.
-#pragma unroll
-    for (int kt = 0; kt < kWarpN / 16; ++kt) {
-      pa[kt][0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
-      pa[kt][1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
-      pa[kt][2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-      pa[kt][3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
-    }
-  };
-
-  // O += P V over the tile in `stage`.
-  const auto issue_pv = [&](int stage, Probs& pa) {
-    const T* v_stage = stage_base + stage * Cfg::kStageElems + Cfg::kKvTileElems;
-#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
-    if constexpr (Cfg::kWarpgroupMma) {
-      // B = V tile [64 tokens, D], MN-major: k-step kt starts 16 token rows into this
-      // warpgroup's tokens; column blocks of 64 d are kTileN * 128 bytes apart, 8-row groups
-      // 1024 bytes.
-      fence_accumulators(o);
-      cute::warpgroup_arrive();
-#pragma unroll
-      for (int kt = 0; kt < kWarpN / 16; ++kt) {
-        const uint32_t addr = smem_addr(v_stage) + (n0 + kt * 16) * 128;
-        WarpgroupMma<T, kHeadDim, true>::run(o, pa[kt], swizzle128_desc(addr, kTileN * 128, 1024));
-      }
-      cute::warpgroup_commit_batch();
-    } else
-#endif
-    {
-#pragma unroll
-      for (int kt = 0; kt < kWarpN / 16; ++kt) {
-        const int r = n0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-        for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-          uint32_t vb[4];
-          ldmatrix_x4_trans(vb, smem_addr(v_stage + swizzle<kTileN>(r, dp * 2 + (lane >> 4))));
-          mma_16816<T>(o[2 * dp], pa[kt], vb[0], vb[1]);
-          mma_16816<T>(o[2 * dp + 1], pa[kt], vb[2], vb[3]);
-        }
-      }
-    }
-  };
-
-  const auto wait_mma = [&](auto&... accumulators) {
-#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
-    if constexpr (Cfg::kWarpgroupMma) {
-      cute::warpgroup_wait<0>();
-      (fence_accumulators(accumulators), ...);
-    }
-#endif
-  };
-
-  // Waits until tile `it` of this CTA's range has landed (this thread's copies: the Q group
-  // and the prologue's kStages - 1 came first, then one group per iteration) and is visible
-  // to every warp; every warp is then also done with the iterations before `it - 1`.
-  const auto tile_ready = [&](auto pending) {
-    cp_async_wait<decltype(pending)::value>();
+  // ---- main loop: one KV tile per iteration -----------------------------------------------
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int it = tile - tile_begin;
+    const int stage = it % kStages;
+    cp_async_wait<kStages - 2>();
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
     if constexpr (Cfg::kWarpgroupMma) {
       // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     }
 #endif
-    __syncthreads();
-  };
-  // Refills the stage every warp is done with (that of iteration it - 1) with tile it +
-  // kStages - 1; an empty group past the range keeps the wait counts uniform.
-  const auto refill = [&](int it) {
-    const int next = tile_begin + it + kStages - 1;
-    if (next < tile_end) load_tile(next, (it + kStages - 1) % kStages);
-    cp_async_commit();
-  };
+    __syncthreads();  // tile `tile` visible to all; the stage refilled below is free
+    {
+      const int next = tile + kStages - 1;
+      if (next < tile_end) load_tile(next, (it + kStages - 1) % kStages);
+      cp_async_commit();
+    }
 
-  // The choice between the masked and the clean softmax is made once per iteration, around
-  // both MMAs: ptxas 13.0 recycled the Q fragment registers of the D = 64 wgmma kernel when a
-  // branch sat between the two warpgroup MMAs of an iteration (wrong results on the H200,
-  // seen in its SASS; tests/test_sass.py checks every instance).
-  if constexpr (Cfg::kWarpgroups == 2) {
-    // ---- main loop of the two-warpgroup CTA, software-pipelined -------------------------
-    // One CTA per SM leaves no other CTA to overlap with, so each warpgroup issues the next
-    // tile's Q K^T before this tile's softmax: the tensor cores work while the softmax runs.
-    // A tile's scores are issued one iteration ahead, so iteration `it` waits for tile it + 1
-    // (kStages - 3 groups may stay in flight).
-    Scores s_cur;
-    if (tile_begin < tile_end) {
-      tile_ready(std::integral_constant<int, kStages - 2>{});
-      issue_scores(0, s_cur);
-      wait_mma(s_cur);
-    }
-    for (int tile = tile_begin; tile + 1 < tile_end; ++tile) {
-      const int it = tile - tile_begin;
-      const int stage = it % kStages;
-      tile_ready(std::integral_constant<int, kStages - 3>{});
-      refill(it);
-      const auto attend_ahead = [&](auto masked) {
-        Scores s_next;
-        issue_scores((it + 1) % kStages, s_next);
-        Probs pa;
-        softmax(stage, s_cur, pa, masked);
-        issue_pv(stage, pa);
-        wait_mma(s_next, o);
+    if (!computes) continue;
+    const T* k_stage = stage_base + stage * Cfg::kStageElems;
+    const T* v_stage = k_stage + Cfg::kKvTileElems;
+    const int32_t* pos_tile = pos_smem + stage * kTileN;
+    const int n0 = warp_n * kWarpN;
+
+    // One tile's attention. A clean tile (every slot a valid listed token, which precedes every
+    // query) needs no mask. The choice is made once per tile, around both MMAs: ptxas 13.0
+    // recycled the Q fragment registers of the D = 64 wgmma kernel when a branch sat between
+    // the two warpgroup MMAs of an iteration (wrong results on the H200, seen in its SASS).
+    const auto attend_tile = [&](auto masked) {
+      // S = Q K^T over this warp's kWarpN tokens.
+      float s[kWarpN / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < kWarpN / 8; ++nt) {
+      for (int nt = 0; nt < kWarpN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+      if constexpr (Cfg::kWarpgroupMma) {
+        // B = this warpgroup's kWarpN tokens of the K tile [64 tokens, D], K-major: rows of
+        // 128 bytes, k-step ks is 32 bytes into column block ks / 4.
+        fence_accumulators(s);
+        cute::warpgroup_arrive();
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s_cur[nt][e] = s_next[nt][e];
+        for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+          const uint32_t addr =
+              smem_addr(k_stage) + (ks >> 2) * (kTileN * 128) + n0 * 128 + (ks & 3) * 32;
+          WarpgroupMma<T, kWarpN, false>::run(s, q_frag[ks], swizzle128_desc(addr, 16, 1024));
         }
-      };
-      if (stage_clean[stage]) {
-        attend_ahead(std::false_type{});
-      } else {
-        attend_ahead(std::true_type{});
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_accumulators(s);
+      } else
+#endif
+      {
+#pragma unroll
+        for (int kc = 0; kc < kHeadDim / 32; ++kc) {
+#pragma unroll
+          for (int nt = 0; nt < kWarpN / 8; ++nt) {
+            uint32_t kb[4];
+            const int r = n0 + nt * 8 + (lane & 7);
+            ldmatrix_x4(kb, smem_addr(k_stage + swizzle<kTileN>(r, kc * 4 + (lane >> 3))));
+            mma_16816<T>(s[nt], q_frag[2 * kc], kb[0], kb[1]);
+            mma_16816<T>(s[nt], q_frag[2 * kc + 1], kb[2], kb[3]);
+          }
+        }
       }
-    }
-    if (tile_begin < tile_end) {  // the last tile: nothing ahead
-      const int stage = (tile_end - 1 - tile_begin) % kStages;
-      const auto attend_last = [&](auto masked) {
-        Probs pa;
-        softmax(stage, s_cur, pa, masked);
-        issue_pv(stage, pa);
-        wait_mma(o);
-      };
-      if (stage_clean[stage]) {
-        attend_last(std::false_type{});
-      } else {
-        attend_last(std::true_type{});
+
+      // Causal and slot masks (clean tiles need none), then the online softmax in the log2 domain.
+      float tile_max[2] = {kNegInf, kNegInf};
+#pragma unroll
+      for (int nt = 0; nt < kWarpN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          if constexpr (decltype(masked)::value) {
+            const bool visible = pos_tile[col] <= row_pos[e >> 1];
+            s[nt][e] = visible ? s[nt][e] * scale_log2 : kNegInf;
+          } else {
+            s[nt][e] *= scale_log2;
+          }
+          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+        }
       }
-    }
-  } else {
-    // ---- main loop: one KV tile per iteration -------------------------------------------
-    for (int tile = tile_begin; tile < tile_end; ++tile) {
-      const int it = tile - tile_begin;
-      const int stage = it % kStages;
-      tile_ready(std::integral_constant<int, kStages - 2>{});
-      refill(it);
-      if (!computes) continue;
-      const auto attend_tile = [&](auto masked) {
-        Scores s;
-        issue_scores(stage, s);
-        wait_mma(s);
-        Probs pa;
-        softmax(stage, s, pa, masked);
-        issue_pv(stage, pa);
-        wait_mma(o);
-      };
-      if (stage_clean[stage]) {
-        attend_tile(std::false_type{});
-      } else {
-        attend_tile(std::true_type{});
+      float alpha[2];
+      float base[2];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 1));
+        tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 2));
+        const float m_new = fmaxf(row_max[hr], tile_max[hr]);
+        base[hr] = m_new == kNegInf ? 0.f : m_new;  // a row with nothing visible yet stays at 0
+        alpha[hr] = fast_exp2(row_max[hr] - base[hr]);
+        row_max[hr] = m_new;
+        row_sum[hr] *= alpha[hr];
       }
+#pragma unroll
+      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+        o[dt][0] *= alpha[0];
+        o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1];
+        o[dt][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int nt = 0; nt < kWarpN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] = fast_exp2(s[nt][e] - base[e >> 1]);
+          row_sum[e >> 1] += s[nt][e];
+        }
+      }
+
+      // O += P V: the score accumulators are already laid out as the A operand.
+      uint32_t pa[kWarpN / 16][4];
+#pragma unroll
+      for (int kt = 0; kt < kWarpN / 16; ++kt) {
+        pa[kt][0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
+        pa[kt][1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
+        pa[kt][2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+        pa[kt][3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+      }
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+      if constexpr (Cfg::kWarpgroupMma) {
+        // B = V tile [64 tokens, D], MN-major: k-step kt starts 16 token rows into this
+        // warpgroup's tokens; column blocks of 64 d are kTileN * 128 bytes apart, 8-row groups
+        // 1024 bytes.
+        fence_accumulators(o);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kt = 0; kt < kWarpN / 16; ++kt) {
+          const uint32_t addr = smem_addr(v_stage) + (n0 + kt * 16) * 128;
+          WarpgroupMma<T, kHeadDim, true>::run(o, pa[kt], swizzle128_desc(addr, kTileN * 128, 1024));
+        }
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_accumulators(o);
+      } else
+#endif
+      {
+#pragma unroll
+        for (int kt = 0; kt < kWarpN / 16; ++kt) {
+          const int r = n0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+          for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+            uint32_t vb[4];
+            ldmatrix_x4_trans(vb, smem_addr(v_stage + swizzle<kTileN>(r, dp * 2 + (lane >> 4))));
+            mma_16816<T>(o[2 * dp], pa[kt], vb[0], vb[1]);
+            mma_16816<T>(o[2 * dp + 1], pa[kt], vb[2], vb[3]);
+          }
+        }
+      }
+    };
+    if (stage_clean[stage]) {
+      attend_tile(std::false_type{});
+    } else {
+      attend_tile(std::true_type{});
     }
   }
 
