@@ -4,7 +4,8 @@
 One run covers contexts x batches x query lengths x attention shapes x page sizes for Dustin's
 kernel, and the peers at the issue's comparison points (by default B=16, 32k): PyTorch SDPA on a
 contiguous KV (best backend), FlexAttention dense and block-sparse over the same selected blocks,
-and "gather with index_select, then SDPA". Times are medians of CUDA-graph replays (and eager);
+"gather with index_select, then SDPA", and FlashInfer's paged batch prefill (FA2 and, on
+Hopper, FA3) over every block or the same selected blocks, where FlashInfer is installed. Times are medians of CUDA-graph replays (and eager);
 bandwidth counts the KV bytes each variant must read (selected blocks plus the window's blocks
 for sparse, the whole causal context for dense) plus q and out once.
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dustin  # noqa: F401  (registers torch.ops.dustin)
 from dustin import ops
 
+from bench import flashinfer_peer
 from bench.common import Report, ceiling_note, pct_of_ceiling, read_ceiling_tbps, tbps, time_cuda
 
 
@@ -324,14 +326,34 @@ def bench_peers(report: Report, args, gen: torch.Generator, ours: dict) -> None:
                 add("sdpa", "dense", t, dense_bytes, backend)
             if args.flex and shape_name in args.flex_shapes and q_len in args.flex_q:
                 bench_flex(case, q_bhsd, k_dense, v_dense, q_len, add, dense_bytes, args)
+            if args.flashinfer:
+                bench_flashinfer(case, q, None, None, add, "dense", dense_bytes)
             for budget in args.budgets:
                 ids, counts, tokens = case.lists(budget, q_len)
                 nbytes = case.kv_bytes(tokens) + 2 * q.numel() * ELEM
                 t = bench_gather_sdpa(case, q_bhsd, ids, counts, q_len)
                 if t is not None:
                     add("gather+sdpa", f"sparse-{budget}", t, nbytes, "efficient")
+                if args.flashinfer:
+                    bench_flashinfer(case, q, ids, counts, add, f"sparse-{budget}", nbytes)
         del case, k_dense, v_dense
         torch.cuda.empty_cache()
+
+
+def bench_flashinfer(case: PagedCase, q, ids, counts, add, mode: str, nbytes: int) -> None:
+    """FlashInfer's batch prefill over the same paged cache, every block (ids None) or the
+    listed blocks plus the window's (bench/flashinfer_peer.py), on each of its backends;
+    checked against a float32 reference before it is timed."""
+    for backend in flashinfer_peer.backends():
+        try:
+            fn = flashinfer_peer.Verification(
+                q, case.k, case.v, case.table, case.kv_lens, ids, counts, backend=backend
+            )
+            fn.check()
+            add(f"flashinfer-{backend}", mode, time_cuda(fn), nbytes, backend)
+        except Exception as exc:  # noqa: BLE001  (a peer that cannot run is reported, not fatal)
+            print(f"  flashinfer {backend} {mode} failed: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:160]}")
 
 
 def bench_gather_sdpa(case: PagedCase, q_bhsd, ids, counts, q_len):
@@ -466,6 +488,8 @@ def main() -> None:
     parser.add_argument("--peer-page", type=int, default=16)
     parser.add_argument("--peer-q", nargs="+", type=int, default=[2, 5, 8])
     parser.add_argument("--no-flex", dest="flex", action="store_false")
+    parser.add_argument("--no-flashinfer", dest="flashinfer", action="store_false",
+                        help="skip FlashInfer (a peer only where it is installed)")
     # FlexAttention compiles per shape (tens of seconds each): by default the headline point.
     parser.add_argument("--flex-shapes", nargs="+", default=["qwen2.5-72b"], choices=list(SHAPES))
     parser.add_argument("--flex-q", nargs="+", type=int, default=[5])
@@ -509,6 +533,9 @@ def main() -> None:
     )
     if args.commit:
         report.notes.append(f"commit {args.commit} (given on the command line)")
+    if args.peers and args.flashinfer:
+        args.flashinfer, why = flashinfer_peer.available()
+        report.notes.append(f"FlashInfer peer: {why}")
     start = time.time()
     bench_split_sweep(report, args, gen)
     ours = bench_dustin(report, args, gen)

@@ -3,6 +3,7 @@
 # One call on the GPU machine: build from source (carried nvidia-cutlass wheel, no network),
 # run the tests (CPU and CUDA), a compute-sanitizer pass, and the benchmarks.
 #   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native profile
+#                                        profile-source (warp stalls per source line)
 #                                        profile-e2e (kernels of each phase of a decode step;
 #                                        PROFILE_E2E_ARGS passed to scripts/profile_e2e_step.py)
 #                                        bench-<name> (runs bench/bench_<name>.py)
@@ -39,6 +40,11 @@ step() { echo; echo "=== $* ($(date +%T))"; }
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  # FlashInfer's modules prebuilt for sm_90a (a peer of bench_sparse_verify; docs/gpu-notes.md
+  # says how they are made), unpacked where FlashInfer looks for AOT modules before compiling.
+  for aot in .whl/flashinfer-*-aot-*.tar.gz; do
+    [ -f "$aot" ] && [ -d /tmp/site/flashinfer/data ] && tar -xzf "$aot" -C /tmp/site/flashinfer/data/
+  done
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
 
@@ -104,6 +110,28 @@ for stage in "${stages[@]}"; do
           "${section_args[@]}" \
           python3 "$script" $case 2>&1 | tee -a "$LOGS/profile.log" \
           | grep -v "^==PROF==" | tail -n 120 || status=1
+      done
+      ;;
+    profile-source)
+      # Where the warps of one launch per case stall, line by line (same PROFILE_SCRIPT,
+      # PROFILE_KERNEL and PROFILE_CASES as profile): warp-state samples summed per CUDA source
+      # line, the top lines printed by scripts/ncu_source_top.py, the CSVs kept in the logs.
+      step "profile source"
+      script=${PROFILE_SCRIPT:-scripts/profile_sparse_verify.py}
+      IFS=';' read -ra cases <<< "${PROFILE_CASES:---budget 512;--budget 0}"
+      n=0
+      for case in "${cases[@]}"; do
+        n=$((n + 1))
+        echo "--- $case" | tee -a "$LOGS/profile_source.log"
+        ncu --clock-control none -k "regex:${PROFILE_KERNEL:-sparse_verify_kernel}" -s 3 -c 1 \
+          --section SourceCounters --section WarpStateStats --import-source yes \
+          -f -o "/tmp/source_$n" python3 "$script" $case > /dev/null 2>&1 || status=1
+        ncu -i "/tmp/source_$n.ncu-rep" --page source --csv --print-source cuda \
+          > "$LOGS/source_$n.csv" 2>&1
+        python3 scripts/ncu_source_top.py "$LOGS/source_$n.csv" 2>&1 \
+          | tee -a "$LOGS/profile_source.log" || status=1
+        ncu -i "/tmp/source_$n.ncu-rep" --page details --section WarpStateStats 2>&1 \
+          | grep -v "^==PROF==" | tail -n 40 | tee -a "$LOGS/profile_source.log"
       done
       ;;
     profile-e2e)
