@@ -12,7 +12,8 @@ len - q + i). That is verification when the list is
   position does, and the tokens attended are those `sparse_verify` attends.
 
 Planning (page lists, `wrapper.plan`, the first call's JIT build) happens when a `Verification`
-is made; calling it only runs `wrapper.run` into a preallocated output, so it can be timed and
+is made; calling it only runs `wrapper.run` into a preallocated output. The wrapper is made in
+FlashInfer's CUDA-graph mode (fixed plan buffers, as serving engines use it), so the call can be
 captured in a CUDA graph like Dustin's out-variant. `check()` compares the output with a float32
 PyTorch reference written from docs/ops.md (it shares no list code with the setup).
 
@@ -141,15 +142,27 @@ class Verification:
         def ints(values) -> torch.Tensor:
             return torch.as_tensor(values, dtype=torch.int32).to(q.device)
 
+        qo_indptr = ints(torch.arange(batch + 1) * q_len)
+        kv_indptr = ints(list_lens.cumsum(0))
+        kv_indices = ints(torch.cat(pages))
+        kv_last_page_len = ints(last_page_len)
+        # CUDA-graph mode, as serving engines run it: run() reads the plan from fixed buffers.
         workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
         self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            workspace, kv_layout, backend=backend
+            workspace,
+            kv_layout,
+            use_cuda_graph=True,
+            qo_indptr_buf=torch.empty_like(qo_indptr),
+            paged_kv_indptr_buf=torch.empty_like(kv_indptr),
+            paged_kv_indices_buf=torch.empty_like(kv_indices),
+            paged_kv_last_page_len_buf=torch.empty_like(kv_last_page_len),
+            backend=backend,
         )
         self._wrapper.plan(
-            ints(torch.arange(batch + 1) * q_len),  # qo_indptr
-            ints(list_lens.cumsum(0)),  # paged_kv_indptr
-            ints(torch.cat(pages)),  # paged_kv_indices
-            ints(last_page_len),  # paged_kv_last_page_len
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            kv_last_page_len,
             num_qo_heads,
             num_kv_heads,
             head_dim,
