@@ -462,13 +462,32 @@ def summarize(report: Report, ours: dict, args) -> None:
             f"({worst['shape']} B={worst['B']} ctx={worst['ctx']} q={worst['q']} P={worst['P']}); "
             "target 85%"
         )
+    def best_peer(point: tuple, mode: str) -> str:
+        """', Nx <peer>' for the fastest peer row at this point and mode, if any ran."""
+        peers = [
+            p
+            for p in report.rows
+            if not p["variant"].startswith("dustin") and p["mode"] == mode
+            and (p["shape"], p["B"], p["ctx"], p["q"], p["P"]) == point
+        ]
+        if not peers:
+            return ""
+        def best_us(p):  # a peer that could not be captured in a graph keeps its eager time
+            return p["graph_us"] if p["graph_us"] is not None else p["eager_us"]
+
+        best = min(peers, key=best_us)
+        return f", {best_us(best) / ours[(*point, 'sparse-512')]:.1f}x {best['variant']} {mode}"
+
     for r in rows:
         if (r["shape"], r["B"], r["ctx"], r["mode"]) == ("qwen2.5-72b", 16, 32768, "sparse-512"):
-            dense = ours.get(("qwen2.5-72b", 16, 32768, r["q"], r["P"], "dense"))
+            point = ("qwen2.5-72b", 16, 32768, r["q"], r["P"])
+            dense = ours.get((*point, "dense"))
             ratio = f", {dense / r['graph_us']:.0f}x own dense" if dense and r["graph_us"] else ""
             report.notes.append(
                 f"72B B=16 32k budget 512 q={r['q']} P={r['P']}: {r['graph_us']:.1f} us graph "
-                f"({r['eager_us']:.1f} eager){ratio}; target <= 12 us, >= 40x own dense"
+                f"({r['eager_us']:.1f} eager){ratio}{best_peer(point, 'sparse-512')}"
+                f"{best_peer(point, 'dense')}; target <= 12 us, >= 40x own dense, >= 10x the best "
+                "sparse peer, >= 150x the best dense peer"
             )
 
 

@@ -3,7 +3,7 @@
 # One call on the GPU machine: build from source (carried nvidia-cutlass wheel, no network),
 # run the tests (CPU and CUDA), a compute-sanitizer pass, and the benchmarks.
 #   scripts/gpu_check.sh [stage ...]     stages: build diagnose test sanitize native profile
-#                                        profile-source (warp stalls per source line)
+#                                        profile-source (warp stalls per instruction)
 #                                        profile-e2e (kernels of each phase of a decode step;
 #                                        PROFILE_E2E_ARGS passed to scripts/profile_e2e_step.py)
 #                                        bench-<name> (runs bench/bench_<name>.py)
@@ -113,9 +113,10 @@ for stage in "${stages[@]}"; do
       done
       ;;
     profile-source)
-      # Where the warps of one launch per case stall, line by line (same PROFILE_SCRIPT,
-      # PROFILE_KERNEL and PROFILE_CASES as profile): warp-state samples summed per CUDA source
-      # line, the top lines printed by scripts/ncu_source_top.py, the CSVs kept in the logs.
+      # Where the warps of one launch per case stall, instruction by instruction (same
+      # PROFILE_SCRIPT, PROFILE_KERNEL and PROFILE_CASES as profile): the SASS with its
+      # warp-state samples and stall reasons as CSV in the logs (the CUDA-source view of that
+      # page carries no metrics), its top instructions printed by scripts/ncu_source_top.py.
       step "profile source"
       script=${PROFILE_SCRIPT:-scripts/profile_sparse_verify.py}
       IFS=';' read -ra cases <<< "${PROFILE_CASES:---budget 512;--budget 0}"
@@ -126,7 +127,7 @@ for stage in "${stages[@]}"; do
         ncu --clock-control none -k "regex:${PROFILE_KERNEL:-sparse_verify_kernel}" -s 3 -c 1 \
           --section SourceCounters --section WarpStateStats --import-source yes \
           -f -o "/tmp/source_$n" python3 "$script" $case > /dev/null 2>&1 || status=1
-        ncu -i "/tmp/source_$n.ncu-rep" --page source --csv --print-source cuda \
+        ncu -i "/tmp/source_$n.ncu-rep" --page source --csv --print-source sass \
           > "$LOGS/source_$n.csv" 2>&1
         python3 scripts/ncu_source_top.py "$LOGS/source_$n.csv" 2>&1 \
           | tee -a "$LOGS/profile_source.log" || status=1

@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The source lines where a profiled kernel's warps spend their samples, most first.
+"""The SASS instructions where a profiled kernel's warps spend their samples, most first.
 
-Reads the CSV of `ncu -i REPORT --page source --csv --print-source cuda` (gpu_check.sh
-profile-source) and prints each line's share of the warp-state samples with the samples'
-columns that ncu gives per line, so a kernel's stalls can be read without the Nsight UI.
+Reads the CSV of `ncu -i REPORT --page source --csv --print-source sass` (gpu_check.sh
+profile-source) and prints each instruction's share of the warp-state samples with its largest
+stall reasons, so a kernel's stalls can be read without the Nsight UI. `--regions` sums the
+shares over address ranges (offsets from the kernel's first instruction, e.g. the start, the
+main loop and the epilogue found in the listing).
 
-    python3 scripts/ncu_source_top.py source.csv [--top 40]
+    python3 scripts/ncu_source_top.py source.csv [--top 40] [--regions 0x0,0x2310,0x8100]
 """
 
 from __future__ import annotations
@@ -13,40 +15,60 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from collections import Counter
 from pathlib import Path
 
+SAMPLES = "Warp Stall Sampling (All Samples)"
 
-def to_number(text: str) -> float:
+
+def to_number(text: str | None) -> float:
     try:
-        return float(text.replace(",", ""))
+        return float((text or "").replace(",", ""))
     except ValueError:
         return 0.0
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The per-instruction rows (ncu prints the kernel's name and a header line first)."""
+    text = path.read_text(errors="replace").splitlines()
+    start = next((i for i, line in enumerate(text) if SAMPLES in line), None)
+    if start is None:
+        print(f"no '{SAMPLES}' column; the file begins:", *text[:8], sep="\n")
+        sys.exit(1)
+    return list(csv.DictReader(text[start:]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", type=Path)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--regions", default="", help="comma-separated first offsets (hex)")
     args = parser.parse_args()
-    text = args.csv.read_text(errors="replace").splitlines()
-    # ncu may print a few lines (the kernel's name, notes) before the table's header.
-    start = next((i for i, line in enumerate(text) if "Warp Stall Sampling" in line), None)
-    if start is None:
-        print("no 'Warp Stall Sampling' column; the file begins:", *text[:15], sep="\n")
-        sys.exit(1)
-    rows = list(csv.DictReader(text[start:]))
-    columns = list(rows[0].keys()) if rows else []
-    samples = next(c for c in columns if c.startswith("Warp Stall Sampling (All"))
-    not_issued = next((c for c in columns if c.startswith("Warp Stall Sampling (Not")), None)
-    where = next((c for c in columns if c.strip("# ").lower() in ("line", "address")), columns[0])
-    source = next((c for c in columns if c.lower() == "source"), columns[1])
-    total = sum(to_number(r[samples]) for r in rows) or 1.0
-    print(f"{len(rows)} lines, {total:.0f} samples; columns: {columns}")
-    ranked = sorted(rows, key=lambda r: to_number(r[samples]), reverse=True)[: args.top]
-    for r in ranked:
-        share = 100.0 * to_number(r[samples]) / total
-        idle = f" not-issued {to_number(r[not_issued]):.0f}" if not_issued else ""
-        print(f"{share:5.1f}% {r[where]:>6} {idle:>18}  {r[source].strip()[:110]}")
+    rows = read_rows(args.csv)
+    stalls = [c for c in rows[0] if c.startswith("stall_") and "Not Issued" not in c]
+    base = int(rows[0]["Address"], 16)
+    total = sum(to_number(r[SAMPLES]) for r in rows) or 1.0
+
+    def reasons(counter: Counter, n: int) -> str:
+        return ", ".join(f"{k[len('stall_'):]} {100 * v / total:.1f}" for k, v in counter.most_common(n))
+
+    print(f"{len(rows)} instructions, {total:.0f} samples")
+    if args.regions:
+        firsts = sorted(int(x, 16) for x in args.regions.split(","))
+        sums = {f: Counter() for f in firsts}
+        for r in rows:
+            offset = int(r["Address"], 16) - base
+            first = max((f for f in firsts if f <= offset), default=firsts[0])
+            for c in stalls:
+                sums[first][c] += to_number(r[c])
+        for first, counter in sums.items():
+            share = 100 * sum(counter.values()) / total
+            print(f"from {first:#07x}: {share:5.1f}%  ({reasons(counter, 4)})")
+    for r in sorted(rows, key=lambda r: to_number(r[SAMPLES]), reverse=True)[: args.top]:
+        share = 100 * to_number(r[SAMPLES]) / total
+        top = Counter({c: to_number(r[c]) for c in stalls})
+        offset = int(r["Address"], 16) - base
+        print(f"{share:5.1f}% {offset:#07x}  {r['Source'].strip()[:60]:60s}  {reasons(top, 2)}")
 
 
 if __name__ == "__main__":
