@@ -5,9 +5,10 @@ One run covers contexts x batches x query lengths x attention shapes x page size
 kernel, and the peers at the issue's comparison points (by default B=16, 32k): PyTorch SDPA on a
 contiguous KV (best backend), FlexAttention dense and block-sparse over the same selected blocks,
 "gather with index_select, then SDPA", and FlashInfer's paged batch prefill (FA2 and, on
-Hopper, FA3) over every block or the same selected blocks, where FlashInfer is installed. Times are medians of CUDA-graph replays (and eager);
-bandwidth counts the KV bytes each variant must read (selected blocks plus the window's blocks
-for sparse, the whole causal context for dense) plus q and out once.
+Hopper, FA3) over every block or the same selected blocks, where FlashInfer is installed. Times
+are medians of CUDA-graph replays (and eager); bandwidth counts the KV bytes each variant must
+read (selected blocks plus the window's blocks for sparse, the whole causal context for dense)
+plus q and out once.
 
     python bench/bench_sparse_verify.py                 # the issue's full grid and peers
     python bench/bench_sparse_verify.py --quick         # a small subset, for a first look
@@ -105,6 +106,12 @@ def timing_columns(t, nbytes: int) -> dict:
         "tbps": tbps(nbytes, t.best_us),
         "pct_ceiling": pct_of_ceiling(nbytes, t.best_us),
     }
+
+
+def row_best_us(row: dict) -> float:
+    """A row's graph time, or its eager time where the call could not be captured (as
+    Timing.best_us)."""
+    return row["graph_us"] if row["graph_us"] is not None else row["eager_us"]
 
 
 def split_bytes(q: torch.Tensor) -> int:
@@ -462,6 +469,7 @@ def summarize(report: Report, ours: dict, args) -> None:
             f"({worst['shape']} B={worst['B']} ctx={worst['ctx']} q={worst['q']} P={worst['P']}); "
             "target 85%"
         )
+
     def best_peer(point: tuple, mode: str) -> str:
         """', Nx <peer>' for the fastest peer row at this point and mode, if any ran."""
         peers = [
@@ -472,11 +480,9 @@ def summarize(report: Report, ours: dict, args) -> None:
         ]
         if not peers:
             return ""
-        def best_us(p):  # a peer that could not be captured in a graph keeps its eager time
-            return p["graph_us"] if p["graph_us"] is not None else p["eager_us"]
+        best = min(peers, key=row_best_us)
+        return f", {row_best_us(best) / ours[(*point, 'sparse-512')]:.1f}x {best['variant']} {mode}"
 
-        best = min(peers, key=best_us)
-        return f", {best_us(best) / ours[(*point, 'sparse-512')]:.1f}x {best['variant']} {mode}"
 
     for r in rows:
         if (r["shape"], r["B"], r["ctx"], r["mode"]) == ("qwen2.5-72b", 16, 32768, "sparse-512"):

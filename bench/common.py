@@ -27,15 +27,12 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @functools.cache
-def read_ceiling_tbps() -> float:
-    """The HBM read ceiling the percentages are taken against, decimal TB/s.
-
-    On an H200 the design's measured 4.48 TB/s, so results stay comparable across runs; on any
-    other GPU (an H100 answers the same calls) it is measured here: the best of five float32
-    sums over 4 GiB of bf16, a streaming read with nothing written.
-    """
+def _read_ceiling() -> tuple[float, str]:
+    """(TB/s, where it comes from): on an H200 the design's measured 4.48 TB/s, so results stay
+    comparable across runs; on any other GPU (an H100 answers the same calls) measured here as
+    the best of five float32 sums over 4 GiB of bf16, a streaming read with nothing written."""
     if "H200" in torch.cuda.get_device_name():
-        return H200_READ_CEILING_TBPS
+        return H200_READ_CEILING_TBPS, "design.md's H200 measurement"
     x = torch.empty(2**31, dtype=torch.bfloat16, device="cuda").normal_()
     x.sum(dtype=torch.float32)
     best_s = float("inf")
@@ -50,14 +47,18 @@ def read_ceiling_tbps() -> float:
     num_bytes = x.numel() * x.element_size()
     del x
     torch.cuda.empty_cache()
-    return num_bytes / best_s / 1e12
+    return num_bytes / best_s / 1e12, "measured in this run: float32 sum over 4 GiB of bf16"
+
+
+def read_ceiling_tbps() -> float:
+    """The HBM read ceiling the percentages are taken against, decimal TB/s."""
+    return _read_ceiling()[0]
 
 
 def ceiling_note() -> str:
     """Where the ceiling of this run's percentages comes from (for the results' notes)."""
-    source = "design.md's H200 measurement" if "H200" in torch.cuda.get_device_name() else (
-        "measured in this run: float32 sum over 4 GiB of bf16")
-    return f"read ceiling {read_ceiling_tbps():.2f} TB/s ({source})"
+    tbps_, source = _read_ceiling()
+    return f"read ceiling {tbps_:.2f} TB/s ({source})"
 
 
 @dataclass

@@ -19,7 +19,7 @@ PyTorch reference written from docs/ops.md (it shares no list code with the setu
 
     ok, why = flashinfer_peer.available()
     for backend in flashinfer_peer.backends():          # "fa2", and "fa3" on Hopper
-        fn = flashinfer_peer.sparse(q, k, v, table, kv_lens, ids, counts, backend=backend)
+        fn = flashinfer_peer.Verification(q, k, v, table, kv_lens, ids, counts, backend=backend)
         fn.check()                                     # raises if the output is wrong
         t = time_cuda(fn)
 
@@ -238,21 +238,6 @@ def reference(
     probs = torch.softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
     out = torch.einsum("hgql,lhd->qhgd", probs, values.float())
     return out.reshape(q_len, num_qo_heads, head_dim)
-
-
-def dense(q, k_cache, v_cache, block_table, kv_lens, **options) -> Verification:
-    """Dense verification, every block of each sequence (options: kv_layout, sm_scale,
-    backend)."""
-    return Verification(q, k_cache, v_cache, block_table, kv_lens, **options)
-
-
-def sparse(
-    q, k_cache, v_cache, block_table, kv_lens, block_ids, block_counts, **options
-) -> Verification:
-    """Sparse verification over sparse_verify's lists: the listed blocks, then the window's."""
-    return Verification(
-        q, k_cache, v_cache, block_table, kv_lens, block_ids, block_counts, **options
-    )
 
 
 def main() -> None:

@@ -36,6 +36,13 @@ status=0
 [ -f .dustin-commit ] && export DUSTIN_COMMIT="$(cat .dustin-commit) (recorded in .dustin-commit)"
 
 step() { echo; echo "=== $* ($(date +%T))"; }
+# bench/bench_<name>.py with BENCH_ARGS_<name> (else BENCH_ARGS), e.g. BENCH_ARGS_e2e="--no-peers";
+# its log is bench_<name><suffix>.log.
+run_bench() {
+  local args_var="BENCH_ARGS_$1"
+  python3 "bench/bench_$1.py" ${!args_var:-${BENCH_ARGS:-}} 2>&1 | tee "$LOGS/bench_$1${2:-}.log" \
+    || status=1
+}
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -182,19 +189,13 @@ for stage in "${stages[@]}"; do
       name=${stage#base-bench-}
       step "bench $name (baseline)"
       [ -d /tmp/base-site/dustin ] || { echo "no baseline build"; status=1; continue; }
-      args_var="BENCH_ARGS_${name}"
       PYTHONPATH=/tmp/base-site:$PYTHONPATH DUSTIN_BENCH_TAG=base \
-        DUSTIN_COMMIT="$(cat .base/.dustin-commit) (baseline build)" \
-        python3 "bench/bench_${name}.py" ${!args_var:-${BENCH_ARGS:-}} 2>&1 \
-        | tee "$LOGS/bench_${name}_base.log" || status=1
+        DUSTIN_COMMIT="$(cat .base/.dustin-commit) (baseline build)" run_bench "$name" _base
       ;;
     bench-*)
       name=${stage#bench-}
       step "bench $name"
-      # BENCH_ARGS_<name> (else BENCH_ARGS) are passed on, e.g. BENCH_ARGS_e2e="--no-peers".
-      args_var="BENCH_ARGS_${name}"
-      python3 "bench/bench_${name}.py" ${!args_var:-${BENCH_ARGS:-}} 2>&1 \
-        | tee "$LOGS/bench_${name}.log" || status=1
+      run_bench "$name"
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac

@@ -50,7 +50,8 @@ def main() -> None:
     total = sum(to_number(r[SAMPLES]) for r in rows) or 1.0
 
     def reasons(counter: Counter, n: int) -> str:
-        return ", ".join(f"{k[len('stall_'):]} {100 * v / total:.1f}" for k, v in counter.most_common(n))
+        top = counter.most_common(n)
+        return ", ".join(f"{k[len('stall_'):]} {100 * v / total:.1f}" for k, v in top)
 
     print(f"{len(rows)} instructions, {total:.0f} samples")
     if args.regions:
