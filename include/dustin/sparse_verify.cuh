@@ -68,8 +68,8 @@ struct VerifyTileConfig {
   /// from shared memory once for all rows (mma.sync re-reads it per 16-row warp).
   static constexpr bool kWarpgroupMma = kMTiles == 4;
   /// The epilogue reuses the stage buffers for per-warp partial outputs [kWarpsN, kRows, D]
-  /// plus their row max and sum.
-  static constexpr int kEpilogueBytes = (kWarpsN * kRows * (kHeadDim + 2)) * 4;
+  /// plus their row max and sum, and each row's output row (int64).
+  static constexpr int kEpilogueBytes = (kWarpsN * kRows * (kHeadDim + 2)) * 4 + kRows * 8;
 
   static_assert(kMTiles >= 1 && kMTiles <= 4, "row tiles per CTA: 1 to 4");
   static_assert(kWarpgroups == 1 || (kWarpgroups == 2 && kMTiles == 4),
@@ -494,64 +494,77 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
     }
   }
   __syncthreads();
-  // Each warp rescales its partial output to the max over the warps sharing its rows.
+  // Each warp scales its partial output by its share of the row's softmax: exp2(own max - row
+  // max) / row sum. The row's statistics, its output row and its lse are worked out here once
+  // per row (by the warp_n = 0 warp), not once per stored vector: the epilogue is serial
+  // scalar code of one warp per scheduler, on the critical path of every small-budget call.
+  const bool write_partial = num_splits > 1;
+  const int64_t rows_per_split = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
+  float* ws_out = static_cast<float*>(p.workspace);                 // [splits, B*q*Hq, D]
+  float* ws_lse = ws_out + num_splits * rows_per_split * kHeadDim;  // [splits, B*q*Hq]
+  int64_t* row_out = reinterpret_cast<int64_t*>(l_scratch + Cfg::kWarpsN * kRows);  // [kRows]
 #pragma unroll
   for (int hr = 0; hr < 2 && computes; ++hr) {
     const int r = warp_m * 16 + (lane >> 2) + hr * 8;
     float m_all = kNegInf;
 #pragma unroll
     for (int w = 0; w < Cfg::kWarpsN; ++w) m_all = fmaxf(m_all, m_scratch[w * kRows + r]);
-    const float scale = row_max[hr] == kNegInf ? 0.f : exp2f(row_max[hr] - m_all);
+    float l_all = 0.f;
+#pragma unroll
+    for (int w = 0; w < Cfg::kWarpsN; ++w) {
+      const float m_w = m_scratch[w * kRows + r];
+      if (m_w != kNegInf) l_all += l_scratch[w * kRows + r] * exp2f(m_w - m_all);
+    }
+    const float inv_l = l_all > 0.f ? 1.f / l_all : 0.f;
+    const float scale = row_max[hr] == kNegInf ? 0.f : exp2f(row_max[hr] - m_all) * inv_l;
     float* dst = o_scratch + (warp_n * kRows + r) * kHeadDim + (lane & 3) * 2;
 #pragma unroll
     for (int dt = 0; dt < kHeadDim / 8; ++dt) {
       *reinterpret_cast<float2*>(dst + dt * 8) =
           make_float2(o[dt][2 * hr] * scale, o[dt][2 * hr + 1] * scale);
     }
+    if (warp_n == 0 && (lane & 3) == 0) {
+      const int gr = row0 + r;
+      int64_t out_row = -1;  // padding rows are not stored
+      if (gr < rows_total) {
+        out_row = (static_cast<int64_t>(b) * p.q_len + gr / group) * p.num_qo_heads +
+                  h * group + gr % group;
+        const float lse_log2 = l_all > 0.f ? m_all + __log2f(l_all) : kNegInf;
+        if (write_partial) {
+          out_row += split * rows_per_split;
+          ws_lse[out_row] = lse_log2;
+        } else {
+          p.lse[out_row] = lse_log2 * kLn2;
+        }
+      }
+      row_out[r] = out_row;
+    }
   }
   __syncthreads();
 
-  const bool write_partial = num_splits > 1;
-  const int64_t rows_per_split = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
-  float* ws_out = static_cast<float*>(p.workspace);                 // [splits, B*q*Hq, D]
-  float* ws_lse = ws_out + num_splits * rows_per_split * kHeadDim;  // [splits, B*q*Hq]
-  constexpr int kVec = 4;                                           // floats per thread per step
+  // The rows' parts summed over the warps and stored, 4 floats per thread and step.
+  constexpr int kVec = 4;
   for (int i = tid; i < kRows * (kHeadDim / kVec); i += Cfg::kThreads) {
     const int r = i / (kHeadDim / kVec);
     const int d = (i % (kHeadDim / kVec)) * kVec;
-    const int gr = row0 + r;
-    if (gr >= rows_total) continue;
-    float m_all = kNegInf;
+    const int64_t out_row = row_out[r];
+    if (out_row < 0) continue;
+    float4 acc = *reinterpret_cast<const float4*>(o_scratch + r * kHeadDim + d);
 #pragma unroll
-    for (int w = 0; w < Cfg::kWarpsN; ++w) m_all = fmaxf(m_all, m_scratch[w * kRows + r]);
-    float l_all = 0.f;
-    float acc[kVec] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int w = 0; w < Cfg::kWarpsN; ++w) {
-      const float m_w = m_scratch[w * kRows + r];
-      if (m_w != kNegInf) l_all += l_scratch[w * kRows + r] * exp2f(m_w - m_all);
+    for (int w = 1; w < Cfg::kWarpsN; ++w) {
       const float4 v = *reinterpret_cast<const float4*>(o_scratch + (w * kRows + r) * kHeadDim + d);
-      acc[0] += v.x;
-      acc[1] += v.y;
-      acc[2] += v.z;
-      acc[3] += v.w;
+      acc.x += v.x;
+      acc.y += v.y;
+      acc.z += v.z;
+      acc.w += v.w;
     }
-    const float inv_l = l_all > 0.f ? 1.f / l_all : 0.f;
-    const float lse_log2 = l_all > 0.f ? m_all + __log2f(l_all) : kNegInf;
-    const int t = gr / group;
-    const int hq = h * group + gr % group;
-    const int64_t out_row = (static_cast<int64_t>(b) * p.q_len + t) * p.num_qo_heads + hq;
     if (write_partial) {
-      const int64_t ws_row = split * rows_per_split + out_row;
-      *reinterpret_cast<float4*>(ws_out + ws_row * kHeadDim + d) =
-          make_float4(acc[0] * inv_l, acc[1] * inv_l, acc[2] * inv_l, acc[3] * inv_l);
-      if (d == 0) ws_lse[ws_row] = lse_log2;
+      *reinterpret_cast<float4*>(ws_out + out_row * kHeadDim + d) = acc;
     } else {
       uint2 packed;
-      packed.x = pack2<T>(acc[0] * inv_l, acc[1] * inv_l);
-      packed.y = pack2<T>(acc[2] * inv_l, acc[3] * inv_l);
+      packed.x = pack2<T>(acc.x, acc.y);
+      packed.y = pack2<T>(acc.z, acc.w);
       *reinterpret_cast<uint2*>(static_cast<T*>(p.out) + out_row * kHeadDim + d) = packed;
-      if (d == 0) p.lse[out_row] = lse_log2 * kLn2;
     }
   }
 }
