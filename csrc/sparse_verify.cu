@@ -201,9 +201,15 @@ cudaError_t launch_attention(const SparseVerifyParams& p, cudaStream_t stream, b
                              int splits, int row_chunks) {
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
   const int64_t ctas = static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * splits * row_chunks;
+  detail::VerifyDivisors div;
+  div.row_chunks = cutlass::FastDivmod(row_chunks);
+  div.splits = cutlass::FastDivmod(splits);
+  div.kv_heads = cutlass::FastDivmod(p.kv.num_kv_heads);
+  div.group = cutlass::FastDivmod(p.num_qo_heads / p.kv.num_kv_heads);
+  div.page_size = cutlass::FastDivmod(p.kv.page_size);
   return detail::launch_kernel(detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>,
                                dim3(static_cast<unsigned>(ctas)), dim3(Cfg::kThreads),
-                               Cfg::kSmemBytes, stream, hopper, p, splits, row_chunks);
+                               Cfg::kSmemBytes, stream, hopper, p, div);
 }
 
 template <typename T, int kHeadDim, int kMTiles>

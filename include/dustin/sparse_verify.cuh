@@ -68,8 +68,11 @@ struct VerifyTileConfig {
   /// from shared memory once for all rows (mma.sync re-reads it per 16-row warp).
   static constexpr bool kWarpgroupMma = kMTiles == 4;
   /// The epilogue reuses the stage buffers for per-warp partial outputs [kWarpsN, kRows, D]
-  /// plus their row max and sum, and each row's output row (int64).
-  static constexpr int kEpilogueBytes = (kWarpsN * kRows * (kHeadDim + 2)) * 4 + kRows * 8;
+  /// plus their row max and sum, and each row's output row (int64). A warp stores the eight
+  /// rows of its accumulator fragment at once: padding each row by 8 floats puts those rows
+  /// on different banks (unpadded, all eight rows hit the same 8 banks: 8-way conflicts).
+  static constexpr int kScratchStride = kHeadDim + 8;
+  static constexpr int kEpilogueBytes = (kWarpsN * kRows * (kScratchStride + 2)) * 4 + kRows * 8;
 
   static_assert(kMTiles >= 1 && kMTiles <= 4, "row tiles per CTA: 1 to 4");
   static_assert(kWarpgroups == 1 || (kWarpgroups == 2 && kMTiles == 4),
@@ -81,6 +84,17 @@ struct VerifyTileConfig {
                 "a chunk covers any tile's blocks (P = 1 included)");
   static_assert(kEpilogueBytes <= kStagesBytes, "epilogue scratch fits in the stage buffers");
   static_assert(kRows * kHeadDim * 2 <= kStageElems * 2, "Q fits in one stage");
+};
+
+/// The divisors of a launch, built by the launcher: building a FastDivmod takes a 64-bit
+/// division and a runtime int division some twenty instructions, and in the kernel both sat on
+/// the serial path from a CTA's start to its first KV load (and in its epilogue).
+struct VerifyDivisors {
+  cutlass::FastDivmod row_chunks;  // CTAs per (b, h, split): G * q rows in kRows chunks
+  cutlass::FastDivmod splits;      // CTAs sharing one list
+  cutlass::FastDivmod kv_heads;    // Hkv
+  cutlass::FastDivmod group;       // G = Hq / Hkv: query row -> (token, head)
+  cutlass::FastDivmod page_size;   // P: slot -> (attended block, offset)
 };
 
 /// Where one (sequence, KV head) CTA reads from and what it attends; see SparseVerifyParams.
@@ -102,7 +116,9 @@ __device__ __forceinline__ const int32_t* list_ids(const SparseVerifyParams& p, 
   return p.block_ids + b * p.block_ids_stride_b + list_of(p, h) * p.block_ids_stride_s;
 }
 
-__device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& p, int b, int h) {
+__device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& p,
+                                                     const cutlass::FastDivmod& page_size,
+                                                     int b, int h) {
   const PagedKV& kv = p.kv;
   SequenceView s;
   const int list = list_of(p, h);
@@ -113,8 +129,10 @@ __device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& 
   s.kv_len = min(max(__ldg(kv.kv_lens + b), 0),
                  static_cast<int32_t>(min(static_cast<int64_t>(kv.max_pages) * kv.page_size,
                                           static_cast<int64_t>(0x7fffffff))));
-  s.first_window = max(s.kv_len - p.q_len, 0) / kv.page_size;
-  s.num_blocks = num_blocks_for(s.kv_len, kv.page_size);
+  s.first_window = page_size.div(max(s.kv_len - p.q_len, 0));
+  int full_blocks, tail;
+  page_size(full_blocks, tail, s.kv_len);
+  s.num_blocks = full_blocks + (tail != 0);
   s.num_slots =
       static_cast<int64_t>(s.count + max(s.num_blocks - s.first_window, 0)) * kv.page_size;
   return s;
@@ -126,8 +144,8 @@ __device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& 
 /// log2-domain lse) for sparse_verify_merge_kernel.
 template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
 __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>::kThreads)
-    sparse_verify_kernel(const __grid_constant__ SparseVerifyParams p, int num_splits,
-                         int num_row_chunks) {
+    sparse_verify_kernel(const __grid_constant__ SparseVerifyParams p,
+                         const __grid_constant__ VerifyDivisors div) {
   using Cfg = VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
   constexpr int kRows = Cfg::kRows;
   constexpr int kTileN = Cfg::kTileN;
@@ -147,17 +165,14 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
   int32_t* stage_clean = reinterpret_cast<int32_t*>(smem + Cfg::kCleanOffsetBytes);  // [kStages]
 
   const PagedKV& kv = p.kv;
-  const int num_kv_heads = kv.num_kv_heads;
+  const int num_splits = div.splits.divisor;
   int cta = blockIdx.x;
-  const int row_chunk = cta % num_row_chunks;
-  cta /= num_row_chunks;
-  const int split = cta % num_splits;
-  cta /= num_splits;
-  const int h = cta % num_kv_heads;
-  const int b = cta / num_kv_heads;
+  int row_chunk, split, h, b;
+  div.row_chunks(cta, row_chunk, cta);
+  div.splits(cta, split, cta);
+  div.kv_heads(b, h, cta);
 
-  const int group = p.num_qo_heads / num_kv_heads;
-  const int rows_total = group * p.q_len;
+  const int rows_total = div.group.divisor * p.q_len;
   const int row0 = row_chunk * kRows;
   // Launched as a programmatic dependent (Hopper): everything below reads what the preceding
   // kernel may have written (ids, lengths, Q, KV) or writes what it may read (out, workspace).
@@ -176,11 +191,11 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
       first_chunk_ids[j] = split == 0 && vblock < p.max_blocks ? __ldg(ids + vblock) : -1;
     }
   }
-  const SequenceView seq = sequence_view(p, b, h);
+  const SequenceView seq = sequence_view(p, div.page_size, b, h);
   const int page_size = kv.page_size;
 
   const int num_tiles = static_cast<int>((seq.num_slots + kTileN - 1) / kTileN);
-  const int tiles_per_split = (num_tiles + num_splits - 1) / num_splits;
+  const int tiles_per_split = div.splits.div(num_tiles + num_splits - 1);
   const int tile_begin = min(split * tiles_per_split, num_tiles);
   const int tile_end = min(tile_begin + tiles_per_split, num_tiles);
 
@@ -201,8 +216,9 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
       const int c = i % kChunks;
       const int gr = row0 + r;
       const bool valid = gr < rows_total;
-      const int t = valid ? gr / group : 0;
-      const int hq = h * group + (valid ? gr % group : 0);
+      int t = 0, head_in_group = 0;
+      if (valid) div.group(t, head_in_group, gr);
+      const int hq = h * div.group.divisor + head_in_group;
       const T* src = q + b * p.q_stride_b + t * p.q_stride_t + hq * p.q_stride_h + c * 8;
       T* dst = q_smem + swizzle<kRows>(r, c);
       if (vec_ok) {
@@ -255,7 +271,7 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
   const int load_row0 = tid / kChunks;
   const int64_t head_offset = h * kv.head_stride + load_chunk * 8;
   // Slot indices fit in int32 (the launcher checks): multiply-shift division by the page size.
-  const cutlass::FastDivmod page_divmod(page_size);
+  const cutlass::FastDivmod& page_divmod = div.page_size;
   const int listed_slots = seq.count * page_size;
   auto load_tile = [&](int tile, int stage) {
     const int first_vblock = page_divmod.div(tile * kTileN);
@@ -312,7 +328,7 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int gr = row0 + warp_m * 16 + (lane >> 2) + hr * 8;
-    row_pos[hr] = gr < rows_total ? seq.kv_len - p.q_len + gr / group : -1;
+    row_pos[hr] = gr < rows_total ? seq.kv_len - p.q_len + div.group.div(gr) : -1;
   }
 
   const float scale_log2 = p.sm_scale * kLog2e;
@@ -480,9 +496,10 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
   // ---- epilogue: combine the warps that split the tokens, normalise, store ----------------
   cp_async_wait<0>();
   __syncthreads();  // stage buffers are free for the scratch below
-  float* o_scratch = reinterpret_cast<float*>(smem);               // [kWarpsN, kRows, D]
-  float* m_scratch = o_scratch + Cfg::kWarpsN * kRows * kHeadDim;  // [kWarpsN, kRows]
-  float* l_scratch = m_scratch + Cfg::kWarpsN * kRows;             // [kWarpsN, kRows]
+  constexpr int kStride = Cfg::kScratchStride;
+  float* o_scratch = reinterpret_cast<float*>(smem);              // [kWarpsN, kRows, kStride]
+  float* m_scratch = o_scratch + Cfg::kWarpsN * kRows * kStride;  // [kWarpsN, kRows]
+  float* l_scratch = m_scratch + Cfg::kWarpsN * kRows;            // [kWarpsN, kRows]
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
@@ -517,7 +534,7 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
     }
     const float inv_l = l_all > 0.f ? 1.f / l_all : 0.f;
     const float scale = row_max[hr] == kNegInf ? 0.f : exp2f(row_max[hr] - m_all) * inv_l;
-    float* dst = o_scratch + (warp_n * kRows + r) * kHeadDim + (lane & 3) * 2;
+    float* dst = o_scratch + (warp_n * kRows + r) * kStride + (lane & 3) * 2;
 #pragma unroll
     for (int dt = 0; dt < kHeadDim / 8; ++dt) {
       *reinterpret_cast<float2*>(dst + dt * 8) =
@@ -527,8 +544,10 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
       const int gr = row0 + r;
       int64_t out_row = -1;  // padding rows are not stored
       if (gr < rows_total) {
-        out_row = (static_cast<int64_t>(b) * p.q_len + gr / group) * p.num_qo_heads +
-                  h * group + gr % group;
+        int t, head_in_group;
+        div.group(t, head_in_group, gr);
+        out_row = (static_cast<int64_t>(b) * p.q_len + t) * p.num_qo_heads +
+                  h * div.group.divisor + head_in_group;
         const float lse_log2 = l_all > 0.f ? m_all + __log2f(l_all) : kNegInf;
         if (write_partial) {
           out_row += split * rows_per_split;
@@ -549,10 +568,10 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
     const int d = (i % (kHeadDim / kVec)) * kVec;
     const int64_t out_row = row_out[r];
     if (out_row < 0) continue;
-    float4 acc = *reinterpret_cast<const float4*>(o_scratch + r * kHeadDim + d);
+    float4 acc = *reinterpret_cast<const float4*>(o_scratch + r * kStride + d);
 #pragma unroll
     for (int w = 1; w < Cfg::kWarpsN; ++w) {
-      const float4 v = *reinterpret_cast<const float4*>(o_scratch + (w * kRows + r) * kHeadDim + d);
+      const float4 v = *reinterpret_cast<const float4*>(o_scratch + (w * kRows + r) * kStride + d);
       acc.x += v.x;
       acc.y += v.y;
       acc.z += v.z;
