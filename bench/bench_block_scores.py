@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dustin  # noqa: F401  (registers torch.ops.dustin)
 
-from bench.common import Report, ceiling_note, pct_of_ceiling, tbps, time_cuda
+from bench.common import L2_ROTATE_BYTES, Report, ceiling_note, pct_of_ceiling, tbps, time_cuda
 
 D = 128
 QUERIES = 5
@@ -32,14 +32,12 @@ PAGE = 16
 BLOCK = 16
 KV_HEADS = 8
 DTYPE = torch.bfloat16
-# Inputs of one timed call span at least this many bytes, so repeated calls miss in L2.
-ROTATE_BYTES = 256 * 2**20
 
 
 def make_inputs(batch: int, context: int, layers: int, gen: torch.Generator):
     """Caches (paged HND for dustin, dense [B, Hkv, L, D] for the peer), enough for rotation."""
     layer_bytes = batch * context * KV_HEADS * D * 2
-    sets = max(1, -(-ROTATE_BYTES // (layer_bytes * layers)))
+    sets = max(1, -(-L2_ROTATE_BYTES // (layer_bytes * layers)))
     pages_per_seq = context // PAGE
     num_pages = batch * pages_per_seq
     paged, dense, tables = [], [], []

@@ -8,7 +8,10 @@ contiguous KV (best backend), FlexAttention dense and block-sparse over the same
 Hopper, FA3) over every block or the same selected blocks, where FlashInfer is installed. Times
 are medians of CUDA-graph replays (and eager); bandwidth counts the KV bytes each variant must
 read (selected blocks plus the window's blocks for sparse, the whole causal context for dense)
-plus q and out once.
+plus q and out once. Back-to-back timed calls rotate through input sets spanning 256 MiB (the
+`rotated_mb` column; fewer only where the cache copies would pass 8 GB), every peer alike, so
+no call reads KV the previous calls left in L2 (`--warm-l2`: one set, as runs before
+2026-12-07 measured).
 
     python bench/bench_sparse_verify.py                 # the issue's full grid and peers
     python bench/bench_sparse_verify.py --quick         # a small subset, for a first look
@@ -32,7 +35,16 @@ import dustin  # noqa: F401  (registers torch.ops.dustin)
 from dustin import ops
 
 from bench import flashinfer_peer
-from bench.common import Report, ceiling_note, pct_of_ceiling, read_ceiling_tbps, tbps, time_cuda
+from bench.common import (
+    L2_ROTATE_BYTES,
+    Report,
+    ceiling_note,
+    pct_of_ceiling,
+    read_ceiling_tbps,
+    rotating,
+    tbps,
+    time_cuda,
+)
 
 
 @dataclass(frozen=True)
@@ -50,46 +62,86 @@ SHAPES = {
 }
 DTYPE = torch.bfloat16
 ELEM = 2  # bytes per bf16 element
+# Copies of a small cache made for the L2 rotation stay under this many bytes of K and V.
+POOL_LIMIT_BYTES = 8 << 30
+# Most input sets one timed call rotates through.
+MAX_SETS = 256
+
+
+@dataclass(frozen=True)
+class Lists:
+    """The inputs of one call: a block table and the block lists over it."""
+
+    table: torch.Tensor  # [B, blocks]
+    ids: torch.Tensor  # [B, K]
+    counts: torch.Tensor  # [B]
 
 
 class PagedCase:
-    """One paged HND cache of B sequences of `context` tokens with shuffled pages."""
+    """B sequences of `context` tokens in a paged HND cache with shuffled pages.
 
-    def __init__(self, shape: Shape, batch: int, context: int, page: int, gen: torch.Generator):
+    Timed calls rotate through input sets spanning `rotate_bytes` (0: a single set, which stays
+    in L2 where it fits): a cache smaller than that is held in several copies (disjoint pages,
+    each its own block table; at most POOL_LIMIT_BYTES in all), and sparse lists are drawn
+    afresh for every set."""
+
+    def __init__(
+        self,
+        shape: Shape,
+        batch: int,
+        context: int,
+        page: int,
+        gen: torch.Generator,
+        rotate_bytes: int,
+    ):
         self.shape, self.batch, self.context, self.page = shape, batch, context, page
         self.blocks = math.ceil(context / page)
-        num_pages = batch * self.blocks
+        self.rotate_bytes = rotate_bytes
+        copy_bytes = self.kv_bytes(self.blocks * page)
+        self.copies = max(1, min(-(-rotate_bytes // copy_bytes), POOL_LIMIT_BYTES // copy_bytes))
+        num_pages = self.copies * batch * self.blocks
         dims = (num_pages, shape.num_kv_heads, page, shape.head_dim)
         self.k = torch.randn(dims, device="cuda", dtype=DTYPE)
         self.v = torch.randn(dims, device="cuda", dtype=DTYPE)
         perm = torch.randperm(num_pages, device="cuda", generator=gen).to(torch.int32)
-        self.table = perm.view(batch, self.blocks)
+        self.tables = list(perm.view(self.copies, batch, self.blocks).unbind(0))
         self.kv_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
         self.gen = gen
 
-    def lists(self, budget: int | None, q_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(ids, counts, attended tokens per sequence): every block for budget None, else
-        budget // P random blocks before the window (the kernel adds the window's blocks)."""
+    def lists(self, budget: int | None, q_len: int) -> tuple[list[Lists], int]:
+        """The input sets of one timed call, and the tokens each attends per sequence: every
+        block (budget None), else budget // P random blocks before the window (the kernel adds
+        the window's blocks)."""
         first_window = (self.context - q_len) // self.page
         window_tokens = self.context - first_window * self.page
         if budget is None:
             ids, counts = ops.dense_block_lists(self.kv_lens, self.page, self.blocks)
-            return ids, counts, self.context
+            return [Lists(table, ids, counts) for table in self.tables], self.context
         n = min(max(budget // self.page, 1), first_window)
-        scores = torch.rand(self.batch, first_window, device="cuda", generator=self.gen)
-        ids = scores.topk(n, dim=1).indices.sort(dim=1).values.to(torch.int32).contiguous()
+        tokens = n * self.page + window_tokens
+        sets = max(self.copies, min(MAX_SETS, -(-self.rotate_bytes // self.kv_bytes(tokens))))
         counts = torch.full((self.batch,), n, dtype=torch.int32, device="cuda")
-        return ids, counts, n * self.page + window_tokens
+        drawn = []
+        for i in range(sets):
+            scores = torch.rand(self.batch, first_window, device="cuda", generator=self.gen)
+            ids = scores.topk(n, dim=1).indices.sort(dim=1).values.to(torch.int32).contiguous()
+            drawn.append(Lists(self.tables[i % self.copies], ids, counts))
+        return drawn, tokens
+
+    def rotated_mb(self, sets: list[Lists], tokens: int) -> float:
+        """MB of KV the calls of one rotation read (the pool bounds it)."""
+        pool = self.copies * self.kv_bytes(self.blocks * self.page)
+        return min(len(sets) * self.kv_bytes(tokens), pool) / 1e6
 
     def kv_bytes(self, tokens: int) -> int:
         s = self.shape
         return 2 * self.batch * s.num_kv_heads * tokens * s.head_dim * ELEM
 
-    def dense_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V as contiguous [B, Hkv, L, D] (what dense peers read)."""
+    def dense_kv(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the sequences of `table` as contiguous [B, Hkv, L, D] (what dense peers read)."""
 
         def gather(cache):
-            x = cache[self.table.long()]  # [B, blocks, Hkv, P, D]
+            x = cache[table.long()]  # [B, blocks, Hkv, P, D]
             x = x.permute(0, 2, 1, 3, 4).reshape(
                 self.batch, self.shape.num_kv_heads, -1, self.shape.head_dim
             )
@@ -98,13 +150,15 @@ class PagedCase:
         return gather(self.k), gather(self.v)
 
 
-def timing_columns(t, nbytes: int) -> dict:
-    """Graph and eager times, and the bandwidth on `nbytes`, as report columns."""
+def timing_columns(t, nbytes: int, rotated_mb: float) -> dict:
+    """Graph and eager times, the bandwidth on `nbytes` and the rotation's span, as report
+    columns."""
     return {
         "graph_us": t.graph_us,
         "eager_us": t.eager_us,
         "tbps": tbps(nbytes, t.best_us),
         "pct_ceiling": pct_of_ceiling(nbytes, t.best_us),
+        "rotated_mb": rotated_mb,
     }
 
 
@@ -120,51 +174,55 @@ def split_bytes(q: torch.Tensor) -> int:
     return batch * q_len * heads * (head_dim + 1) * 4
 
 
-def planned_workspace_bytes(case: PagedCase, q: torch.Tensor, ids: torch.Tensor) -> int:
+def planned_workspace_bytes(case: PagedCase, q: torch.Tensor, lists: Lists) -> int:
     """Workspace the kernel's planner asks for: its split count times `split_bytes`."""
-    return ops.sparse_verify_workspace_bytes(q, case.k, case.table, ids, "HND")
+    return ops.sparse_verify_workspace_bytes(q, case.k, lists.table, lists.ids, "HND")
 
 
-def planned_splits(case: PagedCase, q: torch.Tensor, ids: torch.Tensor) -> int:
+def planned_splits(case: PagedCase, q: torch.Tensor, lists: Lists) -> int:
     """The split count the kernel's planner picks (read back from the workspace it asks for)."""
-    return max(planned_workspace_bytes(case, q, ids) // split_bytes(q), 1)
+    return max(planned_workspace_bytes(case, q, lists) // split_bytes(q), 1)
 
 
-def dustin_fn(case: PagedCase, q: torch.Tensor, ids, counts, splits: int | None = None):
-    """The out-variant call; `splits` caps the split count through the workspace it is given
-    (the kernel splits only as far as its workspace allows), None leaves the planner's choice."""
+def dustin_fn(case: PagedCase, q: torch.Tensor, sets: list[Lists], splits: int | None = None):
+    """The out-variant call, each call on the next input set; `splits` caps the split count
+    through the workspace it is given (the kernel splits only as far as its workspace allows),
+    None leaves the planner's choice (the same for every set: they differ only in ids)."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device="cuda")
     if splits is None:
-        nbytes = planned_workspace_bytes(case, q, ids)
+        nbytes = planned_workspace_bytes(case, q, sets[0])
     else:
         nbytes = splits * split_bytes(q) if splits > 1 else 0
     workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     scale = case.shape.head_dim**-0.5
     op = torch.ops.dustin.sparse_verify_out
+    return rotating(
+        [
+            functools.partial(
+                op,
+                q,
+                case.k,
+                case.v,
+                s.table,
+                case.kv_lens,
+                s.ids,
+                s.counts,
+                scale,
+                "HND",
+                out,
+                lse,
+                workspace,
+            )
+            for s in sets
+        ]
+    )
 
-    def fn():
-        op(
-            q,
-            case.k,
-            case.v,
-            case.table,
-            case.kv_lens,
-            ids,
-            counts,
-            scale,
-            "HND",
-            out,
-            lse,
-            workspace,
-        )
 
-    return fn, out
-
-
-def sdpa_best(q, k, v, q_len: int, kv_len: int):
-    """Fastest SDPA backend (graph time) on [B, Hq, q, D] x [B, Hkv, L, D], causal with the
-    queries at the end, as a lower-right causal bias or as an explicit bool mask."""
+def sdpa_best(q, dense: list[tuple[torch.Tensor, torch.Tensor]], q_len: int, kv_len: int):
+    """Fastest SDPA backend (graph time) on [B, Hq, q, D] x [B, Hkv, L, D] (calls rotating
+    through the copies in `dense`), causal with the queries at the end, as a lower-right causal
+    bias or as an explicit bool mask."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
@@ -179,10 +237,11 @@ def sdpa_best(q, k, v, q_len: int, kv_len: int):
     ):
         for mask_name, mask in masks.items():
 
-            def fn(backend=backend, mask=mask):
+            def call(k, v, backend=backend, mask=mask):
                 with sdpa_kernel([backend]):
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
+            fn = rotating([functools.partial(call, k, v) for k, v in dense])
             try:
                 fn()
                 torch.cuda.synchronize()
@@ -209,7 +268,7 @@ def bench_dustin(report: Report, args, gen: torch.Generator) -> dict:
                             f"time budget spent: skipped {shape_name} ctx={context} B={batch} P={page}"
                         )
                         continue
-                    case = PagedCase(shape, batch, context, page, gen)
+                    case = PagedCase(shape, batch, context, page, gen, args.rotate_bytes)
                     for q_len in args.q:
                         q = torch.randn(
                             batch,
@@ -220,9 +279,8 @@ def bench_dustin(report: Report, args, gen: torch.Generator) -> dict:
                             dtype=DTYPE,
                         )
                         for budget in [None, *args.budgets]:
-                            ids, counts, tokens = case.lists(budget, q_len)
-                            fn, _ = dustin_fn(case, q, ids, counts)
-                            t = time_cuda(fn, reps=args.reps)
+                            sets, tokens = case.lists(budget, q_len)
+                            t = time_cuda(dustin_fn(case, q, sets), reps=args.reps)
                             nbytes = case.kv_bytes(tokens) + 2 * q.numel() * ELEM
                             mode = "dense" if budget is None else f"sparse-{budget}"
                             times[(shape_name, batch, context, q_len, page, mode)] = t.best_us
@@ -234,8 +292,8 @@ def bench_dustin(report: Report, args, gen: torch.Generator) -> dict:
                                 q=q_len,
                                 P=page,
                                 mode=mode,
-                                splits=planned_splits(case, q, ids),
-                                **timing_columns(t, nbytes),
+                                splits=planned_splits(case, q, sets[0]),
+                                **timing_columns(t, nbytes, case.rotated_mb(sets, tokens)),
                             )
                             print(
                                 f"dustin {shape_name} B={batch} ctx={context} q={q_len} "
@@ -255,16 +313,15 @@ def bench_split_sweep(report: Report, args, gen: torch.Generator) -> None:
     count in results up to sparse_verify-20261129-211803 ran the planner's count)."""
     for shape_name in args.sweep_shapes:
         shape = SHAPES[shape_name]
-        case = PagedCase(shape, 16, 32768, 16, gen)
+        case = PagedCase(shape, 16, 32768, 16, gen, args.rotate_bytes)
         q = torch.randn(16, 5, shape.num_qo_heads, shape.head_dim, device="cuda", dtype=DTYPE)
         for budget in (None, 512):
-            ids, counts, tokens = case.lists(budget, 5)
+            sets, tokens = case.lists(budget, 5)
             nbytes = case.kv_bytes(tokens) + 2 * q.numel() * ELEM
-            chosen = planned_splits(case, q, ids)
+            chosen = planned_splits(case, q, sets[0])
             mode = "dense" if budget is None else f"sparse-{budget}"
             for splits in sorted(s for s in {1, 2, 3, 4, 8, chosen} if s <= chosen):
-                fn, _ = dustin_fn(case, q, ids, counts, splits)
-                t = time_cuda(fn, reps=args.reps)
+                t = time_cuda(dustin_fn(case, q, sets, splits), reps=args.reps)
                 label = f"{splits}" + (" (planner)" if splits == chosen else "")
                 report.add(
                     variant="dustin-splits",
@@ -275,7 +332,7 @@ def bench_split_sweep(report: Report, args, gen: torch.Generator) -> None:
                     P=16,
                     mode=mode,
                     splits=label,
-                    **timing_columns(t, nbytes),
+                    **timing_columns(t, nbytes, case.rotated_mb(sets, tokens)),
                 )
                 print(f"split sweep {shape_name} {mode} splits={label}: {t.best_us:.1f} us")
         del case
@@ -290,6 +347,7 @@ def add_peer_row(
     mode: str,
     t,
     nbytes: int,
+    rotated_mb: float,
     backend: str = "",
 ) -> None:
     """One peer row, with its time over Dustin's at the same point (the speedup)."""
@@ -303,7 +361,7 @@ def add_peer_row(
         q=q_len,
         P=page,
         mode=mode,
-        **timing_columns(t, nbytes),
+        **timing_columns(t, nbytes, rotated_mb),
         dustin_speedup=t.best_us / mine if mine else None,
         backend=backend,
     )
@@ -311,65 +369,96 @@ def add_peer_row(
 
 
 def bench_peers(report: Report, args, gen: torch.Generator, ours: dict) -> None:
-    """Peers at B = args.peer_batch, context args.peer_context, page 16 lists."""
+    """Peers at B = args.peer_batch, context args.peer_context, page 16 lists, on the same
+    rotation of input sets as Dustin's calls."""
     page, batch, context = args.peer_page, args.peer_batch, args.peer_context
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
-        case = PagedCase(shape, batch, context, page, gen)
-        k_dense, v_dense = case.dense_kv()
+        case = PagedCase(shape, batch, context, page, gen, args.rotate_bytes)
+        dense = [case.dense_kv(table) for table in case.tables]
         for q_len in args.peer_q:
             q = torch.randn(
                 batch, q_len, shape.num_qo_heads, shape.head_dim, device="cuda", dtype=DTYPE
             )
             q_bhsd = q.transpose(1, 2)
+            dense_sets, _ = case.lists(None, q_len)
             dense_bytes = case.kv_bytes(context) + 2 * q.numel() * ELEM
+            dense_mb = case.rotated_mb(dense_sets, context)
 
             add = functools.partial(
                 add_peer_row, report, ours, (shape_name, batch, context, q_len, page)
             )
 
-            t, backend = sdpa_best(q_bhsd, k_dense, v_dense, q_len, context)
+            t, backend = sdpa_best(q_bhsd, dense, q_len, context)
             if t is not None:
-                add("sdpa", "dense", t, dense_bytes, backend)
+                add("sdpa", "dense", t, dense_bytes, dense_mb, backend)
             if args.flex and shape_name in args.flex_shapes and q_len in args.flex_q:
-                bench_flex(case, q_bhsd, k_dense, v_dense, q_len, add, dense_bytes, args)
+                bench_flex(case, q_bhsd, dense, q_len, add, args)
             if args.flashinfer:
-                bench_flashinfer(case, q, None, None, add, "dense", dense_bytes)
+                bench_flashinfer(case, q, None, add, "dense", dense_bytes, dense_mb)
             for budget in args.budgets:
-                ids, counts, tokens = case.lists(budget, q_len)
+                sets, tokens = case.lists(budget, q_len)
                 nbytes = case.kv_bytes(tokens) + 2 * q.numel() * ELEM
-                t = bench_gather_sdpa(case, q_bhsd, ids, counts, q_len)
+                rotated_mb = case.rotated_mb(sets, tokens)
+                t = bench_gather_sdpa(case, q_bhsd, sets, q_len)
                 if t is not None:
-                    add("gather+sdpa", f"sparse-{budget}", t, nbytes, "efficient")
+                    add("gather+sdpa", f"sparse-{budget}", t, nbytes, rotated_mb, "efficient")
                 if args.flashinfer:
-                    bench_flashinfer(case, q, ids, counts, add, f"sparse-{budget}", nbytes)
-        del case, k_dense, v_dense
+                    bench_flashinfer(case, q, sets, add, f"sparse-{budget}", nbytes, rotated_mb)
+        del case, dense
         torch.cuda.empty_cache()
 
 
-def bench_flashinfer(case: PagedCase, q, ids, counts, add, mode: str, nbytes: int) -> None:
-    """FlashInfer's batch prefill over the same paged cache, every block (ids None) or the
-    listed blocks plus the window's (bench/flashinfer_peer.py), on each of its backends;
-    checked against a float32 reference before it is timed."""
+def bench_flashinfer(case: PagedCase, q, sets, add, mode: str, nbytes: int, rotated_mb) -> None:
+    """FlashInfer's batch prefill over the same paged cache, every block (sets None: one plan
+    per cache copy) or the listed blocks plus the window's (one plan per input set;
+    bench/flashinfer_peer.py), on each of its backends; the first plan is checked against a
+    float32 reference before they are timed."""
+    workspace = flashinfer_peer.new_workspace(q.device)  # shared: the calls run one after another
     for backend in flashinfer_peer.backends():
         try:
-            fn = flashinfer_peer.Verification(
-                q, case.k, case.v, case.table, case.kv_lens, ids, counts, backend=backend
+            plans = [
+                flashinfer_peer.Verification(
+                    q,
+                    case.k,
+                    case.v,
+                    table,
+                    case.kv_lens,
+                    ids,
+                    counts,
+                    backend=backend,
+                    workspace=workspace,
+                )
+                for table, ids, counts in (
+                    [(t, None, None) for t in case.tables]
+                    if sets is None
+                    else [(s.table, s.ids, s.counts) for s in sets]
+                )
+            ]
+            plans[0].check()
+            add(
+                f"flashinfer-{backend}",
+                mode,
+                time_cuda(rotating(plans)),
+                nbytes,
+                rotated_mb,
+                backend,
             )
-            fn.check()
-            add(f"flashinfer-{backend}", mode, time_cuda(fn), nbytes, backend)
+            del plans
         except Exception as exc:  # noqa: BLE001  (a peer that cannot run is reported, not fatal)
-            print(f"  flashinfer {backend} {mode} failed: {type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:160]}")
+            print(
+                f"  flashinfer {backend} {mode} failed: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]}"
+            )
 
 
-def bench_gather_sdpa(case: PagedCase, q_bhsd, ids, counts, q_len):
-    """index_select the selected blocks' tokens (plus the window's blocks), then SDPA."""
+def gather_sdpa_call(case: PagedCase, q_bhsd, lists: Lists, q_len: int):
+    """index_select one set's selected blocks' tokens (plus the window's blocks), then SDPA."""
     page = case.page
     first_window = (case.context - q_len) // page
     window = torch.arange(first_window, case.blocks, device="cuda", dtype=torch.int32)
-    blocks = torch.cat([ids, window.expand(case.batch, -1)], dim=1).long()  # [B, nb]
-    pages = torch.gather(case.table.long(), 1, blocks)  # [B, nb]
+    blocks = torch.cat([lists.ids, window.expand(case.batch, -1)], dim=1).long()  # [B, nb]
+    pages = torch.gather(lists.table.long(), 1, blocks)  # [B, nb]
     pos = (blocks[:, :, None] * page + torch.arange(page, device="cuda")).flatten(1)  # [B, n]
     qpos = case.context - q_len + torch.arange(q_len, device="cuda")
     mask = pos[:, None, None, :] <= qpos[None, None, :, None]  # [B, 1, q, n]
@@ -382,6 +471,12 @@ def bench_gather_sdpa(case: PagedCase, q_bhsd, ids, counts, q_len):
         v = v.view(shp).permute(0, 2, 1, 3, 4).flatten(2, 3)
         return F.scaled_dot_product_attention(q_bhsd, k, v, attn_mask=mask, enable_gqa=True)
 
+    return fn
+
+
+def bench_gather_sdpa(case: PagedCase, q_bhsd, sets: list[Lists], q_len: int):
+    """Gather-then-SDPA over the rotation of input sets."""
+    fn = rotating([gather_sdpa_call(case, q_bhsd, s, q_len) for s in sets])
     try:
         fn()
         torch.cuda.synchronize()
@@ -400,8 +495,9 @@ def selected_blocks_mod(selected: torch.Tensor, page: int, offset: int):
     return mod
 
 
-def bench_flex(case, q_bhsd, k_dense, v_dense, q_len, add, dense_bytes, args) -> None:
-    """FlexAttention dense (causal, lower right) and block-sparse with the same lists."""
+def bench_flex(case, q_bhsd, dense, q_len, add, args) -> None:
+    """FlexAttention dense (causal, lower right) and block-sparse with the same lists, over the
+    dense copies of the case's caches (the i-th set reads copy i mod copies, as for Dustin)."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
@@ -409,34 +505,58 @@ def bench_flex(case, q_bhsd, k_dense, v_dense, q_len, add, dense_bytes, args) ->
     flex = torch.compile(flex_attention, dynamic=False)
     context, page = case.context, case.page
     offset = context - q_len
+    q_bytes = 2 * q_bhsd.numel() * ELEM
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + offset
 
     try:
         dense_mask = create_block_mask(causal, None, None, q_len, context, device="cuda")
-        fn = functools.partial(
-            flex, q_bhsd, k_dense, v_dense, block_mask=dense_mask, enable_gqa=True
+        fn = rotating(
+            [
+                functools.partial(flex, q_bhsd, k, v, block_mask=dense_mask, enable_gqa=True)
+                for k, v in dense
+            ]
         )
         fn()
-        add("flex", "dense", time_cuda(fn), dense_bytes, "flex")
+        dense_sets, _ = case.lists(None, q_len)
+        add(
+            "flex",
+            "dense",
+            time_cuda(fn),
+            case.kv_bytes(context) + q_bytes,
+            case.rotated_mb(dense_sets, context),
+            "flex",
+        )
         for budget in args.flex_budgets:
-            ids, _, tokens = case.lists(budget, q_len)
-            selected = torch.zeros(case.batch, case.blocks, dtype=torch.bool, device="cuda")
-            selected.scatter_(1, ids.long(), True)
-            selected[:, offset // page :] = True
-            mask = create_block_mask(
-                selected_blocks_mod(selected, page, offset),
-                case.batch,
-                None,
-                q_len,
-                context,
-                device="cuda",
-            )
-            fn = functools.partial(flex, q_bhsd, k_dense, v_dense, block_mask=mask, enable_gqa=True)
+            sets, tokens = case.lists(budget, q_len)
+            calls = []
+            for i, lists in enumerate(sets):
+                selected = torch.zeros(case.batch, case.blocks, dtype=torch.bool, device="cuda")
+                selected.scatter_(1, lists.ids.long(), True)
+                selected[:, offset // page :] = True
+                mask = create_block_mask(
+                    selected_blocks_mod(selected, page, offset),
+                    case.batch,
+                    None,
+                    q_len,
+                    context,
+                    device="cuda",
+                )
+                k, v = dense[i % len(dense)]
+                calls.append(
+                    functools.partial(flex, q_bhsd, k, v, block_mask=mask, enable_gqa=True)
+                )
+            fn = rotating(calls)
             fn()
-            nbytes = case.kv_bytes(tokens) + 2 * q_bhsd.numel() * ELEM
-            add("flex", f"sparse-{budget}", time_cuda(fn), nbytes, "flex block-sparse")
+            add(
+                "flex",
+                f"sparse-{budget}",
+                time_cuda(fn),
+                case.kv_bytes(tokens) + q_bytes,
+                case.rotated_mb(sets, tokens),
+                "flex block-sparse",
+            )
     except Exception as exc:  # noqa: BLE001  (a peer that cannot run is reported, not fatal)
         print(f"  flex failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
 
@@ -475,14 +595,14 @@ def summarize(report: Report, ours: dict, args) -> None:
         peers = [
             p
             for p in report.rows
-            if not p["variant"].startswith("dustin") and p["mode"] == mode
+            if not p["variant"].startswith("dustin")
+            and p["mode"] == mode
             and (p["shape"], p["B"], p["ctx"], p["q"], p["P"]) == point
         ]
         if not peers:
             return ""
         best = min(peers, key=row_best_us)
         return f", {row_best_us(best) / ours[(*point, 'sparse-512')]:.1f}x {best['variant']} {mode}"
-
 
     for r in rows:
         if (r["shape"], r["B"], r["ctx"], r["mode"]) == ("qwen2.5-72b", 16, 32768, "sparse-512"):
@@ -513,8 +633,12 @@ def main() -> None:
     parser.add_argument("--peer-page", type=int, default=16)
     parser.add_argument("--peer-q", nargs="+", type=int, default=[2, 5, 8])
     parser.add_argument("--no-flex", dest="flex", action="store_false")
-    parser.add_argument("--no-flashinfer", dest="flashinfer", action="store_false",
-                        help="skip FlashInfer (a peer only where it is installed)")
+    parser.add_argument(
+        "--no-flashinfer",
+        dest="flashinfer",
+        action="store_false",
+        help="skip FlashInfer (a peer only where it is installed)",
+    )
     # FlexAttention compiles per shape (tens of seconds each): by default the headline point.
     parser.add_argument("--flex-shapes", nargs="+", default=["qwen2.5-72b"], choices=list(SHAPES))
     parser.add_argument("--flex-q", nargs="+", type=int, default=[5])
@@ -525,6 +649,14 @@ def main() -> None:
         default=["qwen2.5-coder-1.5b", "qwen2.5-7b", "qwen2.5-72b"],
         choices=list(SHAPES),
         help="shapes of the split-count sweep (none: skip it)",
+    )
+    parser.add_argument(
+        "--warm-l2",
+        dest="rotate_bytes",
+        action="store_const",
+        const=0,
+        default=L2_ROTATE_BYTES,
+        help="time every call on one input set (what stays in L2 is read from there)",
     )
     parser.add_argument("--tag", default="")
     parser.add_argument("--commit", default=None, help="commit measured, noted in the results")
@@ -552,6 +684,7 @@ def main() -> None:
             "eager_us",
             "tbps",
             "pct_ceiling",
+            "rotated_mb",
             "dustin_speedup",
             "backend",
         ],
@@ -568,6 +701,12 @@ def main() -> None:
         bench_peers(report, args, gen, ours)
     summarize(report, ours, args)
     report.notes.append(f"bf16, HND, shuffled pages, uniform lengths; {time.time() - start:.0f} s")
+    report.notes.append(
+        "warm L2: every call on one input set"
+        if args.rotate_bytes == 0
+        else f"cold L2: timed calls rotate through input sets spanning up to "
+        f"{args.rotate_bytes >> 20} MiB (column rotated_mb)"
+    )
     report.notes.append(ceiling_note())
     print(report.markdown())
     for note in report.notes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import itertools
 import json
 import os
 import platform
@@ -24,6 +25,10 @@ from dustin.provenance import source_commit
 # Streaming read ceiling measured on one H200 (design.md section 4), decimal TB/s.
 H200_READ_CEILING_TBPS = 4.48
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Inputs rotated through by back-to-back timed calls span at least this many bytes (over four
+# times the H100's and H200's 50 MB L2), so no call finds its KV in L2 where the previous
+# calls left it: a real step reads every other layer's KV between two calls of one layer's.
+L2_ROTATE_BYTES = 256 << 20
 
 
 @functools.cache
@@ -71,6 +76,13 @@ class Timing:
     @property
     def best_us(self) -> float:
         return self.graph_us if self.graph_us is not None else self.eager_us
+
+
+def rotating(fns: list[Callable[[], None]]) -> Callable[[], None]:
+    """One callable that calls `fns` in turn (timed back to back, or captured `iters` times
+    into one graph, each call then reads the inputs of the next set)."""
+    turn = itertools.cycle(fns)
+    return lambda: next(turn)()
 
 
 def _median_event_time_us(fn: Callable[[], None], iters: int, reps: int) -> float:

@@ -49,6 +49,13 @@ def available() -> tuple[bool, str]:
     return True, f"flashinfer {flashinfer.__version__}"
 
 
+def new_workspace(device: torch.device) -> torch.Tensor:
+    """A float workspace for `Verification`s. Several may share one when their calls run one
+    after another on one stream: it holds only a run's split-KV partials (each plan keeps its
+    own plan buffers)."""
+    return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+
+
 def backends() -> tuple[str, ...]:
     """FlashInfer's prefill backends on this device: FA2, and FA3 on Hopper."""
     return ("fa2", "fa3") if torch.cuda.get_device_capability()[0] == 9 else ("fa2",)
@@ -102,7 +109,8 @@ class Verification:
     """One planned FlashInfer batch prefill of the window `q [B, q, Hq, D]` over a paged cache
     (`block_table [B, max_pages]`, `kv_lens [B]`, as for sparse_verify): over every block
     (`block_ids` None) or over sparse_verify's lists (`block_ids [B, K]` or `[B, 1, K]`,
-    `block_counts [B]` or `[B, 1]`) plus the window's blocks. Calling it writes `out`."""
+    `block_counts [B]` or `[B, 1]`) plus the window's blocks. Calling it writes `out`.
+    `workspace` (from `new_workspace()`) may be shared; by default it has its own."""
 
     def __init__(
         self,
@@ -117,6 +125,7 @@ class Verification:
         kv_layout: str = "HND",
         sm_scale: float | None = None,
         backend: str = "fa2",
+        workspace: torch.Tensor | None = None,
     ):
         import flashinfer
 
@@ -147,7 +156,8 @@ class Verification:
         kv_indices = ints(torch.cat(pages))
         kv_last_page_len = ints(last_page_len)
         # CUDA-graph mode, as serving engines run it: run() reads the plan from fixed buffers.
-        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
+        if workspace is None:
+            workspace = new_workspace(q.device)
         self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             workspace,
             kv_layout,
