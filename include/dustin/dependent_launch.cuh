@@ -21,13 +21,4 @@ __device__ __forceinline__ void wait_for_preceding_grid() {
 #endif
 }
 
-/// Pulls the line holding `ptr` into L2, no registers written. Safe before
-/// wait_for_preceding_grid() even for data that grid writes: L2 is the point of coherence, so
-/// the loads after the wait see its writes whether they landed before or after the prefetch.
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr));
-#endif
-}
-
 }  // namespace dustin::detail

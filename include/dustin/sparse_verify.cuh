@@ -174,20 +174,6 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
 
   const int rows_total = div.group.divisor * p.q_len;
   const int row0 = row_chunk * kRows;
-  // The first two dependent round trips of the start (list count, length and first ids; then
-  // their pages) read a few lines: prefetched into L2 while the preceding grid drains, they
-  // are L2 hits after the wait (a 32k context at P = 16 has an 8 KB block-table row).
-  {
-    const int32_t* table_row = kv.block_table + b * kv.block_table_stride;
-    const int row_lines = min((kv.max_pages + 31) / 32, Cfg::kThreads);  // 128-byte lines
-    if (threadIdx.x < row_lines) prefetch_l2(table_row + threadIdx.x * 32);
-    const int id_lines = min((p.max_blocks + 31) / 32, Cfg::kChunkBlocks / 32);
-    if (split == 0 && threadIdx.x < id_lines) prefetch_l2(list_ids(p, b, h) + threadIdx.x * 32);
-    if (threadIdx.x == 0) {
-      prefetch_l2(kv.kv_lens + b);
-      prefetch_l2(p.block_counts + b * p.block_counts_stride_b + list_of(p, h));
-    }
-  }
   // Launched as a programmatic dependent (Hopper): everything below reads what the preceding
   // kernel may have written (ids, lengths, Q, KV) or writes what it may read (out, workspace).
   wait_for_preceding_grid();
