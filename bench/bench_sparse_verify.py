@@ -68,6 +68,18 @@ POOL_LIMIT_BYTES = 8 << 30
 MAX_SETS = 256
 
 
+def cache_copies(copy_bytes: int, rotate_bytes: int) -> int:
+    """Copies of a cache of `copy_bytes` (K and V) that one rotation of `rotate_bytes` needs:
+    enough to span it, as many as POOL_LIMIT_BYTES holds and MAX_SETS sets read, at least one."""
+    return max(1, min(-(-rotate_bytes // copy_bytes), POOL_LIMIT_BYTES // copy_bytes, MAX_SETS))
+
+
+def input_sets(set_bytes: int, copies: int, rotate_bytes: int) -> int:
+    """Input sets of `set_bytes` read per call that one rotation cycles through: enough to span
+    `rotate_bytes` (at most MAX_SETS), and one per cache copy at least."""
+    return max(copies, min(MAX_SETS, -(-rotate_bytes // set_bytes)))
+
+
 @dataclass(frozen=True)
 class Lists:
     """The inputs of one call: a block table and the block lists over it."""
@@ -98,7 +110,7 @@ class PagedCase:
         self.blocks = math.ceil(context / page)
         self.rotate_bytes = rotate_bytes
         copy_bytes = self.kv_bytes(self.blocks * page)
-        self.copies = max(1, min(-(-rotate_bytes // copy_bytes), POOL_LIMIT_BYTES // copy_bytes))
+        self.copies = cache_copies(copy_bytes, rotate_bytes)
         num_pages = self.copies * batch * self.blocks
         dims = (num_pages, shape.num_kv_heads, page, shape.head_dim)
         self.k = torch.randn(dims, device="cuda", dtype=DTYPE)
@@ -119,7 +131,7 @@ class PagedCase:
             return [Lists(table, ids, counts) for table in self.tables], self.context
         n = min(max(budget // self.page, 1), first_window)
         tokens = n * self.page + window_tokens
-        sets = max(self.copies, min(MAX_SETS, -(-self.rotate_bytes // self.kv_bytes(tokens))))
+        sets = input_sets(self.kv_bytes(tokens), self.copies, self.rotate_bytes)
         counts = torch.full((self.batch,), n, dtype=torch.int32, device="cuda")
         drawn = []
         for i in range(sets):
