@@ -9,9 +9,9 @@ Hopper, FA3) over every block or the same selected blocks, where FlashInfer is i
 are medians of CUDA-graph replays (and eager); bandwidth counts the KV bytes each variant must
 read (selected blocks plus the window's blocks for sparse, the whole causal context for dense)
 plus q and out once. Back-to-back timed calls rotate through input sets spanning 256 MiB (the
-`rotated_mb` column; fewer only where the cache copies would pass 8 GB), every peer alike, so
-no call reads KV the previous calls left in L2 (`--warm-l2`: one set, as runs before
-2026-12-07 measured).
+`rotated_mb` column; less only where 8 GB of cache copies or 256 sets do not span it), every
+peer alike, so no call reads KV the previous calls left in L2 (`--warm-l2`: one set, as runs
+before 2026-12-07 measured).
 
     python bench/bench_sparse_verify.py                 # the issue's full grid and peers
     python bench/bench_sparse_verify.py --quick         # a small subset, for a first look
@@ -405,7 +405,7 @@ def bench_peers(report: Report, args, gen: torch.Generator, ours: dict) -> None:
             if t is not None:
                 add("sdpa", "dense", t, dense_bytes, dense_mb, backend)
             if args.flex and shape_name in args.flex_shapes and q_len in args.flex_q:
-                bench_flex(case, q_bhsd, dense, q_len, add, args)
+                bench_flex(case, q_bhsd, dense, q_len, add, dense_bytes, dense_mb, args)
             if args.flashinfer:
                 bench_flashinfer(case, q, None, add, "dense", dense_bytes, dense_mb)
             for budget in args.budgets:
@@ -427,6 +427,10 @@ def bench_flashinfer(case: PagedCase, q, sets, add, mode: str, nbytes: int, rota
     bench/flashinfer_peer.py), on each of its backends; the first plan is checked against a
     float32 reference before they are timed."""
     workspace = flashinfer_peer.new_workspace(q.device)  # shared: the calls run one after another
+    if sets is None:
+        inputs = [(table, None, None) for table in case.tables]
+    else:
+        inputs = [(s.table, s.ids, s.counts) for s in sets]
     for backend in flashinfer_peer.backends():
         try:
             plans = [
@@ -441,11 +445,7 @@ def bench_flashinfer(case: PagedCase, q, sets, add, mode: str, nbytes: int, rota
                     backend=backend,
                     workspace=workspace,
                 )
-                for table, ids, counts in (
-                    [(t, None, None) for t in case.tables]
-                    if sets is None
-                    else [(s.table, s.ids, s.counts) for s in sets]
-                )
+                for table, ids, counts in inputs
             ]
             plans[0].check()
             add(
@@ -507,7 +507,7 @@ def selected_blocks_mod(selected: torch.Tensor, page: int, offset: int):
     return mod
 
 
-def bench_flex(case, q_bhsd, dense, q_len, add, args) -> None:
+def bench_flex(case, q_bhsd, dense, q_len, add, dense_bytes, dense_mb, args) -> None:
     """FlexAttention dense (causal, lower right) and block-sparse with the same lists, over the
     dense copies of the case's caches (the i-th set reads copy i mod copies, as for Dustin)."""
     try:
@@ -531,15 +531,7 @@ def bench_flex(case, q_bhsd, dense, q_len, add, args) -> None:
             ]
         )
         fn()
-        dense_sets, _ = case.lists(None, q_len)
-        add(
-            "flex",
-            "dense",
-            time_cuda(fn),
-            case.kv_bytes(context) + q_bytes,
-            case.rotated_mb(dense_sets, context),
-            "flex",
-        )
+        add("flex", "dense", time_cuda(fn), dense_bytes, dense_mb, "flex")
         for budget in args.flex_budgets:
             sets, tokens = case.lists(budget, q_len)
             calls = []

@@ -130,6 +130,7 @@ __device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& 
                  static_cast<int32_t>(min(static_cast<int64_t>(kv.max_pages) * kv.page_size,
                                           static_cast<int64_t>(0x7fffffff))));
   s.first_window = page_size.div(max(s.kv_len - p.q_len, 0));
+  // num_blocks_for by the launcher's divisor (no runtime division; no len + P - 1 to overflow).
   int full_blocks, tail;
   page_size(full_blocks, tail, s.kv_len);
   s.num_blocks = full_blocks + (tail != 0);
