@@ -32,7 +32,25 @@ constexpr double kTwoWarpgroupThroughput = 0.9;
 constexpr double kCtaStartUs = 3.0;
 /// The merge launch's tail beyond reading the partials back.
 constexpr double kMergeUs = 2.0;
+/// A merge inside a cluster of splits: two cluster barriers and each CTA's share of the rows
+/// read from its peers' shared memory.
+constexpr double kClusterMergeUs = 0.5;
 constexpr int kMergeThreads = 128;
+constexpr int kMaxClusterSplits = detail::kMaxClusterSplits;
+
+/// How the CTAs of one kernel instantiation fit on a device.
+struct KernelFit {
+  int ctas_per_sm = 1;
+  /// clusters[s]: clusters of s CTAs resident at once, s = 2..kMaxClusterSplits (0: no
+  /// cluster launch, e.g. before Hopper).
+  int clusters[kMaxClusterSplits + 1] = {};
+
+  /// Cluster CTAs of a launch with `splits` splits: the splits themselves where a cluster of
+  /// them fits (they then merge on chip), else 1 (a separate merge launch when split).
+  int cluster_ctas(int splits) const {
+    return splits >= 2 && splits <= kMaxClusterSplits && clusters[splits] > 0 ? splits : 1;
+  }
+};
 
 /// How one call is cut into CTAs.
 struct LaunchPlan {
@@ -40,6 +58,7 @@ struct LaunchPlan {
   int num_splits = 1;      // CTAs sharing one (b, h, row chunk)'s block list
   int warpgroups = 1;      // 2: one CTA of two warpgroups per SM (64-row CTAs, Hopper)
   size_t split_bytes = 0;  // workspace per split
+  KernelFit fit;           // of the kernel the plan launches
 };
 
 /// 16-row MMA tiles per CTA for G * q query rows. On Hopper every window of more than 16 rows
@@ -88,15 +107,17 @@ Status validate(const SparseVerifyParams& p, bool need_data) {
   return Status::kOk;
 }
 
-/// Raises the kernel's shared-memory limit and returns how many of its CTAs fit on one SM, once
-/// per device (host-side queries only: nothing synchronises, so graph capture is safe).
+/// Raises the kernel's shared-memory limit and works out how its CTAs (and, on Hopper, its
+/// clusters) fit on the device, once per device (host-side queries only: nothing
+/// synchronises, so graph capture is safe).
 template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
-cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
+cudaError_t prepare_kernel(int device, bool hopper, KernelFit* fit) {
   static std::mutex mutex;
-  static int cached[detail::kMaxCachedDevices] = {};
+  static KernelFit cached[detail::kMaxCachedDevices];
+  static bool ready[detail::kMaxCachedDevices] = {};
   std::lock_guard<std::mutex> lock(mutex);
-  if (device < detail::kMaxCachedDevices && cached[device] > 0) {
-    *ctas_per_sm = cached[device];
+  if (device < detail::kMaxCachedDevices && ready[device]) {
+    *fit = cached[device];
     return cudaSuccess;
   }
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
@@ -104,20 +125,28 @@ cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
+  KernelFit found;
   int n = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  *ctas_per_sm = std::max(n, 1);
-  if (device < detail::kMaxCachedDevices) cached[device] = *ctas_per_sm;
+  found.ctas_per_sm = std::max(n, 1);
+  for (int s = 2; hopper && s <= kMaxClusterSplits; ++s) {
+    err = detail::max_active_clusters(kernel, Cfg::kThreads, Cfg::kSmemBytes, s, &found.clusters[s]);
+    if (err != cudaSuccess) return err;
+  }
+  *fit = found;
+  if (device < detail::kMaxCachedDevices) {
+    cached[device] = found;
+    ready[device] = true;
+  }
   return cudaSuccess;
 }
 
 /// Estimated microseconds of a plan with `splits` CTAs per list: the busiest SM runs its CTAs
 /// in waves of `ctas_per_sm` (a lone CTA at `lone_throughput` of the rate), each wave paying a
-/// CTA start; a split plan adds the fp32 partials written and read back (spread over all SMs)
-/// and the merge's tail.
+/// CTA start; a split plan adds its merge (`merge_us`).
 double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ctas_per_sm,
-               double tile_bytes, double split_partial_bytes, double lone_throughput) {
+               double tile_bytes, double lone_throughput, double merge_us) {
   const int64_t sm_ctas = (base_ctas * splits + sms - 1) / sms;
   const double cta_read_us = static_cast<double>((max_tiles + splits - 1) / splits) * tile_bytes /
                              kSmBytesPerUs;
@@ -126,8 +155,7 @@ double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ct
   };
   double us = static_cast<double>(sm_ctas / ctas_per_sm) * wave_us(ctas_per_sm);
   if (sm_ctas % ctas_per_sm != 0) us += wave_us(sm_ctas % ctas_per_sm);
-  if (splits > 1) us += kMergeUs + 2.0 * splits * split_partial_bytes / sms / kSmBytesPerUs;
-  return us;
+  return us + (splits > 1 ? merge_us : 0.0);
 }
 
 struct SplitChoice {
@@ -135,15 +163,25 @@ struct SplitChoice {
   double us = 0.0;
 };
 
-/// The split count with the smallest estimated time (ties: fewer splits). Splitting pays when it
-/// brings idle SMs or CTA slots to work on lists long enough to repay the merge.
-SplitChoice choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, int ctas_per_sm,
-                          double tile_bytes, double split_partial_bytes) {
-  const int limit = static_cast<int>(std::min<int64_t>(max_tiles, kMaxSplits));
+/// The split count up to `max_splits` with the smallest estimated time (ties: fewer splits).
+/// Splitting pays when it brings idle SMs or CTA slots to work on lists long enough to repay
+/// the merge: on chip within a cluster where one fits (whose GPC packing may leave SMs idle),
+/// else the merge launch, which also writes the fp32 partials and reads them back (spread
+/// over all SMs).
+SplitChoice choose_splits(int64_t base_ctas, int64_t max_tiles, int max_splits, int sms,
+                          const KernelFit& fit, double tile_bytes, double split_partial_bytes,
+                          double lone_throughput) {
+  const int limit = static_cast<int>(std::min<int64_t>({max_tiles, max_splits, kMaxSplits}));
   SplitChoice best;
-  for (int s = 1; s <= limit; ++s) {
-    const double us = plan_us(base_ctas, max_tiles, s, sms, ctas_per_sm, tile_bytes,
-                              split_partial_bytes, kSingleCtaThroughput);
+  for (int s = 1; s <= std::max(limit, 1); ++s) {
+    const bool cluster = fit.cluster_ctas(s) > 1;
+    const int usable_sms =
+        cluster ? std::clamp(fit.clusters[s] * s / fit.ctas_per_sm, 1, sms) : sms;
+    const double merge_us =
+        cluster ? kClusterMergeUs
+                : kMergeUs + 2.0 * s * split_partial_bytes / sms / kSmBytesPerUs;
+    const double us = plan_us(base_ctas, max_tiles, s, usable_sms, fit.ctas_per_sm, tile_bytes,
+                              lone_throughput, merge_us);
     if (s == 1 || us < best.us) best = {s, us};
   }
   return best;
@@ -158,8 +196,7 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
   int sms = 0;
   err = detail::device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms);
   if (err != cudaSuccess) return err;
-  int ctas_per_sm = 0;
-  if ((err = prepare_kernel<T, kHeadDim, kMTiles, 1>(device, &ctas_per_sm)) != cudaSuccess) {
+  if ((err = prepare_kernel<T, kHeadDim, kMTiles, 1>(device, hopper, &plan->fit)) != cudaSuccess) {
     return err;
   }
   const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
@@ -171,22 +208,22 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
       static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads * (kHeadDim + 1) * sizeof(float);
   const double tile_bytes = Cfg::kStageElems * 2.0;
   const double split_partial_bytes = static_cast<double>(plan->split_bytes);
-  const SplitChoice one = choose_splits(base_ctas, max_tiles, sms, ctas_per_sm, tile_bytes,
-                                        split_partial_bytes);
+  const SplitChoice one = choose_splits(base_ctas, max_tiles, kMaxSplits, sms, plan->fit,
+                                        tile_bytes, split_partial_bytes, kSingleCtaThroughput);
   plan->num_splits = one.splits;
   if constexpr (kMTiles == 4) {
-    // The alternative: one CTA of two warpgroups on each SM, lists split as far as that fills
-    // the SMs.
+    // The alternative: one CTA of two warpgroups per SM, lists split at most as far as that
+    // fills the SMs.
     if (hopper && base_ctas <= sms) {
-      const int splits = static_cast<int>(
-          std::min<int64_t>({max_tiles, sms / base_ctas, int64_t{kMaxSplits}}));
-      const double us = plan_us(base_ctas, max_tiles, std::max(splits, 1), sms, 1, tile_bytes,
-                                split_partial_bytes, kTwoWarpgroupThroughput);
-      if (us < one.us) {
-        int unused = 0;
-        if ((err = prepare_kernel<T, kHeadDim, 4, 2>(device, &unused)) != cudaSuccess) return err;
-        plan->num_splits = std::max(splits, 1);
+      KernelFit two;
+      if ((err = prepare_kernel<T, kHeadDim, 4, 2>(device, hopper, &two)) != cudaSuccess) return err;
+      const SplitChoice alt =
+          choose_splits(base_ctas, max_tiles, static_cast<int>(sms / base_ctas), sms, two,
+                        tile_bytes, split_partial_bytes, kTwoWarpgroupThroughput);
+      if (alt.us < one.us) {
+        plan->num_splits = alt.splits;
         plan->warpgroups = 2;
+        plan->fit = two;
       }
     }
   }
@@ -198,7 +235,7 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
 /// wait on the grid dependency before their first read.
 template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
 cudaError_t launch_attention(const SparseVerifyParams& p, cudaStream_t stream, bool hopper,
-                             int splits, int row_chunks) {
+                             int splits, int row_chunks, int cluster_ctas) {
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
   const int64_t ctas = static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * splits * row_chunks;
   detail::VerifyDivisors div;
@@ -207,9 +244,10 @@ cudaError_t launch_attention(const SparseVerifyParams& p, cudaStream_t stream, b
   div.kv_heads = cutlass::FastDivmod(p.kv.num_kv_heads);
   div.group = cutlass::FastDivmod(p.num_qo_heads / p.kv.num_kv_heads);
   div.page_size = cutlass::FastDivmod(p.kv.page_size);
-  return detail::launch_kernel(detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>,
-                               dim3(static_cast<unsigned>(ctas)), dim3(Cfg::kThreads),
-                               Cfg::kSmemBytes, stream, hopper, p, div);
+  return detail::launch_kernel_clustered(
+      detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>,
+      dim3(static_cast<unsigned>(ctas)), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, hopper,
+      cluster_ctas, p, div);
 }
 
 template <typename T, int kHeadDim, int kMTiles>
@@ -221,21 +259,26 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, bool ho
     *workspace_bytes = plan.num_splits > 1 ? plan.num_splits * plan.split_bytes : 0;
     return Status::kOk;
   }
-  // Split only as far as the caller's workspace allows.
+  // Split only as far as the caller's workspace allows (the contract is the same whether the
+  // splits then merge through it or, in a cluster, on chip).
   const size_t affordable = p.workspace == nullptr ? 0 : p.workspace_bytes / plan.split_bytes;
   int splits = static_cast<int>(std::min<size_t>(plan.num_splits, affordable));
   if (splits < 2) splits = 1;
+  const int cluster = plan.fit.cluster_ctas(splits);
 
   cudaError_t err;
   if constexpr (kMTiles == 4) {
     err = plan.warpgroups == 2
-              ? launch_attention<T, kHeadDim, 4, 2>(p, stream, hopper, splits, plan.row_chunks)
-              : launch_attention<T, kHeadDim, 4, 1>(p, stream, hopper, splits, plan.row_chunks);
+              ? launch_attention<T, kHeadDim, 4, 2>(p, stream, hopper, splits, plan.row_chunks,
+                                                    cluster)
+              : launch_attention<T, kHeadDim, 4, 1>(p, stream, hopper, splits, plan.row_chunks,
+                                                    cluster);
   } else {
-    err = launch_attention<T, kHeadDim, kMTiles, 1>(p, stream, hopper, splits, plan.row_chunks);
+    err = launch_attention<T, kHeadDim, kMTiles, 1>(p, stream, hopper, splits, plan.row_chunks,
+                                                    cluster);
   }
   if (err != cudaSuccess) return Status::kCudaError;
-  if (splits > 1) {
+  if (splits > 1 && cluster == 1) {
     const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
     const int64_t rows_per_cta = splits >= detail::kMergeSplitsPerCta ? 1 : kMergeThreads / 32;
     // On Hopper the merge is a programmatic dependent launch: its CTAs start while the
