@@ -32,11 +32,13 @@ constexpr double kTwoWarpgroupThroughput = 0.9;
 constexpr double kCtaStartUs = 3.0;
 /// The merge launch's tail beyond reading the partials back.
 constexpr double kMergeUs = 2.0;
-/// A merge inside a cluster of splits: two cluster barriers and each CTA's share of the rows
-/// read from its peers' shared memory.
-constexpr double kClusterMergeUs = 0.5;
 constexpr int kMergeThreads = 128;
 constexpr int kMaxClusterSplits = detail::kMaxClusterSplits;
+/// Splits of at most this many tiles each merge in a cluster. There the merge launch's tail is
+/// a large part of the call; with longer splits it is not, and a cluster's CTAs, placed
+/// together on one GPC, can leave SMs elsewhere idle (a 32k dense split sweep on the H200 ran
+/// 0.75-0.84x as fast merged in clusters).
+constexpr int kClusterMaxTiles = 16;
 
 /// How the CTAs of one kernel instantiation fit on a device.
 struct KernelFit {
@@ -45,10 +47,12 @@ struct KernelFit {
   /// cluster launch, e.g. before Hopper).
   int clusters[kMaxClusterSplits + 1] = {};
 
-  /// Cluster CTAs of a launch with `splits` splits: the splits themselves where a cluster of
-  /// them fits (they then merge on chip), else 1 (a separate merge launch when split).
-  int cluster_ctas(int splits) const {
-    return splits >= 2 && splits <= kMaxClusterSplits && clusters[splits] > 0 ? splits : 1;
+  /// Cluster CTAs of a launch with `splits` splits of at most `split_tiles` tiles: the splits
+  /// themselves where a cluster of them fits and pays (they then merge on chip), else 1 (the
+  /// merge launch, when split).
+  int cluster_ctas(int splits, int64_t split_tiles) const {
+    const bool fits = splits >= 2 && splits <= kMaxClusterSplits && clusters[splits] > 0;
+    return fits && split_tiles <= kClusterMaxTiles ? splits : 1;
   }
 };
 
@@ -58,6 +62,7 @@ struct LaunchPlan {
   int num_splits = 1;      // CTAs sharing one (b, h, row chunk)'s block list
   int warpgroups = 1;      // 2: one CTA of two warpgroups per SM (64-row CTAs, Hopper)
   size_t split_bytes = 0;  // workspace per split
+  int64_t max_tiles = 0;   // KV tiles of the longest possible list
   KernelFit fit;           // of the kernel the plan launches
 };
 
@@ -144,9 +149,11 @@ cudaError_t prepare_kernel(int device, bool hopper, KernelFit* fit) {
 
 /// Estimated microseconds of a plan with `splits` CTAs per list: the busiest SM runs its CTAs
 /// in waves of `ctas_per_sm` (a lone CTA at `lone_throughput` of the rate), each wave paying a
-/// CTA start; a split plan adds its merge (`merge_us`).
+/// CTA start; a split plan adds the fp32 partials written and read back (spread over all SMs)
+/// and the merge's tail. (Short splits merge in a cluster instead, a little faster still: the
+/// model keeps the launch merge's cost, whose fit it was tuned with.)
 double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ctas_per_sm,
-               double tile_bytes, double lone_throughput, double merge_us) {
+               double tile_bytes, double split_partial_bytes, double lone_throughput) {
   const int64_t sm_ctas = (base_ctas * splits + sms - 1) / sms;
   const double cta_read_us = static_cast<double>((max_tiles + splits - 1) / splits) * tile_bytes /
                              kSmBytesPerUs;
@@ -155,7 +162,8 @@ double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ct
   };
   double us = static_cast<double>(sm_ctas / ctas_per_sm) * wave_us(ctas_per_sm);
   if (sm_ctas % ctas_per_sm != 0) us += wave_us(sm_ctas % ctas_per_sm);
-  return us + (splits > 1 ? merge_us : 0.0);
+  if (splits > 1) us += kMergeUs + 2.0 * splits * split_partial_bytes / sms / kSmBytesPerUs;
+  return us;
 }
 
 struct SplitChoice {
@@ -163,25 +171,15 @@ struct SplitChoice {
   double us = 0.0;
 };
 
-/// The split count up to `max_splits` with the smallest estimated time (ties: fewer splits).
-/// Splitting pays when it brings idle SMs or CTA slots to work on lists long enough to repay
-/// the merge: on chip within a cluster where one fits (whose GPC packing may leave SMs idle),
-/// else the merge launch, which also writes the fp32 partials and reads them back (spread
-/// over all SMs).
-SplitChoice choose_splits(int64_t base_ctas, int64_t max_tiles, int max_splits, int sms,
-                          const KernelFit& fit, double tile_bytes, double split_partial_bytes,
-                          double lone_throughput) {
-  const int limit = static_cast<int>(std::min<int64_t>({max_tiles, max_splits, kMaxSplits}));
+/// The split count with the smallest estimated time (ties: fewer splits). Splitting pays when it
+/// brings idle SMs or CTA slots to work on lists long enough to repay the merge.
+SplitChoice choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, int ctas_per_sm,
+                          double tile_bytes, double split_partial_bytes) {
+  const int limit = static_cast<int>(std::min<int64_t>(max_tiles, kMaxSplits));
   SplitChoice best;
-  for (int s = 1; s <= std::max(limit, 1); ++s) {
-    const bool cluster = fit.cluster_ctas(s) > 1;
-    const int usable_sms =
-        cluster ? std::clamp(fit.clusters[s] * s / fit.ctas_per_sm, 1, sms) : sms;
-    const double merge_us =
-        cluster ? kClusterMergeUs
-                : kMergeUs + 2.0 * s * split_partial_bytes / sms / kSmBytesPerUs;
-    const double us = plan_us(base_ctas, max_tiles, s, usable_sms, fit.ctas_per_sm, tile_bytes,
-                              lone_throughput, merge_us);
+  for (int s = 1; s <= limit; ++s) {
+    const double us = plan_us(base_ctas, max_tiles, s, sms, ctas_per_sm, tile_bytes,
+                              split_partial_bytes, kSingleCtaThroughput);
     if (s == 1 || us < best.us) best = {s, us};
   }
   return best;
@@ -208,22 +206,24 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
       static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads * (kHeadDim + 1) * sizeof(float);
   const double tile_bytes = Cfg::kStageElems * 2.0;
   const double split_partial_bytes = static_cast<double>(plan->split_bytes);
-  const SplitChoice one = choose_splits(base_ctas, max_tiles, kMaxSplits, sms, plan->fit,
-                                        tile_bytes, split_partial_bytes, kSingleCtaThroughput);
+  const SplitChoice one = choose_splits(base_ctas, max_tiles, sms, plan->fit.ctas_per_sm,
+                                        tile_bytes, split_partial_bytes);
   plan->num_splits = one.splits;
+  plan->max_tiles = max_tiles;
   if constexpr (kMTiles == 4) {
-    // The alternative: one CTA of two warpgroups per SM, lists split at most as far as that
-    // fills the SMs.
+    // The alternative: one CTA of two warpgroups on each SM, lists split as far as that fills
+    // the SMs.
     if (hopper && base_ctas <= sms) {
-      KernelFit two;
-      if ((err = prepare_kernel<T, kHeadDim, 4, 2>(device, hopper, &two)) != cudaSuccess) return err;
-      const SplitChoice alt =
-          choose_splits(base_ctas, max_tiles, static_cast<int>(sms / base_ctas), sms, two,
-                        tile_bytes, split_partial_bytes, kTwoWarpgroupThroughput);
-      if (alt.us < one.us) {
-        plan->num_splits = alt.splits;
+      const int splits = static_cast<int>(
+          std::min<int64_t>({max_tiles, sms / base_ctas, int64_t{kMaxSplits}}));
+      const double us = plan_us(base_ctas, max_tiles, std::max(splits, 1), sms, 1, tile_bytes,
+                                split_partial_bytes, kTwoWarpgroupThroughput);
+      if (us < one.us) {
+        if ((err = prepare_kernel<T, kHeadDim, 4, 2>(device, hopper, &plan->fit)) != cudaSuccess) {
+          return err;
+        }
+        plan->num_splits = std::max(splits, 1);
         plan->warpgroups = 2;
-        plan->fit = two;
       }
     }
   }
@@ -264,7 +264,7 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, bool ho
   const size_t affordable = p.workspace == nullptr ? 0 : p.workspace_bytes / plan.split_bytes;
   int splits = static_cast<int>(std::min<size_t>(plan.num_splits, affordable));
   if (splits < 2) splits = 1;
-  const int cluster = plan.fit.cluster_ctas(splits);
+  const int cluster = plan.fit.cluster_ctas(splits, (plan.max_tiles + splits - 1) / splits);
 
   cudaError_t err;
   if constexpr (kMTiles == 4) {

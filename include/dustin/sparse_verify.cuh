@@ -648,21 +648,32 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
     const int d = (i % (kHeadDim / kVec)) * kVec;
     const int64_t out_row = row_out[r];
     if (out_row < 0) continue;
+    // Every peer's lse, then every peer's part, loaded before any is used: remote shared
+    // memory is a round trip of hundreds of cycles, and these overlap only when issued together.
+    float lse[kMaxClusterSplits];
     float lse_max = kNegInf;
-    for (int s = 0; s < num_splits; ++s) lse_max = fmaxf(lse_max, *cluster_peer(split_lse + r, s));
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      lse[s] = s < num_splits ? *cluster_peer(split_lse + r, s) : kNegInf;
+      lse_max = fmaxf(lse_max, lse[s]);
+    }
+    float4 part[kMaxClusterSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      part[s] = lse[s] != kNegInf
+                    ? *reinterpret_cast<const float4*>(cluster_peer(o_scratch + r * kStride + d, s))
+                    : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     float weight_sum = 0.f;
-    if (lse_max != kNegInf) {
-      for (int s = 0; s < num_splits; ++s) {
-        const float lse_s = *cluster_peer(split_lse + r, s);
-        const float w = lse_s == kNegInf ? 0.f : exp2f(lse_s - lse_max);
-        const float4 v = *reinterpret_cast<const float4*>(cluster_peer(o_scratch + r * kStride + d, s));
-        weight_sum += w;
-        acc.x += w * v.x;
-        acc.y += w * v.y;
-        acc.z += w * v.z;
-        acc.w += w * v.w;
-      }
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      const float w = lse[s] == kNegInf ? 0.f : exp2f(lse[s] - lse_max);
+      weight_sum += w;
+      acc.x += w * part[s].x;
+      acc.y += w * part[s].y;
+      acc.z += w * part[s].z;
+      acc.w += w * part[s].w;
     }
     const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
     store_out_vec<T, kHeadDim>(p, out_row, d, make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv));
