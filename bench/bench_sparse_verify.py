@@ -140,10 +140,10 @@ class PagedCase:
             drawn.append(Lists(self.tables[i % self.copies], ids, counts))
         return drawn, tokens
 
-    def rotated_mb(self, sets: list[Lists], tokens: int) -> float:
-        """MB of KV the calls of one rotation read (the pool bounds it)."""
+    def rotated_mb(self, num_sets: int, tokens: int) -> float:
+        """MB of KV one rotation of `num_sets` calls of `tokens` each reads (the pool bounds it)."""
         pool = self.copies * self.kv_bytes(self.blocks * self.page)
-        return min(len(sets) * self.kv_bytes(tokens), pool) / 1e6
+        return min(num_sets * self.kv_bytes(tokens), pool) / 1e6
 
     def kv_bytes(self, tokens: int) -> int:
         s = self.shape
@@ -305,7 +305,7 @@ def bench_dustin(report: Report, args, gen: torch.Generator) -> dict:
                                 P=page,
                                 mode=mode,
                                 splits=planned_splits(case, q, sets[0]),
-                                **timing_columns(t, nbytes, case.rotated_mb(sets, tokens)),
+                                **timing_columns(t, nbytes, case.rotated_mb(len(sets), tokens)),
                             )
                             print(
                                 f"dustin {shape_name} B={batch} ctx={context} q={q_len} "
@@ -344,7 +344,7 @@ def bench_split_sweep(report: Report, args, gen: torch.Generator) -> None:
                     P=16,
                     mode=mode,
                     splits=label,
-                    **timing_columns(t, nbytes, case.rotated_mb(sets, tokens)),
+                    **timing_columns(t, nbytes, case.rotated_mb(len(sets), tokens)),
                 )
                 print(f"split sweep {shape_name} {mode} splits={label}: {t.best_us:.1f} us")
         del case
@@ -388,14 +388,13 @@ def bench_peers(report: Report, args, gen: torch.Generator, ours: dict) -> None:
         shape = SHAPES[shape_name]
         case = PagedCase(shape, batch, context, page, gen, args.rotate_bytes)
         dense = [case.dense_kv(table) for table in case.tables]
+        dense_mb = case.rotated_mb(len(dense), context)  # dense calls rotate over the copies
         for q_len in args.peer_q:
             q = torch.randn(
                 batch, q_len, shape.num_qo_heads, shape.head_dim, device="cuda", dtype=DTYPE
             )
             q_bhsd = q.transpose(1, 2)
-            dense_sets, _ = case.lists(None, q_len)
             dense_bytes = case.kv_bytes(context) + 2 * q.numel() * ELEM
-            dense_mb = case.rotated_mb(dense_sets, context)
 
             add = functools.partial(
                 add_peer_row, report, ours, (shape_name, batch, context, q_len, page)
@@ -411,7 +410,7 @@ def bench_peers(report: Report, args, gen: torch.Generator, ours: dict) -> None:
             for budget in args.budgets:
                 sets, tokens = case.lists(budget, q_len)
                 nbytes = case.kv_bytes(tokens) + 2 * q.numel() * ELEM
-                rotated_mb = case.rotated_mb(sets, tokens)
+                rotated_mb = case.rotated_mb(len(sets), tokens)
                 t = bench_gather_sdpa(case, q_bhsd, sets, q_len)
                 if t is not None:
                     add("gather+sdpa", f"sparse-{budget}", t, nbytes, rotated_mb, "efficient")
@@ -558,7 +557,7 @@ def bench_flex(case, q_bhsd, dense, q_len, add, dense_bytes, dense_mb, args) -> 
                 f"sparse-{budget}",
                 time_cuda(fn),
                 case.kv_bytes(tokens) + q_bytes,
-                case.rotated_mb(sets, tokens),
+                case.rotated_mb(len(sets), tokens),
                 "flex block-sparse",
             )
     except Exception as exc:  # noqa: BLE001  (a peer that cannot run is reported, not fatal)
