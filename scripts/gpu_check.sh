@@ -18,7 +18,7 @@
 # The real GGUF pair reaches the machine in 48 MiB slices (`dustin fetch split FILE .weights`
 # here), one call per slice copying it to ~/xfer; the `weights` stage joins them into the
 # dustin cache (`dustin fetch join`), which verifies every SHA-256.
-# Carry the wheel folder and the commit: `git rev-parse --short=12 HEAD > .dustin-commit`, then
+# Carry the wheel folder and the commit (`scripts/prepare_gpu_call.sh` writes .dustin-commit):
 # run(carry=[".whl", ".dustin-commit"]) (a .git there, if any, is stale; results cite that commit).
 # .whl holds the wheels the machine lacks: nvidia-cutlass and gguf (docs/gpu-notes.md).
 # Logs and new bench/results files come back in $OUT/run.tgz (at most 8 files come back).
@@ -60,7 +60,7 @@ for stage in "${stages[@]}"; do
     build)
       step build
       # .base, when carried, holds the sources of the commit an A/B run compares against
-      # (`git archive`, docs/gpu-notes.md): built alongside into /tmp/base-site for the
+      # (`scripts/prepare_gpu_call.sh BASE`): built alongside into /tmp/base-site for the
       # base-bench-<name> stages.
       if [ -d .base ]; then
         python3 -m pip install -q --no-build-isolation --no-deps --no-index \

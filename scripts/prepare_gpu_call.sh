@@ -8,15 +8,16 @@
 # then run(command="bash scripts/gpu_check.sh ...", carry=[".whl", ".dustin-commit", ".base"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-git diff --quiet HEAD -- csrc include cmake CMakeLists.txt setup.py python/dustin \
+# What the GPU machine builds from: checked for uncommitted changes, archived for a baseline.
+sources=(csrc include cmake CMakeLists.txt setup.py pyproject.toml python/dustin)
+git diff --quiet HEAD -- "${sources[@]}" \
   || echo "warning: uncommitted source changes; .dustin-commit names HEAD without them" >&2
 git rev-parse --short=12 HEAD > .dustin-commit
 rm -rf .base
 if [ $# -ge 1 ]; then
   base=$(git rev-parse --short=12 "$1^{commit}")
   mkdir .base
-  git archive "$base" csrc include cmake CMakeLists.txt setup.py pyproject.toml python/dustin \
-    | tar x -C .base
+  git archive "$base" "${sources[@]}" | tar x -C .base
   rm -rf .base/python/dustin/data  # bundled texts and configs: the benchmarks use this tree's
   echo "$base" > .base/.dustin-commit
   echo "HEAD $(cat .dustin-commit), baseline $base in .base/"
