@@ -36,6 +36,33 @@ inline cudaError_t device_has_pdl(int device, bool* has_pdl) {
   return err;
 }
 
+/// launch_kernel in thread-block clusters: with `cluster_ctas` > 1 (sm_90+; grid.x a multiple
+/// of it), every `cluster_ctas` consecutive CTAs form one cluster, co-scheduled on one GPC and
+/// sharing their shared memory.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, bool programmatic, int cluster_ctas,
+                                    Args&&... args) {
+  cudaLaunchAttribute attrs[2];
+  unsigned num_attrs = 0;
+  if (programmatic) {
+    attrs[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[num_attrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_ctas > 1) {
+    attrs[num_attrs].id = cudaLaunchAttributeClusterDimension;
+    attrs[num_attrs++].val.clusterDim = {static_cast<unsigned>(cluster_ctas), 1, 1};
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attrs;
+  config.numAttrs = num_attrs;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
 /// Launches `kernel`; with `programmatic` (only where device_has_pdl), as a
 /// programmatic dependent of the stream's previous kernel: its CTAs may start once that kernel
 /// allows it (allow_dependent_launch) and must call wait_for_preceding_grid() before reading
@@ -43,17 +70,25 @@ inline cudaError_t device_has_pdl(int device, bool* has_pdl) {
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                           cudaStream_t stream, bool programmatic, Args&&... args) {
-  cudaLaunchAttribute dependent;
-  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  dependent.val.programmaticStreamSerializationAllowed = 1;
+  return launch_kernel_clustered(kernel, grid, block, smem, stream, programmatic, 1,
+                                 std::forward<Args>(args)...);
+}
+
+/// How many clusters of `cluster_ctas` CTAs of `kernel` (with `smem` bytes each) fit on the
+/// device at once: the GPCs' SM counts, not only the CTA slots, bound it (host-side query).
+template <typename... Params>
+cudaError_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
+                                int cluster_ctas, int* clusters) {
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim = {static_cast<unsigned>(cluster_ctas), 1, 1};
   cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
+  config.gridDim = dim3(static_cast<unsigned>(cluster_ctas));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
   config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &dependent;
-  config.numAttrs = programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaOccupancyMaxActiveClusters(clusters, kernel, &config);
 }
 
 }  // namespace dustin::detail

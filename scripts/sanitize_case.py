@@ -2,11 +2,10 @@
 """A small CUDA case of every op, run under compute-sanitizer (memcheck, racecheck) by
 scripts/gpu_check.sh: odd lengths, a partly filled last page, both block_scores partial paths,
 both block_scores row-tile paths, a store_kv window, select_blocks' tie scan and later radix
-passes, split and unsplit verify paths."""
+passes, unsplit verify and both split merges (in a cluster, and by the merge launch)."""
 
 import torch
-
-import dustin  # noqa: F401  (registers torch.ops.dustin)
+from dustin import ops  # also registers torch.ops.dustin
 
 
 def main() -> None:
@@ -48,6 +47,20 @@ def main() -> None:
             draft, target, kv_lens, q_len, page, budget, 4, 16, 0.5
         )
         out, lse = torch.ops.dustin.sparse_verify(q, k, v, table, kv_lens, ids, counts, d**-0.5, "HND")
+    # The dense lists once more, as 4 splits of each list merged on chip (a Hopper cluster) ...
+    per_split = q.numel() // d * (d + 1) * 4
+    workspace = torch.empty(4 * per_split, dtype=torch.uint8, device=dev)
+    ops.sparse_verify_out(q, k, v, table, kv_lens, ids, counts, d**-0.5, "HND", out, lse, workspace)
+    # ... and one long sequence cut into more splits than a cluster holds: the merge launch.
+    long_len = 6000
+    long_pages = -(-long_len // page)
+    long_k = torch.randn(long_pages, hkv, page, d, device=dev, dtype=dtype)
+    long_table = torch.arange(long_pages, device=dev, dtype=torch.int32)[None]
+    long_kv_lens = torch.tensor([long_len], dtype=torch.int32, device=dev)
+    long_ids, long_counts = ops.dense_block_lists(long_kv_lens, page)
+    long_v = torch.randn_like(long_k)
+    long_args = (long_k, long_v, long_table, long_kv_lens, long_ids, long_counts, d**-0.5, "HND")
+    long_out, long_lse = torch.ops.dustin.sparse_verify(q[:1], *long_args)
     # select_blocks' other paths: tied scores (the ordered tie scan), and a long row whose
     # boundary bins need further radix passes after the first digit.
     tied = torch.zeros(batch, nb, device=dev)
@@ -60,7 +73,8 @@ def main() -> None:
     torch.ops.dustin.select_blocks(long_draft, torch.rand_like(long_draft), long_lens, q_len, 1,
                                    1500, 4, 16, 0.5)
     torch.cuda.synchronize()
-    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+    for o, l in ((out, lse), (long_out, long_lse)):
+        assert torch.isfinite(o.float()).all() and torch.isfinite(l).all()
     print("sanitize case ran")
 
 
