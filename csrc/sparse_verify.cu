@@ -47,12 +47,19 @@ struct KernelFit {
   /// cluster launch, e.g. before Hopper).
   int clusters[kMaxClusterSplits + 1] = {};
 
-  /// Cluster CTAs of a launch with `splits` splits of at most `split_tiles` tiles: the splits
-  /// themselves where a cluster of them fits and pays (they then merge on chip), else 1 (the
-  /// merge launch, when split).
-  int cluster_ctas(int splits, int64_t split_tiles) const {
+  /// Cluster CTAs of a launch of `ctas` CTAs on `sms` SMs, with `splits` splits of at most
+  /// `split_tiles` tiles: the splits themselves where a cluster of them fits and pays (they
+  /// then merge on chip), else 1 (the merge launch, when split). A cluster's CTAs share one
+  /// GPC, so fewer of them may be resident than CTAs alone: clusters are used only when they
+  /// all run in as few waves as the CTAs would (on the H100, 32 clusters of four one-per-SM
+  /// CTAs, 128 CTAs on 132 SMs, took a second wave: 0.58-0.79x).
+  int cluster_ctas(int splits, int64_t split_tiles, int64_t ctas, int sms) const {
     const bool fits = splits >= 2 && splits <= kMaxClusterSplits && clusters[splits] > 0;
-    return fits && split_tiles <= kClusterMaxTiles ? splits : 1;
+    if (!fits || split_tiles > kClusterMaxTiles) return 1;
+    const int64_t slots = static_cast<int64_t>(sms) * ctas_per_sm;
+    const int64_t waves = (ctas + slots - 1) / slots;
+    const int64_t cluster_waves = (ctas / splits + clusters[splits] - 1) / clusters[splits];
+    return cluster_waves <= waves ? splits : 1;
   }
 };
 
@@ -63,6 +70,7 @@ struct LaunchPlan {
   int warpgroups = 1;      // 2: one CTA of two warpgroups per SM (64-row CTAs, Hopper)
   size_t split_bytes = 0;  // workspace per split
   int64_t max_tiles = 0;   // KV tiles of the longest possible list
+  int sms = 0;
   KernelFit fit;           // of the kernel the plan launches
 };
 
@@ -211,6 +219,7 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
                                         tile_bytes, split_partial_bytes);
   plan->num_splits = one.splits;
   plan->max_tiles = max_tiles;
+  plan->sms = sms;
   if constexpr (kMTiles == 4) {
     // The alternative: one CTA of two warpgroups on each SM, lists split as far as that fills
     // the SMs.
@@ -265,7 +274,10 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, bool ho
   const size_t affordable = p.workspace == nullptr ? 0 : p.workspace_bytes / plan.split_bytes;
   int splits = static_cast<int>(std::min<size_t>(plan.num_splits, affordable));
   if (splits < 2) splits = 1;
-  const int cluster = plan.fit.cluster_ctas(splits, (plan.max_tiles + splits - 1) / splits);
+  const int64_t ctas =
+      static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * splits * plan.row_chunks;
+  const int cluster =
+      plan.fit.cluster_ctas(splits, (plan.max_tiles + splits - 1) / splits, ctas, plan.sms);
 
   cudaError_t err;
   if constexpr (kMTiles == 4) {
