@@ -35,7 +35,9 @@ def main() -> None:
     # Four heads on one KV head: 20 query rows, two row tiles (the second kept in shared memory).
     q_shared = torch.randn(batch, q_len, 4, d, device=dev, dtype=dtype)
     shared_map = torch.zeros(4, dtype=torch.int32, device=dev)
-    torch.ops.dustin.block_scores(q_shared, k, table, kv_lens, shared_map, d**-0.5, page, "HND", draft)
+    torch.ops.dustin.block_scores(
+        q_shared, k, table, kv_lens, shared_map, d**-0.5, page, "HND", draft
+    )
     # The window's keys and values written through the block table, as the engine does.
     positions = (kv_lens - q_len).long()[:, None] + torch.arange(q_len, device=dev)
     pages = table.gather(1, (positions // page).int()).long().flatten()
@@ -46,7 +48,9 @@ def main() -> None:
         ids, counts = torch.ops.dustin.select_blocks(
             draft, target, kv_lens, q_len, page, budget, 4, 16, 0.5
         )
-        out, lse = torch.ops.dustin.sparse_verify(q, k, v, table, kv_lens, ids, counts, d**-0.5, "HND")
+        out, lse = torch.ops.dustin.sparse_verify(
+            q, k, v, table, kv_lens, ids, counts, d**-0.5, "HND"
+        )
     # The dense lists once more, as 4 splits of each list merged on chip (a Hopper cluster) ...
     per_split = q.numel() // d * (d + 1) * 4
     workspace = torch.empty(4 * per_split, dtype=torch.uint8, device=dev)
@@ -70,9 +74,20 @@ def main() -> None:
     # Eight clusters of 625 (top digit) spread over the lowest bits: a second pass.
     cluster = (torch.arange(long_nb, device=dev) % 8) * 2.0**-10
     long_draft = 1.0 + cluster + torch.rand(2, 2, long_nb, device=dev) * 2.0**-20
-    torch.ops.dustin.select_blocks(long_draft, torch.rand_like(long_draft), long_lens, q_len, 1,
-                                   1500, 4, 16, 0.5)
+    torch.ops.dustin.select_blocks(
+        long_draft, torch.rand_like(long_draft), long_lens, q_len, 1, 1500, 4, 16, 0.5
+    )
+    # decode_linear: 13 rows, K = 200 (not a multiple of 32), 21 columns (not of 8), with bias,
+    # and gated over more tiles than one wave holds, so CTAs walk several tiles.
+    x = torch.randn(13, 200, device=dev, dtype=dtype)
+    linear_out = ops.decode_linear(
+        x, torch.randn(21, 200, device=dev, dtype=dtype), torch.randn(21, device=dev, dtype=dtype)
+    )
+    gated_out = ops.decode_linear(
+        x, torch.randn(2 * 8 * 600, 200, device=dev, dtype=dtype), gated=True
+    )
     torch.cuda.synchronize()
+    assert torch.isfinite(linear_out).all() and torch.isfinite(gated_out).all()
     for o, l in ((out, lse), (long_out, long_lse)):
         assert torch.isfinite(o.float()).all() and torch.isfinite(l).all()
     print("sanitize case ran")

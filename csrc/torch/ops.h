@@ -46,6 +46,10 @@ void select_blocks_out(const at::Tensor& draft_scores,
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& pages, const at::Tensor& slots, const std::string& kv_layout);
 
+/// y = x weight^T (+ bias), or silu(gate) * up of it when gated, for at most 16 rows of x.
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, bool gated);
+
 // Checks of every argument including tensor values (copied to the host), without running the
 // op: dustin.ops runs them for CUDA tensors when validate=True.
 void validate_sparse_verify(const at::Tensor& q, const at::Tensor& k_cache,
@@ -103,5 +107,8 @@ void select_blocks_out_meta(const at::Tensor& draft_scores,
 void store_kv_meta(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                    at::Tensor& v_cache, const at::Tensor& pages, const at::Tensor& slots,
                    const std::string& kv_layout);
+
+at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, bool gated);
 
 }  // namespace dustin::torch_ops

@@ -33,6 +33,7 @@ TORCH_LIBRARY(dustin, m) {
   m.def(
       "store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pages, "
       "Tensor slots, str kv_layout=\"HND\") -> ()");
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None, bool gated=False) -> Tensor");
 }
 
 // One adapter per op serves both devices: it checks arguments, fills the params struct and
@@ -44,6 +45,7 @@ TORCH_LIBRARY_IMPL(dustin, CPU, m) {
   m.impl("select_blocks", &ops::select_blocks);
   m.impl("select_blocks_out", &ops::select_blocks_out);
   m.impl("store_kv", &ops::store_kv);
+  m.impl("decode_linear", &ops::decode_linear);
 }
 
 TORCH_LIBRARY_IMPL(dustin, CUDA, m) {
@@ -53,6 +55,7 @@ TORCH_LIBRARY_IMPL(dustin, CUDA, m) {
   m.impl("select_blocks", &ops::select_blocks);
   m.impl("select_blocks_out", &ops::select_blocks_out);
   m.impl("store_kv", &ops::store_kv);
+  m.impl("decode_linear", &ops::decode_linear);
 }
 
 TORCH_LIBRARY_IMPL(dustin, Meta, m) {
@@ -62,6 +65,7 @@ TORCH_LIBRARY_IMPL(dustin, Meta, m) {
   m.impl("select_blocks", &ops::select_blocks_meta);
   m.impl("select_blocks_out", &ops::select_blocks_out_meta);
   m.impl("store_kv", &ops::store_kv_meta);
+  m.impl("decode_linear", &ops::decode_linear_meta);
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -21,6 +21,7 @@ from dustin import _C
 __all__ = [
     "SUPPORTED",
     "block_scores",
+    "decode_linear",
     "dense_block_lists",
     "select_blocks",
     "select_blocks_out",
@@ -428,6 +429,45 @@ def store_kv(
     if _validate_on_host(validate, k_cache):
         _C.validate_store_kv(k, v, k_cache, v_cache, pages, slots, kv_layout)
     torch.ops.dustin.store_kv(k, v, k_cache, v_cache, pages, slots, kv_layout)
+
+
+def decode_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gated: bool = False,
+) -> torch.Tensor:
+    """The linear layer of a decode step: ``x @ weight.T + bias`` for at most 16 rows of x, in one
+    launch that reads the weight once (a library GEMM splits K at these sizes and reduces in a
+    second launch).
+
+    With ``gated``, ``weight`` stacks a gate and an up projection (``[2I, K]``, as a fused
+    gate/up weight does) and the result is ``silu(x @ gate.T) * (x @ up.T)`` ``[..., I]``, the
+    MLP's activation, without writing the two halves out first. Products accumulate in float32
+    and round once, to x's dtype. No host synchronisation: a CUDA graph can capture it.
+
+    Args:
+        x: ``[..., K]`` bf16 | fp16 (fp32 too on CPU) with at most 16 rows (the product of the
+            leading dims), innermost stride 1; on CUDA K a multiple of 8 and x 16-byte aligned.
+        weight: ``[N, K]`` dtype and device of x, innermost stride 1, row stride a multiple of 8
+            elements on CUDA (``nn.Linear.weight`` is).
+        bias: ``[N]`` contiguous, or None.
+        gated: see above; N must be even.
+
+    Returns:
+        ``[..., N]``, or ``[..., N / 2]`` when gated, contiguous.
+
+    Raises:
+        TypeError: a dtype is wrong.
+        ValueError: more than 16 rows, or any other argument breaks the contract.
+        NotImplementedError: float32 on CUDA.
+
+    Example:
+        >>> h = decode_linear(x, mlp.fused_gate_up_weight, gated=True)  # [16, I]
+    """
+    lead = x.shape[:-1]
+    y = torch.ops.dustin.decode_linear(x.reshape(-1, x.shape[-1]), weight, bias, gated)
+    return y.view(*lead, y.shape[-1])
 
 
 def dense_block_lists(

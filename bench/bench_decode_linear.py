@@ -1,0 +1,138 @@
+# SPDX-License-Identifier: Apache-2.0
+"""decode_linear against cuBLAS (torch.nn.functional.linear), same run: the projections of a
+decode step at M = 1, 8 and 16 rows for the Qwen2.5-0.5B draft, Qwen2.5-Coder-1.5B and
+Qwen2.5-7B, bf16.
+
+Per model: q/k/v fused (with bias), o, gate/up fused (gated: dustin also applies silu(gate) * up;
+the peer is the GEMM alone, its best case), down. Bytes are the weight read once (plus x and y).
+Every call reads another copy of the weight, enough copies that none is in the 50 MB L2 when it
+is read again, as in a decode step whose layers each have their own weights.
+
+    python3 bench/bench_decode_linear.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dustin  # noqa: F401  (registers torch.ops.dustin)
+from dustin import ops
+
+from bench.common import L2_ROTATE_BYTES, Report, ceiling_note, pct_of_ceiling, tbps, time_cuda
+
+DTYPE = torch.bfloat16
+# (hidden, q heads, KV heads, head dim, intermediate) of each model.
+MODELS = {
+    "qwen2.5-0.5b": (896, 14, 2, 64, 4864),
+    "qwen2.5-coder-1.5b": (1536, 12, 2, 128, 8960),
+    "qwen2.5-7b": (3584, 28, 4, 128, 18944),
+}
+
+
+def projections(hidden, heads, kv_heads, head_dim, intermediate):
+    """(name, N, K, bias, gated) of one layer's projections."""
+    qkv = (heads + 2 * kv_heads) * head_dim
+    return [
+        ("qkv", qkv, hidden, True, False),
+        ("o", hidden, heads * head_dim, False, False),
+        ("gate_up", 2 * intermediate, hidden, False, True),
+        ("down", hidden, intermediate, False, False),
+    ]
+
+
+def time_both(x, weights, bias, gated):
+    """Timings of decode_linear and of F.linear, each call on the next copy of the weight."""
+    turn = itertools.count()
+
+    def dustin_call():
+        ops.decode_linear(x, weights[next(turn) % len(weights)], bias, gated=gated)
+
+    def cublas_call():
+        F.linear(x, weights[next(turn) % len(weights)], bias)
+
+    return time_cuda(dustin_call, reps=9), time_cuda(cublas_call, reps=9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="M = 16 only")
+    args = parser.parse_args()
+    row_counts = [16] if args.quick else [16, 1, 8]
+
+    report = Report(
+        "decode_linear",
+        [
+            "model",
+            "proj",
+            "M",
+            "N",
+            "K",
+            "weight_MB",
+            "dustin_us",
+            "dustin_TBps",
+            "pct_ceiling",
+            "cublas_us",
+            "cublas_TBps",
+            "speedup",
+        ],
+    )
+    report.notes.append(
+        "bf16; bytes = weight + x + y once; peer = F.linear (cuBLAS), for "
+        "gate_up without the silu(gate) * up that dustin fuses"
+    )
+    report.notes.append(f"weights rotated over >= {L2_ROTATE_BYTES >> 20} MB of copies (cold L2)")
+    report.notes.append(ceiling_note())
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model, rows in itertools.product(MODELS, row_counts):
+        for proj, n, k, has_bias, gated in projections(*MODELS[model]):
+            weight_bytes = n * k * 2
+            copies = max(2, -(-L2_ROTATE_BYTES // weight_bytes))
+            weights = [
+                torch.randn(n, k, device="cuda", generator=gen).mul_(k**-0.5).to(DTYPE)
+                for _ in range(copies)
+            ]
+            bias = torch.randn(n, device="cuda", generator=gen).to(DTYPE) if has_bias else None
+            x = torch.randn(rows, k, device="cuda", generator=gen).to(DTYPE)
+
+            expected = F.linear(
+                x.float(), weights[0].float(), None if bias is None else bias.float()
+            )
+            if gated:
+                gate, up = expected.chunk(2, dim=-1)
+                expected = F.silu(gate) * up
+            got = ops.decode_linear(x, weights[0], bias, gated=gated).float()
+            err = ((got - expected).norm() / expected.norm()).item()
+            assert err < 1e-2, f"{model} {proj} M={rows}: relative error {err:.2e}"
+
+            out_columns = n // 2 if gated else n
+            moved = weight_bytes + rows * (k + out_columns) * 2
+            ours, peer = time_both(x, weights, bias, gated)
+            report.add(
+                model=model,
+                proj=proj,
+                M=rows,
+                N=n,
+                K=k,
+                weight_MB=weight_bytes / 1e6,
+                dustin_us=ours.best_us,
+                dustin_TBps=tbps(moved, ours.best_us),
+                pct_ceiling=pct_of_ceiling(moved, ours.best_us),
+                cublas_us=peer.best_us,
+                cublas_TBps=tbps(moved, peer.best_us),
+                speedup=peer.best_us / ours.best_us,
+            )
+            print(report.markdown().splitlines()[-1], flush=True)
+    print(report.markdown())
+    for path in report.save(tag="quick" if args.quick else ""):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: Apache-2.0
+// PyTorch adapter of decode_linear: checks, tensors -> DecodeLinearParams, CPU twin or CUDA
+// kernel.
+#include <ATen/ATen.h>
+
+#include "torch/checks.h"
+#include "torch/ops.h"
+
+#if defined(DUSTIN_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace dustin::torch_ops {
+namespace {
+
+/// Metadata checks that hold for symbolic shapes too (ranks, dtypes, devices, gated N even).
+void check_meta(const ArgCheck& check, const at::Tensor& x, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias, bool gated) {
+  check.dims("x", x, 2, "[M, K]");
+  check_float_dtype(check, "x", x);
+  check.dims("weight", weight, 2, "[N, K]");
+  check.same_dtype("weight", weight, "x", x);
+  check.same_device("weight", weight, "x", x);
+  if (bias.has_value()) {
+    check.dims("bias", *bias, 1, "[N]");
+    check.same_dtype("bias", *bias, "x", x);
+    check.same_device("bias", *bias, "x", x);
+  }
+}
+
+/// Every check (no tensor values read) and the params they describe; y is filled in later.
+DecodeLinearParams check_args(const ArgCheck& check, const at::Tensor& x,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              bool gated) {
+  check_meta(check, x, weight, bias, gated);
+  const int64_t rows = x.size(0);
+  const int64_t in_features = x.size(1);
+  const int64_t out_features = weight.size(0);
+  check.value(rows <= kDecodeLinearMaxRows, "x must have at most ", kDecodeLinearMaxRows,
+              " rows M (the rows of one decode step; use a GEMM for more), got ", rows);
+  check.value(in_features >= 1, "x must have K >= 1 columns, got ", in_features);
+  check.fits_int32("x.size(1) (K)", in_features);
+  check.fits_int32("weight.size(0) (N)", out_features);
+  check.value(out_features >= 1, "weight must have N >= 1 rows, got ", out_features);
+  check.size("weight", weight, 1, in_features, "K of x");
+  check.value(!gated || out_features % 2 == 0,
+              "weight must have an even number of rows N when gated (the gate rows, then as many "
+              "up rows), got ", out_features);
+  check.inner_stride("x", x);
+  check.inner_stride("weight", weight);
+  if (bias.has_value()) {
+    check.same_shape("bias", *bias, {out_features});
+    check.contiguous("bias", *bias);
+  }
+  if (x.is_cuda()) {
+    check.not_implemented(x.scalar_type() != at::kFloat,
+                          "x must be bfloat16 or float16 on CUDA, got ", x.scalar_type());
+    check.value(in_features % kDecodeLinearAlign == 0, "K (x.size(1)) must be a multiple of ",
+                kDecodeLinearAlign, " on CUDA (16-byte vectors), got ", in_features);
+    check_vector_aligned(check, "x", x);
+    check_vector_aligned(check, "weight", weight);
+  }
+  DecodeLinearParams p;
+  p.x = x.data_ptr();
+  p.w = weight.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.x_stride = rows > 1 ? x.stride(0) : in_features;
+  p.w_stride = out_features > 1 ? weight.stride(0) : in_features;
+  p.rows = static_cast<int32_t>(rows);
+  p.in_features = static_cast<int32_t>(in_features);
+  p.out_features = static_cast<int32_t>(out_features);
+  p.gated = gated;
+  p.dtype = to_dtype(x.scalar_type());
+  return p;
+}
+
+}  // namespace
+
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, bool gated) {
+  const ArgCheck check("decode_linear");
+  DecodeLinearParams p = check_args(check, x, weight, bias, gated);
+  at::Tensor y = at::empty({p.rows, decode_linear_out_columns(p)}, x.options());
+  p.y = y.data_ptr();
+  p.y_stride = decode_linear_out_columns(p);
+  if (x.is_cpu()) {
+    check.status(cpu::decode_linear(p));
+    return y;
+  }
+#if defined(DUSTIN_WITH_CUDA)
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  check.status(dustin::decode_linear(p, c10::cuda::getCurrentCUDAStream()));
+#else
+  check.no_cuda_build(x.device());
+#endif
+  return y;
+}
+
+at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, bool gated) {
+  const ArgCheck check("decode_linear");
+  check_meta(check, x, weight, bias, gated);
+  const c10::SymInt columns = gated ? weight.sym_size(0) / 2 : weight.sym_size(0);
+  return at::empty_symint({x.sym_size(0), columns}, x.options());
+}
+
+}  // namespace dustin::torch_ops

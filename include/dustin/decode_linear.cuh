@@ -1,0 +1,175 @@
+// SPDX-License-Identifier: Apache-2.0
+// decode_linear kernel: y = x w^T for at most 16 rows of x, where the weight read is the whole
+// cost. A library GEMM tiles such a product for many rows and, at 16, spends a split-K launch
+// and a reduce launch on it; here a CTA owns 8 columns of y at a time over all of K, its warps
+// split K and stream the weight in 16-byte loads straight into mma.sync fragments (no
+// shared-memory staging), and the CTA sums its warps in shared memory: one launch, weights read
+// once.
+#pragma once
+
+#include <cstdint>
+
+#include "dustin/attention/tile_primitives.cuh"
+#include "dustin/decode_linear_params.h"
+#include "dustin/dependent_launch.cuh"
+
+namespace dustin::detail {
+
+/// Warps per CTA; each takes every kLinearWarps-th step of K.
+inline constexpr int kLinearWarps = 8;
+inline constexpr int kLinearThreads = 32 * kLinearWarps;
+/// Columns of y per CTA: one m16n8k16 n-tile, lane / 4 picking the weight row.
+inline constexpr int kLinearColumns = 8;
+/// K per warp step: four lanes per weight row, 16 bytes (8 elements) each.
+inline constexpr int kLinearStepK = 32;
+/// Steps whose loads a warp has in flight at once (and as many again prefetched).
+inline constexpr int kLinearUnroll = 4;
+
+/// 16 bytes no other CTA reads (a weight slice), kept out of L1.
+__device__ __forceinline__ uint4 load_streaming(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+/// The weight vectors of one batch of steps: the gate (or only) rows, and the up rows when
+/// gated.
+template <bool kGated>
+struct LinearWeights {
+  uint4 w[kLinearUnroll];
+  uint4 u[kGated ? kLinearUnroll : 1];
+};
+
+/// A persistent grid: CTA c owns the 8-column tiles c, c + gridDim.x, ... of y, and each warp
+/// walks its batches of K steps through them as one sequence, so the next batch's weights (of
+/// this tile or the next) are in flight while the current one is multiplied and a tile's sums
+/// are stored. The k permutation: lane (g, t) = (lane / 4, lane % 4) loads elements
+/// [8t, 8t + 8) of each 32-wide step of its weight row g and of x rows g and g + 8, and feeds
+/// them to two m16n8k16 products as if they were k = {2t, 2t + 1, 2t + 8, 2t + 9} of each: the
+/// same relabelling of k on both operands, so the sum is the same and every load is 16 bytes
+/// wide. Rows of x past M and columns past N are clamped to the last one (their results are not
+/// stored), so no lane branches in the loop.
+template <typename T, bool kGated>
+__global__ void __launch_bounds__(kLinearThreads)
+    decode_linear_kernel(const __grid_constant__ DecodeLinearParams p) {
+  constexpr int kParts = kGated ? 2 : 1;  // gate (or only) and up sums
+  // Two tiles' partial sums by parity: a tile's writes never meet the previous tile's reads,
+  // so one barrier per tile suffices.
+  __shared__ float2 partial[2][kLinearWarps][kParts][kDecodeLinearMaxRows][kLinearColumns / 2];
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int32_t columns = decode_linear_out_columns(p);
+  const int32_t tiles = (columns + kLinearColumns - 1) / kLinearColumns;
+  const int32_t steps = (p.in_features + kLinearStepK - 1) / kLinearStepK;
+  constexpr int32_t kStride = kLinearWarps * kLinearUnroll;  // steps between a warp's batches
+  // The same for every warp, so all of them reach a tile's end together.
+  const int32_t batches_per_tile = (steps + kStride - 1) / kStride;
+  const int64_t up_offset = kGated ? static_cast<int64_t>(p.out_features / 2) * p.w_stride : 0;
+
+  const T* x_lo = static_cast<const T*>(p.x) + min(g, p.rows - 1) * p.x_stride + 8 * t;
+  const T* x_hi = static_cast<const T*>(p.x) + min(g + 8, p.rows - 1) * p.x_stride + 8 * t;
+  // This lane's vector of step s lies inside K (K is a multiple of 8, so it lies wholly
+  // inside or outside).
+  const auto in_k = [&](int32_t s) { return s * kLinearStepK + 8 * t < p.in_features; };
+  const auto load_weights = [&](LinearWeights<kGated>& b, int32_t tile, int32_t batch) {
+    const int32_t n = min(tile * kLinearColumns + g, columns - 1);
+    const T* w_row = static_cast<const T*>(p.w) + n * p.w_stride + 8 * t;
+#pragma unroll
+    for (int j = 0; j < kLinearUnroll; ++j) {
+      const int32_t s = warp + batch * kStride + j * kLinearWarps;
+      const bool valid = in_k(s);
+      b.w[j] = valid ? load_streaming(w_row + s * kLinearStepK) : make_uint4(0, 0, 0, 0);
+      if constexpr (kGated) {
+        b.u[j] = valid ? load_streaming(w_row + up_offset + s * kLinearStepK)
+                       : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+
+  float acc[kParts][4] = {};
+  int parity = 0;
+  int32_t tile = static_cast<int32_t>(blockIdx.x);
+  int32_t batch = 0;
+  LinearWeights<kGated> current;
+  // The weights are no grid's output: the first batch is read while the preceding kernel,
+  // which writes x, may still run.
+  if (tile < tiles) load_weights(current, tile, batch);
+  wait_for_preceding_grid();
+  while (tile < tiles) {
+    uint4 lo[kLinearUnroll];
+    uint4 hi[kLinearUnroll];
+#pragma unroll
+    for (int j = 0; j < kLinearUnroll; ++j) {
+      const int32_t s = warp + batch * kStride + j * kLinearWarps;
+      const bool valid = in_k(s);
+      lo[j] = valid ? __ldg(reinterpret_cast<const uint4*>(x_lo + s * kLinearStepK))
+                    : make_uint4(0, 0, 0, 0);
+      hi[j] = valid ? __ldg(reinterpret_cast<const uint4*>(x_hi + s * kLinearStepK))
+                    : make_uint4(0, 0, 0, 0);
+    }
+    const bool tile_done = batch + 1 == batches_per_tile;
+    const int32_t next_tile = tile_done ? tile + static_cast<int32_t>(gridDim.x) : tile;
+    const int32_t next_batch = tile_done ? 0 : batch + 1;
+    LinearWeights<kGated> next;
+    if (next_tile < tiles) load_weights(next, next_tile, next_batch);
+#pragma unroll
+    for (int j = 0; j < kLinearUnroll; ++j) {
+      const uint32_t a0[4] = {lo[j].x, hi[j].x, lo[j].y, hi[j].y};
+      const uint32_t a1[4] = {lo[j].z, hi[j].z, lo[j].w, hi[j].w};
+      mma_16816<T>(acc[0], a0, current.w[j].x, current.w[j].y);
+      mma_16816<T>(acc[0], a1, current.w[j].z, current.w[j].w);
+      if constexpr (kGated) {
+        mma_16816<T>(acc[1], a0, current.u[j].x, current.u[j].y);
+        mma_16816<T>(acc[1], a1, current.u[j].z, current.u[j].w);
+      }
+    }
+    current = next;
+    if (tile_done) {
+      // Accumulator (g, 2t..2t+1) and (g + 8, 2t..2t+1) of each warp, then one thread per
+      // element sums the warps in a fixed order (deterministic).
+#pragma unroll
+      for (int part = 0; part < kParts; ++part) {
+        partial[parity][warp][part][g][t] = make_float2(acc[part][0], acc[part][1]);
+        partial[parity][warp][part][g + 8][t] = make_float2(acc[part][2], acc[part][3]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[part][i] = 0.f;
+      }
+      __syncthreads();
+      const int row = static_cast<int>(threadIdx.x) / kLinearColumns;
+      const int c = static_cast<int>(threadIdx.x) % kLinearColumns;
+      const int32_t column = tile * kLinearColumns + c;
+      if (row < p.rows && column < columns) {
+        float sums[kParts];
+#pragma unroll
+        for (int part = 0; part < kParts; ++part) {
+          const float* cell = reinterpret_cast<const float*>(&partial[parity][0][part][row][0]) + c;
+          sums[part] = 0.f;
+#pragma unroll
+          for (int w = 0; w < kLinearWarps; ++w) {
+            sums[part] += cell[w * kParts * kDecodeLinearMaxRows * kLinearColumns];
+          }
+        }
+        const T* bias = static_cast<const T*>(p.bias);
+        float value = sums[0] + (bias != nullptr ? static_cast<float>(bias[column]) : 0.f);
+        if constexpr (kGated) {
+          const float up =
+              sums[1] + (bias != nullptr ? static_cast<float>(bias[column + p.out_features / 2])
+                                         : 0.f);
+          value = value / (1.f + __expf(-value)) * up;
+        }
+        static_cast<T*>(p.y)[row * p.y_stride + column] = from_float<T>(value);
+      }
+      parity ^= 1;
+    }
+    tile = next_tile;
+    batch = next_batch;
+  }
+  // The dependents' CTAs may take this grid's slots from here on.
+  allow_dependent_launch();
+}
+
+}  // namespace dustin::detail

@@ -1,0 +1,96 @@
+# SPDX-License-Identifier: Apache-2.0
+"""decode_linear on CUDA against the CPU twin and a float64 reference: both dtypes, plain and
+gated, bias, 1..16 rows, K and N that are not multiples of the kernel's 32 and 8 (K down to 8,
+N down to 1), strided x, a row slice of a fused weight, the decode shapes of the benchmark's
+models; the output's memory poisoned first; the CUDA-only errors; CUDA-graph replay.
+Fresh random inputs every run (the seed is in each failure message)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dustin import ops
+from reference import relative_error
+from test_decode_linear import TOLERANCE, fresh_generator, make_inputs, reference
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def poison_allocator(numel: int = 1 << 22) -> None:
+    """Leaves NaN in the caching allocator's free blocks, so an output element the kernel never
+    writes shows up as NaN."""
+    torch.full((numel,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+def check(x, weight, bias, gated, what):
+    poison_allocator()
+    y = ops.decode_linear(x, weight, bias, gated=gated)
+    expected = reference(x.cpu(), weight.cpu(), None if bias is None else bias.cpu(), gated)
+    twin = ops.decode_linear(x.cpu(), weight.cpu(), None if bias is None else bias.cpu(), gated)
+    assert y.shape == twin.shape and torch.isfinite(y).all(), f"{what}: unwritten outputs"
+    err = relative_error(y.cpu(), expected)
+    assert err < TOLERANCE[x.dtype], f"{what}: error {err:.2e} against float64"
+    # Twin and kernel sum in different orders; both round once.
+    assert relative_error(y.cpu(), twin) < TOLERANCE[x.dtype], f"{what}: differs from the twin"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_matches_reference_and_twin(dtype, gated, rows):
+    gen, seed = fresh_generator()
+    for k, n, bias, x_pad in [
+        (8, 2, False, 0),  # one vector per row: most lanes past K
+        (40, 14, True, 8),  # K not a multiple of 32, N not of 8
+        (1000, 26, False, 16),
+        (896, 1152, True, 0),  # the 0.5B draft's q/k/v
+        (4864, 896, False, 0),  # its down projection: many steps per warp
+        (256, 2, True, 0),  # one column
+    ]:
+        if gated and n % 2:
+            continue
+        x, weight, b = make_inputs(rows, k, n, dtype, gen, bias, x_pad, device="cuda")
+        check(x, weight, b, gated, f"seed {seed} M={rows} K={k} N={n} bias={bias}")
+
+
+def test_gated_mlp_shape_and_fused_weight_slice():
+    gen, seed = fresh_generator()
+    x, weight, _ = make_inputs(16, 896, 2 * 4864, torch.bfloat16, gen, device="cuda")
+    check(x, weight, None, True, f"seed {seed} 0.5B gate/up")
+    fused = (torch.randn(1152, 896, generator=gen) * 0.03).to(torch.bfloat16).cuda()
+    check(x, fused[896:1024], None, False, f"seed {seed} k_proj view")
+
+
+def test_cuda_errors():
+    x = torch.ones(4, 24, device="cuda", dtype=torch.bfloat16)
+    weight = torch.ones(8, 24, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="bfloat16 or float16 on CUDA"):
+        ops.decode_linear(x.float(), weight.float())
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ops.decode_linear(x[:, :20], weight[:, :20])
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        ops.decode_linear(torch.ones(4, 32, device="cuda", dtype=torch.bfloat16)[:, 4:28], weight)
+    with pytest.raises(ValueError, match="device"):
+        ops.decode_linear(x, weight.cpu())
+
+
+def test_graph_replay_matches_eager():
+    gen, seed = fresh_generator()
+    x, weight, bias = make_inputs(16, 896, 1152, torch.bfloat16, gen, bias=True, device="cuda")
+    eager = ops.decode_linear(x, weight, bias)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.decode_linear(x, weight, bias)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.decode_linear(x, weight, bias)
+    x.copy_(torch.randn(16, 896, generator=gen).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, ops.decode_linear(x, weight, bias)), f"seed {seed}: replay differs"
+    assert not torch.equal(y, eager), f"seed {seed}: replay did not read the new x"
