@@ -92,6 +92,7 @@ PYBIND11_MODULE(_C, m) {
   supported["max_group_size"] = dustin::kMaxGroupSize;
   supported["max_query_len"] = dustin::kMaxQueryLen;
   supported["max_score_rows"] = dustin::kMaxScoreRows;
+  supported["decode_linear_max_rows"] = dustin::kDecodeLinearMaxRows;
   supported["page_sizes"] = pybind11::make_tuple(dustin::kMinPageSize, dustin::kMaxPageSize);
   supported["cuda_dtypes"] = pybind11::make_tuple("float16", "bfloat16");
   supported["cpu_dtypes"] = pybind11::make_tuple("float32", "float16", "bfloat16");

@@ -98,6 +98,27 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, decode: bool
+) -> torch.Tensor:
+    """``x @ weight.T + bias``: with ``decode``, through ``ops.decode_linear`` where it applies (a
+    decode step's at most 16 rows, 16-bit, on CUDA; cuBLAS splits K there and reduces in a second
+    launch), else ``F.linear``."""
+    if decode and _fits_decode_linear(x):
+        return ops.decode_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _fits_decode_linear(x: torch.Tensor) -> bool:
+    k = x.shape[-1]
+    return (
+        x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and k % 8 == 0
+        and x.numel() <= ops.DECODE_LINEAR_MAX_ROWS * k
+    )
+
+
 def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """One weight (and bias) for linears that read the same input, so that one GEMM computes all
     their outputs; the linears' parameters become views of it, so nothing is stored twice.
@@ -132,11 +153,14 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+        self.decode_linear = False  # projections of decode steps through ops.decode_linear
 
-    def fuse_projections(self) -> None:
-        """q, k and v from one GEMM (``_fuse_linears``). Do it once the weights are in place:
+    def fuse_projections(self, decode_linear: bool = False) -> None:
+        """q, k and v from one GEMM (``_fuse_linears``); with ``decode_linear``, that GEMM and
+        o_proj run as ``ops.decode_linear`` at decode sizes. Do it once the weights are in place:
         moving the module afterwards moves the views, not the fused copy."""
         self.fused_qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.decode_linear = decode_linear
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of hidden states ``x [B, n, H]``."""
@@ -145,13 +169,17 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             weight, bias, sizes = self.fused_qkv
-            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+            q, k, v = _linear(x, weight, bias, self.decode_linear).split(sizes, dim=-1)
         q = q.view(b, n, self.num_heads, self.head_dim)
         k = k.view(b, n, self.num_kv_heads, self.head_dim)
         v = v.view(b, n, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
+
+    def output(self, attn_out: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output ``[B, n, Hq * D]``."""
+        return _linear(attn_out, self.o_proj.weight, None, self.decode_linear)
 
 
 class MLP(nn.Module):
@@ -161,18 +189,25 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+        self.decode_linear = False
 
-    def fuse_projections(self) -> None:
-        """gate and up from one GEMM (``_fuse_linears``), as ``Attention.fuse_projections``."""
+    def fuse_projections(self, decode_linear: bool = False) -> None:
+        """gate and up from one GEMM (``_fuse_linears``), as ``Attention.fuse_projections``; with
+        ``decode_linear``, at decode sizes that GEMM and the activation are one
+        ``ops.decode_linear`` (gated), and down_proj another."""
         self.fused_gate_up = _fuse_linears(self.gate_proj, self.up_proj)
+        self.decode_linear = decode_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        elif self.decode_linear and _fits_decode_linear(x):
+            hidden = ops.decode_linear(x, self.fused_gate_up[0], gated=True)
+            return _linear(hidden, self.down_proj.weight, None, True)
         else:
             weight, _, sizes = self.fused_gate_up
             gate, up = F.linear(x, weight).split(sizes, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return _linear(F.silu(gate) * up, self.down_proj.weight, None, self.decode_linear)
 
 
 class DecoderLayer(nn.Module):
@@ -199,7 +234,7 @@ class DecoderLayer(nn.Module):
     def layer_output(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """The residual stream after o_proj of the attention output ``[B, n, Hq * D]`` and the
         MLP, on one rank (no tensor parallelism): one compiled region."""
-        h, mlp_out = self.mlp_block(h, self.self_attn.o_proj(attn_out))
+        h, mlp_out = self.mlp_block(h, self.self_attn.output(attn_out))
         return h + mlp_out
 
 
@@ -282,10 +317,13 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(config).to(device)
         return model.eval().requires_grad_(False)
 
-    def compile_layers(self, backend: str = "inductor") -> Transformer:
+    def compile_layers(self, backend: str = "inductor", decode_linear: bool = True) -> Transformer:
         """Fewer, fused kernels per layer: q/k/v and gate/up each become one GEMM
         (``fuse_projections``), and the glue around attention (norms, projections, RoPE,
-        residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer.
+        residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer. With
+        ``decode_linear`` (the default), windows of at most 16 rows in all (decode and draft
+        steps) run their projections as ``ops.decode_linear`` on CUDA, gate/up with its
+        activation; longer ones (prefill, wide verification) keep cuBLAS.
 
         Attention and the cache writes stay outside, so the ops, the block lists and CUDA-graph
         capture work as before. One compiled graph serves every layer (the layers are inputs, not
@@ -299,8 +337,8 @@ class Transformer(nn.Module):
         own, then the compiled residual add, norm and MLP (``DecoderLayer.mlp_block``).
         """
         for layer in self.layers:
-            layer.self_attn.fuse_projections()
-            layer.mlp.fuse_projections()
+            layer.self_attn.fuse_projections(decode_linear)
+            layer.mlp.fuse_projections(decode_linear)
         # Both models of a pair, windows of 1 and of gamma + 1, prefill chunks: more variants
         # than the default limit of 8 compiled graphs per function.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -515,7 +553,7 @@ class Transformer(nn.Module):
             if self.parallel is None:
                 h = self._layer_output(layer, h, out)
             else:  # o_proj and down_proj give partial sums over the ranks: one all-reduce each
-                attn_sum = self.parallel.all_reduce(layer.self_attn.o_proj(out))
+                attn_sum = self.parallel.all_reduce(layer.self_attn.output(out))
                 h, mlp_out = self._mlp_block(layer, h, attn_sum)
                 h = h + self.parallel.all_reduce(mlp_out)
         return h, queries
