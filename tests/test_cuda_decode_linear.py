@@ -65,6 +65,7 @@ def test_gated_mlp_shape_and_fused_weight_slice():
     check(x, weight, None, True, f"seed {seed} 0.5B gate/up")
     fused = (torch.randn(1152, 896, generator=gen) * 0.03).to(torch.bfloat16).cuda()
     check(x, fused[896:1024], None, False, f"seed {seed} k_proj view")
+    check(x[:1].expand(16, 896), fused, None, False, f"seed {seed} expanded x (row stride 0)")
 
 
 def test_cuda_errors():

@@ -59,6 +59,15 @@ def test_leading_dims_and_views_of_a_fused_weight():
     assert relative_error(y, reference(x, view, None, False)) < 1e-2, f"seed {seed}"
 
 
+def test_expanded_x_rows():
+    gen, seed = fresh_generator()
+    x = torch.randn(1, 48, generator=gen).to(torch.bfloat16).expand(6, 48)  # row stride 0
+    weight = torch.randn(10, 48, generator=gen).to(torch.bfloat16)
+    y = ops.decode_linear(x, weight, gated=True)
+    assert relative_error(y, reference(x, weight, None, True)) < 1e-2, f"seed {seed}"
+    assert torch.equal(y, y[:1].expand(6, 5)), f"seed {seed}: rows of one x differ"
+
+
 def test_zero_rows():
     x = torch.empty(0, 16, dtype=torch.bfloat16)
     assert ops.decode_linear(x, torch.ones(6, 16, dtype=torch.bfloat16), gated=True).shape == (0, 3)

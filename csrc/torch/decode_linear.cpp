@@ -14,9 +14,9 @@
 namespace dustin::torch_ops {
 namespace {
 
-/// Metadata checks that hold for symbolic shapes too (ranks, dtypes, devices, gated N even).
+/// Metadata checks that hold for symbolic shapes too (ranks, dtypes, devices).
 void check_meta(const ArgCheck& check, const at::Tensor& x, const at::Tensor& weight,
-                const std::optional<at::Tensor>& bias, bool gated) {
+                const std::optional<at::Tensor>& bias) {
   check.dims("x", x, 2, "[M, K]");
   check_float_dtype(check, "x", x);
   check.dims("weight", weight, 2, "[N, K]");
@@ -33,7 +33,7 @@ void check_meta(const ArgCheck& check, const at::Tensor& x, const at::Tensor& we
 DecodeLinearParams check_args(const ArgCheck& check, const at::Tensor& x,
                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               bool gated) {
-  check_meta(check, x, weight, bias, gated);
+  check_meta(check, x, weight, bias);
   const int64_t rows = x.size(0);
   const int64_t in_features = x.size(1);
   const int64_t out_features = weight.size(0);
@@ -65,8 +65,9 @@ DecodeLinearParams check_args(const ArgCheck& check, const at::Tensor& x,
   p.x = x.data_ptr();
   p.w = weight.data_ptr();
   p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
-  p.x_stride = rows > 1 ? x.stride(0) : in_features;
-  p.w_stride = out_features > 1 ? weight.stride(0) : in_features;
+  // A dim of size 1 may carry any stride; its rows are never stepped over.
+  p.x_stride = rows > 1 ? x.stride(0) : 0;
+  p.w_stride = out_features > 1 ? weight.stride(0) : 0;
   p.rows = static_cast<int32_t>(rows);
   p.in_features = static_cast<int32_t>(in_features);
   p.out_features = static_cast<int32_t>(out_features);
@@ -100,7 +101,7 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, bool gated) {
   const ArgCheck check("decode_linear");
-  check_meta(check, x, weight, bias, gated);
+  check_meta(check, x, weight, bias);
   const c10::SymInt columns = gated ? weight.sym_size(0) / 2 : weight.sym_size(0);
   return at::empty_symint({x.sym_size(0), columns}, x.options());
 }

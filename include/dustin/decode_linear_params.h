@@ -27,8 +27,8 @@ struct DecodeLinearParams {
   const void* w = nullptr;     ///< [N, K], dtype, dim stride 1
   const void* bias = nullptr;  ///< [N], dtype, contiguous; nullptr for none
   void* y = nullptr;           ///< [M, N] (N/2 when gated), dtype, dim stride 1
-  int64_t x_stride = 0;        ///< elements between rows of x
-  int64_t w_stride = 0;        ///< elements between rows of w
+  int64_t x_stride = 0;        ///< elements between rows of x (>= 0)
+  int64_t w_stride = 0;        ///< elements between rows of w (>= 0)
   int64_t y_stride = 0;        ///< elements between rows of y
   int32_t rows = 0;            ///< M, 0..kDecodeLinearMaxRows
   int32_t in_features = 0;     ///< K
@@ -50,8 +50,8 @@ inline bool decode_linear_valid_shape(const DecodeLinearParams& p) {
       p.out_features < 1 || (p.gated && p.out_features % 2 != 0)) {
     return false;
   }
-  if (p.x_stride < p.in_features || p.w_stride < p.in_features ||
-      p.y_stride < decode_linear_out_columns(p)) {
+  // x and w are only read, so their rows may overlap (an expanded x); y's may not.
+  if (p.x_stride < 0 || p.w_stride < 0 || p.y_stride < decode_linear_out_columns(p)) {
     return false;
   }
   return p.rows == 0 || (p.x != nullptr && p.w != nullptr && p.y != nullptr);

@@ -199,15 +199,15 @@ class MLP(nn.Module):
         self.decode_linear = decode_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        elif self.decode_linear and _fits_decode_linear(x):
+        if self.decode_linear and _fits_decode_linear(x):  # set with the fused weight
             hidden = ops.decode_linear(x, self.fused_gate_up[0], gated=True)
-            return _linear(hidden, self.down_proj.weight, None, True)
+        elif self.fused_gate_up is None:
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             weight, _, sizes = self.fused_gate_up
             gate, up = F.linear(x, weight).split(sizes, dim=-1)
-        return _linear(F.silu(gate) * up, self.down_proj.weight, None, self.decode_linear)
+            hidden = F.silu(gate) * up
+        return _linear(hidden, self.down_proj.weight, None, self.decode_linear)
 
 
 class DecoderLayer(nn.Module):
