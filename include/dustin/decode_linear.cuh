@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 // decode_linear kernel: y = x w^T for at most 16 rows of x, where the weight read is the whole
-// cost. A library GEMM tiles such a product for many rows and, at 16, spends a split-K launch
-// and a reduce launch on it; here a CTA owns 8 columns of y at a time over all of K, its warps
-// split K and stream the weight in 16-byte loads straight into mma.sync fragments (no
-// shared-memory staging), and the CTA sums its warps in shared memory: one launch, weights read
-// once.
+// cost. A library GEMM's tiles are made for many rows: at 16 (cuBLAS, measured on the H200 in a
+// decode step) its kernels read a 0.5B draft's 1.6-17 MB weights at 0.4-2.5 TB/s, and for long
+// K it splits K and adds a reduce launch (down projection: 5.5 + 1.7 us for 8.7 MB). Here a CTA
+// owns 8 columns of y at a time over all of K, its warps split K and stream the weight in
+// 16-byte loads straight into mma.sync fragments (no shared-memory staging), and the CTA sums
+// its warps in shared memory: one launch, weights read once.
 #pragma once
 
 #include <cstdint>

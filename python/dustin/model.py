@@ -102,8 +102,7 @@ def _linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, decode: bool
 ) -> torch.Tensor:
     """``x @ weight.T + bias``: with ``decode``, through ``ops.decode_linear`` where it applies (a
-    decode step's at most 16 rows, 16-bit, on CUDA; cuBLAS splits K there and reduces in a second
-    launch), else ``F.linear``."""
+    decode step's at most 16 rows, 16-bit, on CUDA), else ``F.linear``."""
     if decode and _fits_decode_linear(x):
         return ops.decode_linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -442,8 +442,8 @@ def decode_linear(
     gated: bool = False,
 ) -> torch.Tensor:
     """The linear layer of a decode step: ``x @ weight.T + bias`` for at most 16 rows of x, in one
-    launch that reads the weight once (a library GEMM splits K at these sizes and reduces in a
-    second launch).
+    launch that streams the weight once (a library GEMM's tiles are made for many rows, and for
+    long K it splits K and reduces in a second launch).
 
     With ``gated``, ``weight`` stacks a gate and an up projection (``[2I, K]``, as a fused
     gate/up weight does) and the result is ``silu(x @ gate.T) * (x @ up.T)`` ``[..., I]``, the
