@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fresh_generator
 from dustin import ops
 from dustin.checkpoint import load_checkpoint
 from dustin.model import Transformer
 from reference import relative_error
-from test_decode_linear import TOLERANCE, fresh_generator, make_inputs, reference
+from test_decode_linear import TOLERANCE, make_inputs, reference
 from tiny_models import VOCAB, save_tiny
 
 pytestmark = pytest.mark.cuda

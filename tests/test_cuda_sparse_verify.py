@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import reference
 import torch
-from conftest import PagedCache, make_block_lists, make_paged_cache
+from conftest import PagedCache, fresh_generator, make_block_lists, make_paged_cache
 from dustin import ops
 
 # conftest skips `cuda` tests with the reason when no GPU or no CUDA build is present.
@@ -146,11 +146,6 @@ def assert_close(out, lse, ref_out, ref_lse, dtype, what: str) -> None:
     assert err < OUT_RTOL[dtype], f"{what}: relative error {err:.2e}"
     lse_err = (lse.double() - ref_lse).abs().max()
     assert lse_err < LSE_ATOL, f"{what}: lse error {lse_err:.2e}"
-
-
-def fresh_generator() -> tuple[torch.Generator, int]:
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    return torch.Generator().manual_seed(seed), seed
 
 
 # Each (dtype, D, layout, P) case runs three shapes; the rotation below gives every G, q, list

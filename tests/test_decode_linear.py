@@ -8,16 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fresh_generator
 from dustin import ops
 from reference import relative_error
 
 # float32 sums of 16-bit products, rounded once: the norm-wise error is the output rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def fresh_generator() -> tuple[torch.Generator, int]:
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    return torch.Generator().manual_seed(seed), seed
 
 
 def reference(x, weight, bias, gated):
