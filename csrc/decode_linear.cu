@@ -13,12 +13,14 @@
 namespace dustin {
 namespace {
 
-/// CTAs of `kernel` resident per SM (host-side query, once per kernel).
-template <typename Kernel>
-cudaError_t resident_ctas(Kernel kernel, int* ctas) {
+/// CTAs of decode_linear_kernel<T, kGated> resident per SM (host-side query, once per instance:
+/// the four instances share one function type, so the cache is keyed by the template
+/// arguments, not by the kernel pointer's type).
+template <typename T, bool kGated>
+cudaError_t resident_ctas(int* ctas) {
   static int cached = 0;
   static cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &cached, kernel, detail::kLinearThreads, 0);
+      &cached, detail::decode_linear_kernel<T, kGated>, detail::kLinearThreads, 0);
   *ctas = cached;
   return err;
 }
@@ -32,7 +34,7 @@ Status launch(const DecodeLinearParams& p, cudaStream_t stream) {
   bool has_pdl = false;
   if (cudaGetDevice(&device) != cudaSuccess ||
       detail::device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms) != cudaSuccess ||
-      resident_ctas(kernel, &per_sm) != cudaSuccess ||
+      resident_ctas<T, kGated>(&per_sm) != cudaSuccess ||
       detail::device_has_pdl(device, &has_pdl) != cudaSuccess) {
     return Status::kCudaError;
   }
