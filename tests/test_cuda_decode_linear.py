@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """decode_linear on CUDA against the CPU twin and a float64 reference: both dtypes, plain and
-gated, bias, 1..16 rows, K and N that are not multiples of the kernel's 32 and 8 (K down to 8,
-N down to 1), strided x, a row slice of a fused weight, the decode shapes of the benchmark's
-models; the output's memory poisoned first; the CUDA-only errors; CUDA-graph replay.
+gated, bias, the fused RMSNorm and residual add, 1..16 rows, K and N that are not multiples of
+the kernel's 32 and 8 (K down to 8, N down to 1), strided x, a row slice of a fused weight, the
+decode shapes of the benchmark's models, more tiles than one wave; the output's memory poisoned
+first; the CUDA-only errors; CUDA-graph replay; a tiny Qwen2 against the cuBLAS path.
 Fresh random inputs every run (the seed is in each failure message)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dustin import ops
 from dustin.checkpoint import load_checkpoint
 from dustin.model import Transformer
 from reference import relative_error
-from test_decode_linear import TOLERANCE, make_inputs, reference
+from test_decode_linear import TOLERANCE, make_glue, make_inputs, reference
 from tiny_models import VOCAB, save_tiny
 
 pytestmark = pytest.mark.cuda
@@ -29,11 +30,14 @@ def poison_allocator(numel: int = 1 << 22) -> None:
     torch.cuda.synchronize()
 
 
-def check(x, weight, bias, gated, what):
+def check(x, weight, bias, gated, what, norm_weight=None, residual=None):
     poison_allocator()
-    y = ops.decode_linear(x, weight, bias, gated=gated)
-    expected = reference(x.cpu(), weight.cpu(), None if bias is None else bias.cpu(), gated)
-    twin = ops.decode_linear(x.cpu(), weight.cpu(), None if bias is None else bias.cpu(), gated)
+    glue = {"norm_weight": norm_weight, "norm_eps": 1e-5, "residual": residual}
+    y = ops.decode_linear(x, weight, bias, gated, **glue)
+    cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in glue.items()}
+    bias = None if bias is None else bias.cpu()
+    expected = reference(x.cpu(), weight.cpu(), bias, gated, *cpu.values())
+    twin = ops.decode_linear(x.cpu(), weight.cpu(), bias, gated, **cpu)
     assert y.shape == twin.shape and torch.isfinite(y).all(), f"{what}: unwritten outputs"
     err = relative_error(y.cpu(), expected)
     assert err < TOLERANCE[x.dtype], f"{what}: error {err:.2e} against float64"
@@ -60,6 +64,25 @@ def test_matches_reference_and_twin(dtype, gated, rows):
         check(x, weight, b, gated, f"seed {seed} M={rows} K={k} N={n} bias={bias}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_fused_norm_and_residual(dtype, gated, rows):
+    """The RMSNorm's row scale comes from a CTA's first tile only: N of 8 to 3000 tiles covers
+    CTAs with one tile and with many, K from one step to many per warp."""
+    gen, seed = fresh_generator()
+    for k, n, bias in [(8, 16, False), (40, 14, True), (896, 1152, True), (896, 9728, False),
+                       (2048, 24000, False)]:
+        if gated and n % 2:
+            continue
+        x, weight, b = make_inputs(rows, k, n, dtype, gen, bias, device="cuda")
+        x = (x.float() * 5).to(dtype)
+        norm_weight, residual = make_glue(rows, k, n // 2 if gated else n, dtype, gen, "cuda")
+        for g, r in [(norm_weight, None), (None, residual), (norm_weight, residual)]:
+            what = f"seed {seed} M={rows} K={k} N={n} norm={g is not None} res={r is not None}"
+            check(x, weight, b, gated, what, g, r)
+
+
 def test_gated_mlp_shape_and_fused_weight_slice():
     gen, seed = fresh_generator()
     x, weight, _ = make_inputs(16, 896, 2 * 4864, torch.bfloat16, gen, device="cuda")
@@ -80,6 +103,13 @@ def test_cuda_errors():
         ops.decode_linear(torch.ones(4, 32, device="cuda", dtype=torch.bfloat16)[:, 4:28], weight)
     with pytest.raises(ValueError, match="device"):
         ops.decode_linear(x, weight.cpu())
+    with pytest.raises(ValueError, match="norm_weight must start 16-byte aligned"):
+        ops.decode_linear(x, weight, norm_weight=torch.ones(32, device="cuda").bfloat16()[8:32])
+    with pytest.raises(NotImplementedError, match="at most 2048 with norm_weight on CUDA"):
+        wide = torch.ones(4, 2056, device="cuda", dtype=torch.bfloat16)
+        ops.decode_linear(wide, torch.ones(8, 2056).to(wide), norm_weight=wide[0])
+    with pytest.raises(ValueError, match="residual must be on the device"):
+        ops.decode_linear(x, weight, residual=torch.ones(4, 8, dtype=torch.bfloat16))
 
 
 def test_graph_replay_matches_eager():
@@ -103,9 +133,10 @@ def test_graph_replay_matches_eager():
 
 @pytest.mark.parametrize("width", [1, 5])
 def test_model_decode_steps_match_the_cublas_path(tmp_path, width):
-    """A tiny Qwen2 (q/k/v bias, K of 64 and 128) compiled with and without decode_linear: the
-    decode windows of 3 sequences (3 and 15 rows) give the same logits up to bf16 rounding, and
-    not bit-identical ones (the other kernel ran); the prefill's 20 rows take cuBLAS either way."""
+    """A tiny Qwen2 (q/k/v bias, K of 64 and 128) compiled with and without decode_linear (and
+    with it the fused norms and residual adds): the decode windows of 3 sequences (3 and 15 rows)
+    give the same logits up to bf16 rounding, and not bit-identical ones (the other kernel ran);
+    the prefill's 20 rows take cuBLAS either way."""
     directory = save_tiny(tmp_path, "qwen2")
     config, state_dict, _ = load_checkpoint(directory)
     tokens = torch.randint(0, VOCAB, (3, 20 + width), generator=torch.Generator().manual_seed(0))

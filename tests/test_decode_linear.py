@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """decode_linear on the CPU: against a float64 reference (plain and gated, bias, strided x, views
-of a fused weight, 0..16 rows), its argument errors, opcheck, Meta shapes and torch.compile with
-dynamic row counts. Fresh random inputs every run (the seed is in each failure message)."""
+of a fused weight, 0..16 rows, the fused RMSNorm and residual add), its argument errors, opcheck,
+Meta shapes, torch.compile with dynamic row counts, and a tiny Qwen2 whose layers run through it.
+Fresh random inputs every run (the seed is in each failure message)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fresh_generator
+from dustin import model as model_module
 from dustin import ops
+from dustin.checkpoint import load_checkpoint
+from dustin.model import Transformer
 from reference import relative_error
+from tiny_models import VOCAB, save_tiny
 
 # float32 sums of 16-bit products, rounded once: the norm-wise error is the output rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def reference(x, weight, bias, gated):
-    """float64 ``x weight^T + bias`` (and silu(gate) * up when gated)."""
-    y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+def reference(x, weight, bias, gated, norm_weight=None, norm_eps=1e-6, residual=None):
+    """float64 ``residual + RMSNorm(x) weight^T + bias`` (and silu(gate) * up when gated)."""
+    x = x.double()
+    if norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight.double()
+    y = F.linear(x, weight.double(), None if bias is None else bias.double())
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
-    return y
+    return y if residual is None else y + residual.double()
+
+
+def make_glue(rows, k, columns, dtype, gen, device="cpu"):
+    """A norm weight ``[K]`` near 1 and a residual ``[M, columns]`` larger than the products."""
+    norm_weight = (1 + 0.3 * torch.randn(k, generator=gen)).to(dtype)
+    residual = (4 * torch.randn(rows, columns, generator=gen)).to(dtype)
+    return norm_weight.to(device), residual.to(device)
 
 
 def make_inputs(rows, k, n, dtype, gen, bias=False, x_pad=0, device="cpu"):
@@ -43,6 +58,45 @@ def test_matches_float64_reference(dtype, gated, rows):
         assert y.shape == (rows, n // 2 if gated else n) and y.dtype == dtype and y.is_contiguous()
         err = relative_error(y, reference(x, weight, b, gated))
         assert err < TOLERANCE[dtype], f"seed {seed} K={k} N={n} bias={bias}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 16])
+def test_fused_norm_and_residual_match_float64_reference(dtype, gated, rows):
+    gen, seed = fresh_generator()
+    for k, n, bias in [(8, 2, False), (40, 14, True), (296, 64, True)]:
+        x, weight, b = make_inputs(rows, k, n, dtype, gen, bias)
+        x = (x.float() * 5).to(dtype)  # a norm that is not near the identity
+        norm_weight, residual = make_glue(rows, k, n // 2 if gated else n, dtype, gen)
+        for g, r in [(norm_weight, None), (None, residual), (norm_weight, residual)]:
+            y = ops.decode_linear(x, weight, b, gated, norm_weight=g, norm_eps=1e-5, residual=r)
+            err = relative_error(y, reference(x, weight, b, gated, g, 1e-5, r))
+            what = f"seed {seed} K={k} N={n} norm={g is not None} residual={r is not None}"
+            assert err < TOLERANCE[dtype], f"{what}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_is_added_as_a_separate_add_rounds(dtype):
+    gen, seed = fresh_generator()
+    x, weight, bias = make_inputs(5, 64, 24, dtype, gen, bias=True)
+    _, residual = make_glue(5, 64, 24, dtype, gen)
+    fused = ops.decode_linear(x, weight, bias, residual=residual[:, :24])
+    assert torch.equal(fused, residual + ops.decode_linear(x, weight, bias)), f"seed {seed}"
+
+
+def test_norm_makes_the_result_independent_of_the_row_scale():
+    """Rows scaled by 4 (exact in every dtype, eps 0) give the same result bit for bit, as an
+    RMSNorm's output does; without the norm the result scales."""
+    gen, seed = fresh_generator()
+    x, weight, _ = make_inputs(6, 96, 20, torch.bfloat16, gen)
+    norm_weight, _ = make_glue(6, 96, 20, torch.bfloat16, gen)
+    scaled = x * 4
+    for gated in (False, True):
+        y = ops.decode_linear(x, weight, None, gated, norm_weight=norm_weight, norm_eps=0.0)
+        y4 = ops.decode_linear(scaled, weight, None, gated, norm_weight=norm_weight, norm_eps=0.0)
+        assert torch.equal(y, y4), f"seed {seed} gated={gated}"
+    assert not torch.equal(ops.decode_linear(x, weight), ops.decode_linear(scaled, weight))
 
 
 def test_leading_dims_and_views_of_a_fused_weight():
@@ -84,6 +138,50 @@ def test_zero_rows():
         ),
         (lambda w: ops.decode_linear(torch.ones(2, 16).int(), w.int()), TypeError, "x must be"),
         (lambda w: torch.ops.dustin.decode_linear(torch.ones(16), w), ValueError, "2 dims"),
+        (
+            lambda w: ops.decode_linear(torch.ones(2, 16), w, norm_weight=torch.ones(8)),
+            ValueError,
+            r"norm_weight must have shape \[16\]",
+        ),
+        (
+            lambda w: ops.decode_linear(torch.ones(2, 16), w, norm_weight=torch.ones(16).half()),
+            TypeError,
+            "norm_weight must have the dtype of x",
+        ),
+        (
+            lambda w: ops.decode_linear(torch.ones(2, 16), w, norm_weight=torch.ones(32)[::2]),
+            ValueError,
+            "norm_weight must be contiguous",
+        ),
+        (
+            lambda w: ops.decode_linear(
+                torch.ones(2, 16), w, norm_weight=torch.ones(16), norm_eps=-1.0
+            ),
+            ValueError,
+            "norm_eps must be finite and >= 0",
+        ),
+        (
+            lambda w: ops.decode_linear(
+                torch.ones(2, 16), w, norm_weight=torch.ones(16), norm_eps=float("nan")
+            ),
+            ValueError,
+            "norm_eps",
+        ),
+        (
+            lambda w: ops.decode_linear(torch.ones(2, 16), w, gated=True, residual=torch.ones(2, 6)),
+            ValueError,
+            r"residual must have shape \[2, 3\]",
+        ),
+        (
+            lambda w: ops.decode_linear(torch.ones(2, 16), w, residual=torch.ones(2, 6).half()),
+            TypeError,
+            "residual must have the dtype of x",
+        ),
+        (
+            lambda w: ops.decode_linear(torch.ones(2, 16), w, residual=torch.ones(6, 2).t()),
+            ValueError,
+            "residual must have innermost stride 1",
+        ),
     ],
 )
 def test_errors_name_the_argument(call, error, match):
@@ -93,17 +191,22 @@ def test_errors_name_the_argument(call, error, match):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_opcheck(gated):
+@pytest.mark.parametrize("glue", [False, True])
+def test_opcheck(gated, glue):
     gen, _ = fresh_generator()
     x, weight, bias = make_inputs(3, 32, 10, torch.float32, gen, bias=True)
-    torch.library.opcheck(torch.ops.dustin.decode_linear.default, (x, weight, bias, gated))
+    norm_weight, residual = make_glue(3, 32, 5 if gated else 10, torch.float32, gen)
+    args = (x, weight, bias, gated) + ((norm_weight, 1e-5, residual) if glue else ())
+    torch.library.opcheck(torch.ops.dustin.decode_linear.default, args)
 
 
 def test_meta_shape_matches():
     gen, _ = fresh_generator()
     x, weight, _ = make_inputs(7, 24, 12, torch.bfloat16, gen)
-    real = torch.ops.dustin.decode_linear(x, weight, None, True)
-    meta = torch.ops.dustin.decode_linear(x.to("meta"), weight.to("meta"), None, True)
+    norm_weight, residual = make_glue(7, 24, 6, torch.bfloat16, gen)
+    args = (x, weight, None, True, norm_weight, 1e-6, residual)
+    real = torch.ops.dustin.decode_linear(*args)
+    meta = torch.ops.dustin.decode_linear(*(a.to("meta") if torch.is_tensor(a) else a for a in args))
     assert (meta.shape, meta.dtype, meta.stride()) == (real.shape, real.dtype, real.stride())
 
 
@@ -119,3 +222,25 @@ def test_compile_with_dynamic_rows():
     for rows in (3, 9, 16):
         x = torch.randn(rows, 32, generator=gen)
         torch.testing.assert_close(compiled(x), mlp(x), msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_model_layers_through_decode_linear_match_the_plain_path(tmp_path, monkeypatch):
+    """A tiny Qwen2 in float32 whose decode windows take decode_linear (the CPU twin: the CUDA
+    condition is lifted for the test) with its norms, activation and residual adds fused, against
+    the same model on F.linear and separate norms: the same logits up to float32 rounding, and
+    not bit-identical ones (the fused path ran)."""
+    monkeypatch.setattr(model_module, "_fits_decode_linear", lambda x: x.shape[:-1].numel() <= 16)
+    directory = save_tiny(tmp_path, "qwen2")
+    config, state_dict, _ = load_checkpoint(directory)
+    tokens = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for decode_linear in (False, True):
+        model = Transformer.from_state_dict(config, state_dict, dtype=torch.float32)
+        model.compile_layers("aot_eager", decode_linear=decode_linear)
+        cache = model.new_cache(3, 48)
+        for b in range(3):
+            model.prefill(tokens[b, :20], cache, b)
+        out, _ = model.forward(tokens[:, 20:], cache)  # 12 rows
+        logits.append(out)
+    assert relative_error(logits[1], logits[0]) < 1e-4
+    assert not torch.equal(logits[1], logits[0]), "decode_linear did not run"

@@ -138,12 +138,12 @@ def test_checker_finds_a_clobbered_q_fragment():
 
 def test_decode_linear_streams_its_weights_in_16_byte_loads(sm90_sass):
     """Every decode_linear instance: its global loads are 16-byte vectors (the weights with L1
-    no-allocate), but for the bias; products on the tensor cores in the input's type; nothing in
-    local memory (the batches' register arrays stay in registers)."""
+    no-allocate), but for the bias and residual; products on the tensor cores in the input's
+    type; nothing in local memory (the batches' register arrays stay in registers)."""
     kernels = {
         name: code for name, code in functions(sm90_sass).items() if "decode_linear_kernel" in name
     }
-    assert len(kernels) == 4, f"expected bf16/fp16 x plain/gated, found {sorted(kernels)}"
+    assert len(kernels) == 8, f"expected bf16/fp16 x plain/gated x normed, found {sorted(kernels)}"
     for name, code in kernels.items():
         opcodes = [t.split()[0] for _, t in code if not t.startswith("@")] + [
             t.split()[1] for _, t in code if t.startswith("@")

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// CPU twin of decode_linear: float32 dot products of each x row with each weight row, the gated
-// epilogue, one rounding to the dtype at the store.
+// CPU twin of decode_linear: float32 dot products of each x row with each weight row, the
+// RMSNorm row scale, bias, the gated epilogue, one rounding to the dtype at the store, then the
+// residual add (rounded again, as the kernel does).
 #include <cmath>
 #include <vector>
 
@@ -29,9 +30,18 @@ Status decode_linear(const DecodeLinearParams& p) {
   const int32_t columns = decode_linear_out_columns(p);
   const int64_t half = p.out_features / 2;
   std::vector<float> x(static_cast<size_t>(p.rows) * k);
+  std::vector<float> row_scale(p.rows, 1.f);
+  std::vector<float> norm_weight(p.norm_weight != nullptr ? k : 0);
+  if (p.norm_weight != nullptr) detail::load_row(p.norm_weight, p.dtype, k, norm_weight.data());
   for (int32_t m = 0; m < p.rows; ++m) {
-    detail::load_row(static_cast<const char*>(p.x) + m * p.x_stride * eb, p.dtype, k,
-                     x.data() + static_cast<size_t>(m) * k);
+    float* xm = x.data() + static_cast<size_t>(m) * k;
+    detail::load_row(static_cast<const char*>(p.x) + m * p.x_stride * eb, p.dtype, k, xm);
+    if (p.norm_weight == nullptr) continue;
+    // The scale from x itself; the products read x * g rounded to the dtype.
+    float squares = 0.f;
+    for (int32_t i = 0; i < k; ++i) squares += xm[i] * xm[i];
+    row_scale[m] = 1.f / std::sqrt(squares / static_cast<float>(k) + p.norm_eps);
+    for (int32_t i = 0; i < k; ++i) xm[i] = detail::round_to(xm[i] * norm_weight[i], p.dtype);
   }
   std::vector<float> bias(p.bias != nullptr ? p.out_features : 0);
   if (p.bias != nullptr) detail::load_row(p.bias, p.dtype, p.out_features, bias.data());
@@ -48,10 +58,17 @@ Status decode_linear(const DecodeLinearParams& p) {
       if (p.gated) detail::load_row(w + (n + half) * p.w_stride * eb, p.dtype, k, u_row.data());
       for (int32_t m = 0; m < p.rows; ++m) {
         const float* xm = x.data() + static_cast<size_t>(m) * k;
-        float value = dot(xm, w_row.data(), k) + (bias.empty() ? 0.f : bias[n]);
+        float value = dot(xm, w_row.data(), k) * row_scale[m] + (bias.empty() ? 0.f : bias[n]);
         if (p.gated) {
-          const float up = dot(xm, u_row.data(), k) + (bias.empty() ? 0.f : bias[n + half]);
+          const float up =
+              dot(xm, u_row.data(), k) * row_scale[m] + (bias.empty() ? 0.f : bias[n + half]);
           value = value / (1.f + std::exp(-value)) * up;
+        }
+        if (p.residual != nullptr) {
+          float residual = 0.f;
+          detail::load_row(static_cast<const char*>(p.residual) + (m * p.residual_stride + n) * eb,
+                           p.dtype, 1, &residual);
+          value = detail::round_to(value, p.dtype) + residual;
         }
         out[m] = value;
       }

@@ -3,6 +3,8 @@
 // kernel.
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "torch/checks.h"
 #include "torch/ops.h"
 
@@ -14,26 +16,36 @@
 namespace dustin::torch_ops {
 namespace {
 
+/// An optional tensor of `dims` dims with x's dtype and device.
+void check_companion(const ArgCheck& check, const char* name, const std::optional<at::Tensor>& t,
+                     int64_t dims, const char* shape, const at::Tensor& x) {
+  if (!t.has_value()) return;
+  check.dims(name, *t, dims, shape);
+  check.same_dtype(name, *t, "x", x);
+  check.same_device(name, *t, "x", x);
+}
+
 /// Metadata checks that hold for symbolic shapes too (ranks, dtypes, devices).
 void check_meta(const ArgCheck& check, const at::Tensor& x, const at::Tensor& weight,
-                const std::optional<at::Tensor>& bias) {
+                const std::optional<at::Tensor>& bias,
+                const std::optional<at::Tensor>& norm_weight,
+                const std::optional<at::Tensor>& residual) {
   check.dims("x", x, 2, "[M, K]");
   check_float_dtype(check, "x", x);
   check.dims("weight", weight, 2, "[N, K]");
   check.same_dtype("weight", weight, "x", x);
   check.same_device("weight", weight, "x", x);
-  if (bias.has_value()) {
-    check.dims("bias", *bias, 1, "[N]");
-    check.same_dtype("bias", *bias, "x", x);
-    check.same_device("bias", *bias, "x", x);
-  }
+  check_companion(check, "bias", bias, 1, "[N]", x);
+  check_companion(check, "norm_weight", norm_weight, 1, "[K]", x);
+  check_companion(check, "residual", residual, 2, "[M, N] (N / 2 when gated)", x);
 }
 
 /// Every check (no tensor values read) and the params they describe; y is filled in later.
 DecodeLinearParams check_args(const ArgCheck& check, const at::Tensor& x,
                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              bool gated) {
-  check_meta(check, x, weight, bias);
+                              bool gated, const std::optional<at::Tensor>& norm_weight,
+                              double norm_eps, const std::optional<at::Tensor>& residual) {
+  check_meta(check, x, weight, bias, norm_weight, residual);
   const int64_t rows = x.size(0);
   const int64_t in_features = x.size(1);
   const int64_t out_features = weight.size(0);
@@ -53,6 +65,17 @@ DecodeLinearParams check_args(const ArgCheck& check, const at::Tensor& x,
     check.same_shape("bias", *bias, {out_features});
     check.contiguous("bias", *bias);
   }
+  if (norm_weight.has_value()) {
+    check.same_shape("norm_weight", *norm_weight, {in_features});
+    check.contiguous("norm_weight", *norm_weight);
+    check.value(std::isfinite(norm_eps) && norm_eps >= 0, "norm_eps must be finite and >= 0, got ",
+                norm_eps);
+  }
+  const int64_t columns = gated ? out_features / 2 : out_features;
+  if (residual.has_value()) {
+    check.same_shape("residual", *residual, {rows, columns});
+    check.inner_stride("residual", *residual);
+  }
   if (x.is_cuda()) {
     check.not_implemented(x.scalar_type() != at::kFloat,
                           "x must be bfloat16 or float16 on CUDA, got ", x.scalar_type());
@@ -60,13 +83,24 @@ DecodeLinearParams check_args(const ArgCheck& check, const at::Tensor& x,
                 kDecodeLinearAlign, " on CUDA (16-byte vectors), got ", in_features);
     check_vector_aligned(check, "x", x);
     check_vector_aligned(check, "weight", weight);
+    if (norm_weight.has_value()) {
+      check_vector_aligned(check, "norm_weight", *norm_weight);
+      check.not_implemented(in_features <= kDecodeLinearMaxNormedK, "K (x.size(1)) must be at most ",
+                            kDecodeLinearMaxNormedK,
+                            " with norm_weight on CUDA (each CTA normalises x in shared memory), "
+                            "got ", in_features, "; apply the norm apart");
+    }
   }
   DecodeLinearParams p;
   p.x = x.data_ptr();
   p.w = weight.data_ptr();
   p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.norm_weight = norm_weight.has_value() ? norm_weight->data_ptr() : nullptr;
+  p.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+  p.norm_eps = static_cast<float>(norm_eps);
   // A dim of size 1 may carry any stride; its rows are never stepped over.
   p.x_stride = rows > 1 ? x.stride(0) : 0;
+  p.residual_stride = residual.has_value() && rows > 1 ? residual->stride(0) : 0;
   p.w_stride = out_features > 1 ? weight.stride(0) : 0;
   p.rows = static_cast<int32_t>(rows);
   p.in_features = static_cast<int32_t>(in_features);
@@ -79,9 +113,11 @@ DecodeLinearParams check_args(const ArgCheck& check, const at::Tensor& x,
 }  // namespace
 
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, bool gated) {
+                         const std::optional<at::Tensor>& bias, bool gated,
+                         const std::optional<at::Tensor>& norm_weight, double norm_eps,
+                         const std::optional<at::Tensor>& residual) {
   const ArgCheck check("decode_linear");
-  DecodeLinearParams p = check_args(check, x, weight, bias, gated);
+  DecodeLinearParams p = check_args(check, x, weight, bias, gated, norm_weight, norm_eps, residual);
   at::Tensor y = at::empty({p.rows, decode_linear_out_columns(p)}, x.options());
   p.y = y.data_ptr();
   p.y_stride = decode_linear_out_columns(p);
@@ -99,9 +135,11 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
 }
 
 at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, bool gated) {
+                              const std::optional<at::Tensor>& bias, bool gated,
+                              const std::optional<at::Tensor>& norm_weight, double /*norm_eps*/,
+                              const std::optional<at::Tensor>& residual) {
   const ArgCheck check("decode_linear");
-  check_meta(check, x, weight, bias);
+  check_meta(check, x, weight, bias, norm_weight, residual);
   const c10::SymInt columns = gated ? weight.sym_size(0) / 2 : weight.sym_size(0);
   return at::empty_symint({x.sym_size(0), columns}, x.options());
 }

@@ -46,9 +46,12 @@ void select_blocks_out(const at::Tensor& draft_scores,
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& pages, const at::Tensor& slots, const std::string& kv_layout);
 
-/// y = x weight^T (+ bias), or silu(gate) * up of it when gated, for at most 16 rows of x.
+/// y = x weight^T (+ bias), or silu(gate) * up of it when gated, for at most 16 rows of x;
+/// optionally of RMSNorm(x; norm_weight) and plus a residual.
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, bool gated);
+                         const std::optional<at::Tensor>& bias, bool gated,
+                         const std::optional<at::Tensor>& norm_weight, double norm_eps,
+                         const std::optional<at::Tensor>& residual);
 
 // Checks of every argument including tensor values (copied to the host), without running the
 // op: dustin.ops runs them for CUDA tensors when validate=True.
@@ -109,6 +112,8 @@ void store_kv_meta(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
                    const std::string& kv_layout);
 
 at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, bool gated);
+                              const std::optional<at::Tensor>& bias, bool gated,
+                              const std::optional<at::Tensor>& norm_weight, double norm_eps,
+                              const std::optional<at::Tensor>& residual);
 
 }  // namespace dustin::torch_ops

@@ -33,7 +33,9 @@ TORCH_LIBRARY(dustin, m) {
   m.def(
       "store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pages, "
       "Tensor slots, str kv_layout=\"HND\") -> ()");
-  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None, bool gated=False) -> Tensor");
+  m.def(
+      "decode_linear(Tensor x, Tensor weight, Tensor? bias=None, bool gated=False, "
+      "Tensor? norm_weight=None, float norm_eps=1e-6, Tensor? residual=None) -> Tensor");
 }
 
 // One adapter per op serves both devices: it checks arguments, fills the params struct and
@@ -93,6 +95,7 @@ PYBIND11_MODULE(_C, m) {
   supported["max_query_len"] = dustin::kMaxQueryLen;
   supported["max_score_rows"] = dustin::kMaxScoreRows;
   supported["decode_linear_max_rows"] = dustin::kDecodeLinearMaxRows;
+  supported["decode_linear_max_normed_k"] = dustin::kDecodeLinearMaxNormedK;
   supported["page_sizes"] = pybind11::make_tuple(dustin::kMinPageSize, dustin::kMaxPageSize);
   supported["cuda_dtypes"] = pybind11::make_tuple("float16", "bfloat16");
   supported["cpu_dtypes"] = pybind11::make_tuple("float32", "float16", "bfloat16");

@@ -5,7 +5,9 @@
 // K it splits K and adds a reduce launch (down projection: 5.5 + 1.7 us for 8.7 MB). Here a CTA
 // owns 8 columns of y at a time over all of K, its warps split K and stream the weight in
 // 16-byte loads straight into mma.sync fragments (no shared-memory staging), and the CTA sums
-// its warps in shared memory: one launch, weights read once.
+// its warps in shared memory: one launch, weights read once. The layer's glue rides along
+// (params: norm_weight, residual), so neither an RMSNorm nor a residual add costs a launch of
+// its own: each CTA normalises x into shared memory first, and the add is in the epilogue.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +27,14 @@ inline constexpr int kLinearColumns = 8;
 inline constexpr int kLinearStepK = 32;
 /// Steps whose loads a warp has in flight at once (and as many again prefetched).
 inline constexpr int kLinearUnroll = 4;
+/// CTAs an SM holds at once: the register bound ptxas keeps to (128 per thread).
+inline constexpr int kLinearCtasPerSm = 2;
+/// Bytes between rows of the normalised x in shared memory: K (at most
+/// kDecodeLinearMaxNormedK) padded to 64 modulo 128 bytes, so that the 8 lanes of a quarter
+/// warp (rows g and g + 1, 64 bytes of each) read distinct banks.
+inline constexpr int kNormedRowBytes = kDecodeLinearMaxNormedK * 2 + 64;
+/// The dynamic shared memory of the normed instances: every row of x, normalised.
+inline constexpr int kNormedXBytes = kDecodeLinearMaxRows * kNormedRowBytes;
 
 /// 16 bytes no other CTA reads (a weight slice), kept out of L1.
 __device__ __forceinline__ uint4 load_streaming(const void* ptr) {
@@ -33,6 +43,40 @@ __device__ __forceinline__ uint4 load_streaming(const void* ptr) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(ptr));
   return v;
+}
+
+/// Row stride in elements of the normalised x for K = in_features (see kNormedRowBytes).
+__device__ __forceinline__ int32_t normed_row_stride(int32_t in_features) {
+  const int32_t bytes = in_features * 2;
+  return (bytes + ((64 - bytes % 128) + 128) % 128) / 2;
+}
+
+/// x * g elementwise for 8 16-bit values, each product rounded to the type (exact products:
+/// one rounding, as a separate 16-bit multiply would do).
+template <typename T>
+__device__ __forceinline__ uint4 mul8(uint4 x, uint4 g) {
+  using T2 = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat162, __half2>;
+  uint32_t* xv = reinterpret_cast<uint32_t*>(&x);
+  const uint32_t* gv = reinterpret_cast<const uint32_t*>(&g);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    T2 product = __hmul2(*reinterpret_cast<const T2*>(&xv[i]), *reinterpret_cast<const T2*>(&gv[i]));
+    xv[i] = *reinterpret_cast<uint32_t*>(&product);
+  }
+  return x;
+}
+
+/// The sum of squares of 8 16-bit values, in float32.
+template <typename T>
+__device__ __forceinline__ float sum_squares8(uint4 x) {
+  const T* v = reinterpret_cast<const T*>(&x);
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float f = static_cast<float>(v[i]);
+    sum = fmaf(f, f, sum);
+  }
+  return sum;
 }
 
 /// The weight vectors of one batch of steps: the gate (or only) rows, and the up rows when
@@ -52,13 +96,21 @@ struct LinearWeights {
 /// same relabelling of k on both operands, so the sum is the same and every load is 16 bytes
 /// wide. Rows of x past M and columns past N are clamped to the last one (their results are not
 /// stored), so no lane branches in the loop.
-template <typename T, bool kGated>
-__global__ void __launch_bounds__(kLinearThreads)
+///
+/// kNormed: once x is readable, warp w writes rows w and w + 8 of x * g to shared memory
+/// (dynamic, kNormedXBytes) and sums their squares; the loop then reads x from there. Applying
+/// g inside the loop instead needs registers the gated loop does not have (ptxas spilled at the
+/// 128 that two CTAs per SM allow). The row scale r multiplies the float32 sums.
+template <typename T, bool kGated, bool kNormed>
+__global__ void __launch_bounds__(kLinearThreads, kLinearCtasPerSm)
     decode_linear_kernel(const __grid_constant__ DecodeLinearParams p) {
   constexpr int kParts = kGated ? 2 : 1;  // gate (or only) and up sums
   // Two tiles' partial sums by parity: a tile's writes never meet the previous tile's reads,
   // so one barrier per tile suffices.
   __shared__ float2 partial[2][kLinearWarps][kParts][kDecodeLinearMaxRows][kLinearColumns / 2];
+  // r of each row of x (kNormed).
+  __shared__ float row_scales[kNormed ? kDecodeLinearMaxRows : 1];
+  extern __shared__ uint4 normed_x[];  // kNormed: [M][normed_row_stride] of T
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4;
@@ -71,8 +123,14 @@ __global__ void __launch_bounds__(kLinearThreads)
   const int32_t batches_per_tile = (steps + kStride - 1) / kStride;
   const int64_t up_offset = kGated ? static_cast<int64_t>(p.out_features / 2) * p.w_stride : 0;
 
-  const T* x_lo = static_cast<const T*>(p.x) + min(g, p.rows - 1) * p.x_stride + 8 * t;
-  const T* x_hi = static_cast<const T*>(p.x) + min(g + 8, p.rows - 1) * p.x_stride + 8 * t;
+  const T* x = kNormed ? reinterpret_cast<const T*>(normed_x) : static_cast<const T*>(p.x);
+  const int64_t x_stride = kNormed ? normed_row_stride(p.in_features) : p.x_stride;
+  const T* x_lo = x + min(g, p.rows - 1) * x_stride + 8 * t;
+  const T* x_hi = x + min(g + 8, p.rows - 1) * x_stride + 8 * t;
+  const auto load_x = [](const T* ptr) {
+    return kNormed ? *reinterpret_cast<const uint4*>(ptr)
+                   : __ldg(reinterpret_cast<const uint4*>(ptr));
+  };
   // This lane's vector of step s lies inside K (K is a multiple of 8, so it lies wholly
   // inside or outside).
   const auto in_k = [&](int32_t s) { return s * kLinearStepK + 8 * t < p.in_features; };
@@ -100,6 +158,32 @@ __global__ void __launch_bounds__(kLinearThreads)
   // which writes x, may still run.
   if (tile < tiles) load_weights(current, tile, batch);
   wait_for_preceding_grid();
+  if constexpr (kNormed) {
+    const T* norm_weight = static_cast<const T*>(p.norm_weight);
+    T* staged = reinterpret_cast<T*>(normed_x);
+    for (int row = warp; row < p.rows; row += kLinearWarps) {
+      const T* x_row = static_cast<const T*>(p.x) + row * p.x_stride;
+      float squares = 0.f;
+#pragma unroll 4
+      for (int32_t k = 8 * lane; k < p.in_features; k += 8 * 32) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(x_row + k));
+        squares += sum_squares8<T>(v);
+        *reinterpret_cast<uint4*>(staged + row * x_stride + k) =
+            mul8<T>(v, __ldg(reinterpret_cast<const uint4*>(norm_weight + k)));
+      }
+#pragma unroll
+      for (int mask = 16; mask > 0; mask >>= 1) {
+        squares += __shfl_xor_sync(0xffffffffu, squares, mask);
+      }
+      if (lane == 0) {
+        row_scales[row] = rsqrtf(squares / static_cast<float>(p.in_features) + p.norm_eps);
+      }
+    }
+    __syncthreads();
+  }
+  // The epilogue thread's row (the same in every tile) and its RMSNorm scale.
+  const int row = static_cast<int>(threadIdx.x) / kLinearColumns;
+  const float row_scale = kNormed && row < p.rows ? row_scales[row] : 1.f;
   while (tile < tiles) {
     uint4 lo[kLinearUnroll];
     uint4 hi[kLinearUnroll];
@@ -107,10 +191,8 @@ __global__ void __launch_bounds__(kLinearThreads)
     for (int j = 0; j < kLinearUnroll; ++j) {
       const int32_t s = warp + batch * kStride + j * kLinearWarps;
       const bool valid = in_k(s);
-      lo[j] = valid ? __ldg(reinterpret_cast<const uint4*>(x_lo + s * kLinearStepK))
-                    : make_uint4(0, 0, 0, 0);
-      hi[j] = valid ? __ldg(reinterpret_cast<const uint4*>(x_hi + s * kLinearStepK))
-                    : make_uint4(0, 0, 0, 0);
+      lo[j] = valid ? load_x(x_lo + s * kLinearStepK) : make_uint4(0, 0, 0, 0);
+      hi[j] = valid ? load_x(x_hi + s * kLinearStepK) : make_uint4(0, 0, 0, 0);
     }
     const bool tile_done = batch + 1 == batches_per_tile;
     const int32_t next_tile = tile_done ? tile + static_cast<int32_t>(gridDim.x) : tile;
@@ -140,7 +222,6 @@ __global__ void __launch_bounds__(kLinearThreads)
         for (int i = 0; i < 4; ++i) acc[part][i] = 0.f;
       }
       __syncthreads();
-      const int row = static_cast<int>(threadIdx.x) / kLinearColumns;
       const int c = static_cast<int>(threadIdx.x) % kLinearColumns;
       const int32_t column = tile * kLinearColumns + c;
       if (row < p.rows && column < columns) {
@@ -155,14 +236,20 @@ __global__ void __launch_bounds__(kLinearThreads)
           }
         }
         const T* bias = static_cast<const T*>(p.bias);
-        float value = sums[0] + (bias != nullptr ? static_cast<float>(bias[column]) : 0.f);
+        float value =
+            sums[0] * row_scale + (bias != nullptr ? static_cast<float>(bias[column]) : 0.f);
         if constexpr (kGated) {
-          const float up =
-              sums[1] + (bias != nullptr ? static_cast<float>(bias[column + p.out_features / 2])
-                                         : 0.f);
+          const float up = sums[1] * row_scale +
+                           (bias != nullptr ? static_cast<float>(bias[column + p.out_features / 2])
+                                            : 0.f);
           value = value / (1.f + __expf(-value)) * up;
         }
-        static_cast<T*>(p.y)[row * p.y_stride + column] = from_float<T>(value);
+        T out = from_float<T>(value);
+        if (p.residual != nullptr) {
+          const T residual = static_cast<const T*>(p.residual)[row * p.residual_stride + column];
+          out = from_float<T>(static_cast<float>(out) + static_cast<float>(residual));
+        }
+        static_cast<T*>(p.y)[row * p.y_stride + column] = out;
       }
       parity ^= 1;
     }

@@ -2,6 +2,7 @@
 // DecodeLinearParams: the contract of decode_linear, shared by the CUDA kernel and its CPU twin.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "dustin/types.h"
@@ -11,6 +12,9 @@ namespace dustin {
 /// Most rows of x one decode_linear call takes: one tensor-core tile of rows (a decode step of
 /// up to 16 sequences, one token each).
 inline constexpr int32_t kDecodeLinearMaxRows = 16;
+/// Most K the CUDA kernel takes with norm_weight: each CTA normalises all of x into shared
+/// memory first (64 KB at this K, two CTAs per SM).
+inline constexpr int32_t kDecodeLinearMaxNormedK = 2048;
 /// K, the row strides and the pointers are multiples of this many elements (16 bytes of a
 /// 16-bit type): the kernel reads weights and activations in 16-byte vectors.
 inline constexpr int32_t kDecodeLinearAlign = 8;
@@ -22,17 +26,29 @@ inline constexpr int32_t kDecodeLinearAlign = 8;
 ///                   at row n + N/2 (w stacks the gate and up weights, as a fused gate/up
 ///                   projection does); N is even and y has N/2 columns.
 /// Products accumulate in float32 and round to the dtype once, at the store.
+///
+/// Two fusions take the glue of a decoder layer into the same launch:
+///   norm_weight g:  RMSNorm of x first. The products read x[m, k] * g[k] (rounded to the
+///                   dtype, the tensor cores' operand) and the float32 sums are scaled by
+///                   r[m] = 1 / sqrt(mean_k x[m, k]^2 + norm_eps) before bias and activation:
+///                   RMSNorm(x; g) w^T with the row scale applied to the sums rather than to x.
+///   residual:       y[m, n] = rnd(rnd(value) + residual[m, n]), the add of a residual stream
+///                   rounded as a separate 16-bit add would be.
 struct DecodeLinearParams {
   const void* x = nullptr;     ///< [M, K], dtype, dim stride 1
   const void* w = nullptr;     ///< [N, K], dtype, dim stride 1
   const void* bias = nullptr;  ///< [N], dtype, contiguous; nullptr for none
-  void* y = nullptr;           ///< [M, N] (N/2 when gated), dtype, dim stride 1
-  int64_t x_stride = 0;        ///< elements between rows of x (>= 0)
-  int64_t w_stride = 0;        ///< elements between rows of w (>= 0)
-  int64_t y_stride = 0;        ///< elements between rows of y
+  const void* norm_weight = nullptr;  ///< [K], dtype, contiguous; nullptr for no RMSNorm
+  const void* residual = nullptr;  ///< like y; nullptr for none; may be y, may not overlap it
+  void* y = nullptr;               ///< [M, N] (N/2 when gated), dtype, dim stride 1
+  int64_t x_stride = 0;            ///< elements between rows of x (>= 0)
+  int64_t w_stride = 0;            ///< elements between rows of w (>= 0)
+  int64_t residual_stride = 0;     ///< elements between rows of residual (>= 0)
+  int64_t y_stride = 0;            ///< elements between rows of y
   int32_t rows = 0;            ///< M, 0..kDecodeLinearMaxRows
   int32_t in_features = 0;     ///< K
   int32_t out_features = 0;    ///< N (the rows of w)
+  float norm_eps = 0.f;        ///< finite, >= 0; read only with norm_weight
   bool gated = false;
   DType dtype = DType::kBFloat16;  ///< element type of x, w, bias and y
 };
@@ -51,20 +67,27 @@ inline bool decode_linear_valid_shape(const DecodeLinearParams& p) {
     return false;
   }
   // x and w are only read, so their rows may overlap (an expanded x); y's may not.
-  if (p.x_stride < 0 || p.w_stride < 0 || p.y_stride < decode_linear_out_columns(p)) {
+  if (p.x_stride < 0 || p.w_stride < 0 || p.residual_stride < 0 ||
+      p.y_stride < decode_linear_out_columns(p)) {
+    return false;
+  }
+  if (p.norm_weight != nullptr && !(std::isfinite(p.norm_eps) && p.norm_eps >= 0.f)) {
     return false;
   }
   return p.rows == 0 || (p.x != nullptr && p.w != nullptr && p.y != nullptr);
 }
 
-/// The CUDA kernel's further rule: K, the row strides of x and w, and their base addresses are
-/// multiples of 16 bytes (kUnsupported otherwise; the CPU twin takes any).
+/// The CUDA kernel's further rules: K, the row strides of x and w, and the base addresses of x,
+/// w and norm_weight are multiples of 16 bytes, and K <= kDecodeLinearMaxNormedK with
+/// norm_weight (kUnsupported otherwise; the CPU twin takes any).
 inline bool decode_linear_vectorizable(const DecodeLinearParams& p) {
   const auto aligned = [](const void* ptr) {
     return reinterpret_cast<uintptr_t>(ptr) % (kDecodeLinearAlign * 2) == 0;
   };
   return p.in_features % kDecodeLinearAlign == 0 && p.x_stride % kDecodeLinearAlign == 0 &&
-         p.w_stride % kDecodeLinearAlign == 0 && aligned(p.x) && aligned(p.w);
+         p.w_stride % kDecodeLinearAlign == 0 && aligned(p.x) && aligned(p.w) &&
+         (p.norm_weight == nullptr ||
+          (aligned(p.norm_weight) && p.in_features <= kDecodeLinearMaxNormedK));
 }
 
 }  // namespace dustin

@@ -99,13 +99,31 @@ class RMSNorm(nn.Module):
 
 
 def _linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, decode: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    decode: bool,
+    norm: RMSNorm | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias``: with ``decode``, through ``ops.decode_linear`` where it applies (a
-    decode step's at most 16 rows, 16-bit, on CUDA), else ``F.linear``."""
+    """``residual + norm(x) @ weight.T + bias`` (norm and residual optional): with ``decode``,
+    one ``ops.decode_linear`` where it applies (a decode step's at most 16 rows, 16-bit, on
+    CUDA), the norm and the add fused in; else the norm, ``F.linear`` and the add apart."""
     if decode and _fits_decode_linear(x):
-        return ops.decode_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+        x, fused = _fused_norm(x, norm)
+        return ops.decode_linear(x, weight, bias, **fused, residual=residual)
+    y = F.linear(x if norm is None else norm(x), weight, bias)
+    return y if residual is None else residual + y
+
+
+def _fused_norm(x: torch.Tensor, norm: RMSNorm | None) -> tuple[torch.Tensor, dict]:
+    """x and ``ops.decode_linear``'s arguments for an RMSNorm of it: the norm fused in, or
+    applied apart where K is past what the kernel normalises on chip."""
+    if norm is None:
+        return x, {}
+    if x.shape[-1] > ops.DECODE_LINEAR_MAX_NORMED_K:
+        return norm(x), {}
+    return x, {"norm_weight": norm.weight, "norm_eps": norm.eps}
 
 
 def _fits_decode_linear(x: torch.Tensor) -> bool:
@@ -161,14 +179,15 @@ class Attention(nn.Module):
         self.fused_qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         self.decode_linear = decode_linear
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of hidden states ``x [B, n, H]``."""
+    def project(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor):
+        """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of ``norm(x)``, ``x [B, n, H]``."""
         b, n, _ = x.shape
         if self.fused_qkv is None:
+            x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             weight, bias, sizes = self.fused_qkv
-            q, k, v = _linear(x, weight, bias, self.decode_linear).split(sizes, dim=-1)
+            q, k, v = _linear(x, weight, bias, self.decode_linear, norm).split(sizes, dim=-1)
         q = q.view(b, n, self.num_heads, self.head_dim)
         k = k.view(b, n, self.num_kv_heads, self.head_dim)
         v = v.view(b, n, self.num_kv_heads, self.head_dim)
@@ -176,9 +195,9 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
 
-    def output(self, attn_out: torch.Tensor) -> torch.Tensor:
-        """o_proj of the attention output ``[B, n, Hq * D]``."""
-        return _linear(attn_out, self.o_proj.weight, None, self.decode_linear)
+    def output(self, attn_out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """o_proj of the attention output ``[B, n, Hq * D]`` (plus ``residual``)."""
+        return _linear(attn_out, self.o_proj.weight, None, self.decode_linear, residual=residual)
 
 
 class MLP(nn.Module):
@@ -192,21 +211,26 @@ class MLP(nn.Module):
 
     def fuse_projections(self, decode_linear: bool = False) -> None:
         """gate and up from one GEMM (``_fuse_linears``), as ``Attention.fuse_projections``; with
-        ``decode_linear``, at decode sizes that GEMM and the activation are one
-        ``ops.decode_linear`` (gated), and down_proj another."""
+        ``decode_linear``, at decode sizes the norm, that GEMM and the activation are one
+        ``ops.decode_linear`` (gated), and down_proj with the residual add another."""
         self.fused_gate_up = _fuse_linears(self.gate_proj, self.up_proj)
         self.decode_linear = decode_linear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``residual + MLP(norm(x))`` (no residual: the MLP's output alone)."""
         if self.decode_linear and _fits_decode_linear(x):  # set with the fused weight
-            hidden = ops.decode_linear(x, self.fused_gate_up[0], gated=True)
+            x, fused = _fused_norm(x, norm)
+            hidden = ops.decode_linear(x, self.fused_gate_up[0], gated=True, **fused)
         elif self.fused_gate_up is None:
+            x = norm(x)
             hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             weight, _, sizes = self.fused_gate_up
-            gate, up = F.linear(x, weight).split(sizes, dim=-1)
+            gate, up = F.linear(norm(x), weight).split(sizes, dim=-1)
             hidden = F.silu(gate) * up
-        return _linear(hidden, self.down_proj.weight, None, self.decode_linear)
+        return _linear(hidden, self.down_proj.weight, None, self.decode_linear, residual=residual)
 
 
 class DecoderLayer(nn.Module):
@@ -221,20 +245,21 @@ class DecoderLayer(nn.Module):
     # sizes each layer is a few dozen tiny kernels, which cost more than its weights' read.
     def attention_input(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v of the residual stream ``h``: RMSNorm, projections, RoPE."""
-        return self.self_attn.project(self.input_layernorm(h), cos, sin)
+        return self.self_attn.project(h, self.input_layernorm, cos, sin)
 
     def mlp_block(self, h: torch.Tensor, attn_sum: torch.Tensor):
         """``(h + attn_sum, MLP output)``: the residual stream after the attention's projected
         output ``attn_sum`` (summed over tensor-parallel ranks) and the MLP's output on it (one
         rank's partial sum under tensor parallelism)."""
         h = h + attn_sum
-        return h, self.mlp(self.post_attention_layernorm(h))
+        return h, self.mlp(h, self.post_attention_layernorm)
 
     def layer_output(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """The residual stream after o_proj of the attention output ``[B, n, Hq * D]`` and the
-        MLP, on one rank (no tensor parallelism): one compiled region."""
-        h, mlp_out = self.mlp_block(h, self.self_attn.output(attn_out))
-        return h + mlp_out
+        MLP, on one rank (no tensor parallelism): one compiled region. Both residual adds go to
+        the projections, so at decode sizes the region is three ``ops.decode_linear`` calls."""
+        h = self.self_attn.output(attn_out, residual=h)
+        return self.mlp(h, self.post_attention_layernorm, residual=h)
 
 
 class Transformer(nn.Module):
@@ -321,8 +346,9 @@ class Transformer(nn.Module):
         (``fuse_projections``), and the glue around attention (norms, projections, RoPE,
         residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer. With
         ``decode_linear`` (the default), windows of at most 16 rows in all (decode and draft
-        steps) run their projections as ``ops.decode_linear`` on CUDA, gate/up with its
-        activation; longer ones (prefill, wide verification) keep cuBLAS.
+        steps) run their projections as ``ops.decode_linear`` on CUDA, each norm fused into the
+        projection after it, gate/up with its activation, o and down with the residual add;
+        longer ones (prefill, wide verification) keep cuBLAS.
 
         Attention and the cache writes stay outside, so the ops, the block lists and CUDA-graph
         capture work as before. One compiled graph serves every layer (the layers are inputs, not

@@ -39,6 +39,8 @@ __all__ = [
 SUPPORTED = MappingProxyType(dict(_C.SUPPORTED))
 #: Most rows (the product of x's leading dims) ``decode_linear`` takes.
 DECODE_LINEAR_MAX_ROWS = SUPPORTED["decode_linear_max_rows"]
+#: Most K ``decode_linear`` takes with ``norm_weight`` on CUDA.
+DECODE_LINEAR_MAX_NORMED_K = SUPPORTED["decode_linear_max_normed_k"]
 
 
 def _validate_on_host(validate: bool, tensor: torch.Tensor) -> bool:
@@ -440,6 +442,10 @@ def decode_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     gated: bool = False,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The linear layer of a decode step: ``x @ weight.T + bias`` for at most 16 rows of x, in one
     launch that streams the weight once (a library GEMM's tiles are made for many rows, and for
@@ -450,6 +456,12 @@ def decode_linear(
     MLP's activation, without writing the two halves out first. Products accumulate in float32
     and round once, to x's dtype. No host synchronisation: a CUDA graph can capture it.
 
+    The glue of a decoder layer can ride along, so that it costs no launch of its own:
+    ``norm_weight`` applies an RMSNorm to x first (the products read ``x * norm_weight``
+    rounded to the dtype; the float32 sums are scaled by ``rsqrt(mean(x**2) + norm_eps)`` of
+    each row, before bias and activation), and ``residual`` is added to the rounded result
+    (``residual + y`` as a separate add would round it).
+
     Args:
         x: ``[..., K]`` bf16 | fp16 (fp32 too on CPU) with at most 16 rows (the product of the
             leading dims), innermost stride 1; on CUDA K a multiple of 8 and x 16-byte aligned.
@@ -457,6 +469,10 @@ def decode_linear(
             elements on CUDA (``nn.Linear.weight`` is).
         bias: ``[N]`` contiguous, or None.
         gated: see above; N must be even.
+        norm_weight: ``[K]`` contiguous, or None for no norm; on CUDA 16-byte aligned, and K at
+            most ``DECODE_LINEAR_MAX_NORMED_K`` (2048: each CTA normalises x in shared memory).
+        norm_eps: the RMSNorm's epsilon, finite and >= 0.
+        residual: shaped like the result, innermost stride 1, or None.
 
     Returns:
         ``[..., N]``, or ``[..., N / 2]`` when gated, contiguous.
@@ -464,13 +480,18 @@ def decode_linear(
     Raises:
         TypeError: a dtype is wrong.
         ValueError: more than 16 rows, or any other argument breaks the contract.
-        NotImplementedError: float32 on CUDA.
+        NotImplementedError: float32 on CUDA, or a norm with K above 2048 there.
 
     Example:
         >>> h = decode_linear(x, mlp.fused_gate_up_weight, gated=True)  # [16, I]
+        >>> h = decode_linear(x, w_qkv, b_qkv, norm_weight=norm.weight, norm_eps=norm.eps)
     """
     lead = x.shape[:-1]
-    y = torch.ops.dustin.decode_linear(x.reshape(-1, x.shape[-1]), weight, bias, gated)
+    if residual is not None:
+        residual = residual.reshape(-1, residual.shape[-1])
+    y = torch.ops.dustin.decode_linear(
+        x.reshape(-1, x.shape[-1]), weight, bias, gated, norm_weight, norm_eps, residual
+    )
     return y.view(*lead, y.shape[-1])
 
 
