@@ -5,6 +5,10 @@ Qwen2.5-7B, bf16.
 
 Per model: q/k/v fused (with bias), o, gate/up fused (gated: dustin also applies silu(gate) * up;
 the peer is the GEMM alone, its best case), down. Bytes are the weight read once (plus x and y).
+The fused columns time each projection with the layer glue it takes in the model: the RMSNorm
+before q/k/v and gate/up (where K allows it), the residual add after o and down; their peer is
+the same glue compiled with torch.compile around F.linear, as ``compile_layers`` runs it
+without decode_linear.
 Every call reads another copy of the weight, enough copies that none is in the 50 MB L2 when it
 is read again, as in a decode step whose layers each have their own weights.
 
@@ -47,17 +51,49 @@ def projections(hidden, heads, kv_heads, head_dim, intermediate):
     ]
 
 
-def time_both(x, weights, bias, gated):
-    """Timings of decode_linear and of F.linear, each call on the next copy of the weight."""
+def time_both(x, weights, bias, gated, glue=None):
+    """Timings of decode_linear and of F.linear, each call on the next copy of the weight; with
+    ``glue`` (``{"norm_weight": g}`` or ``{"residual": r}``) both take it: fused into
+    decode_linear, compiled around F.linear."""
     turn = itertools.count()
+    glue = glue or {}
 
     def dustin_call():
-        ops.decode_linear(x, weights[next(turn) % len(weights)], bias, gated=gated)
+        ops.decode_linear(x, weights[next(turn) % len(weights)], bias, gated, **glue)
 
     def cublas_call():
-        F.linear(x, weights[next(turn) % len(weights)], bias)
+        if glue:
+            peer_glue(x, weights[next(turn) % len(weights)], bias, gated, **glue)
+        else:
+            F.linear(x, weights[next(turn) % len(weights)], bias)
 
     return time_cuda(dustin_call, reps=9), time_cuda(cublas_call, reps=9)
+
+
+@torch.compile(dynamic=True)
+def peer_glue(x, weight, bias, gated, norm_weight=None, residual=None):
+    """F.linear with the model's glue around it (and the activation when gated), as compiled
+    without decode_linear."""
+    if norm_weight is not None:
+        h = x.float()
+        x = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + NORM_EPS)).to(x.dtype)
+    y = F.linear(x, weight, bias)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+NORM_EPS = 1e-6
+
+
+def model_glue(proj, rows, k, columns, gen):
+    """The glue the model fuses into this projection (None where it fuses none)."""
+    if proj in ("qkv", "gate_up"):
+        if k > ops.DECODE_LINEAR_MAX_NORMED_K:
+            return None
+        return {"norm_weight": torch.rand(k, device="cuda", generator=gen).add_(0.5).to(DTYPE)}
+    return {"residual": torch.randn(rows, columns, device="cuda", generator=gen).to(DTYPE)}
 
 
 def main() -> None:
@@ -81,11 +117,21 @@ def main() -> None:
             "cublas_us",
             "cublas_TBps",
             "speedup",
+            "glue",
+            "fused_us",
+            "peer_glue_us",
+            "fused_speedup",
         ],
     )
     report.notes.append(
         "bf16; bytes = weight + x + y once; peer = F.linear (cuBLAS), for "
         "gate_up without the silu(gate) * up that dustin fuses"
+    )
+    report.notes.append(
+        "glue: what the model fuses into the projection (norm: the RMSNorm before it, residual: "
+        "the add after it; none past K 2048 for the norm); fused_us = decode_linear with it, "
+        "peer_glue_us = the same glue and F.linear (for gate_up with silu(gate) * up) under "
+        "torch.compile"
     )
     report.notes.append(f"weights rotated over >= {L2_ROTATE_BYTES >> 20} MB of copies (cold L2)")
     report.notes.append(ceiling_note())
@@ -114,6 +160,10 @@ def main() -> None:
             out_columns = n // 2 if gated else n
             moved = weight_bytes + rows * (k + out_columns) * 2
             ours, peer = time_both(x, weights, bias, gated)
+            glue = model_glue(proj, rows, k, out_columns, gen)
+            fused = peer_fused = None
+            if glue is not None:
+                fused, peer_fused = time_both(x, weights, bias, gated, glue)
             report.add(
                 model=model,
                 proj=proj,
@@ -127,6 +177,10 @@ def main() -> None:
                 cublas_us=peer.best_us,
                 cublas_TBps=tbps(moved, peer.best_us),
                 speedup=peer.best_us / ours.best_us,
+                glue="none" if glue is None else next(iter(glue)).removesuffix("_weight"),
+                fused_us=None if fused is None else fused.best_us,
+                peer_glue_us=None if peer_fused is None else peer_fused.best_us,
+                fused_speedup=None if peer_fused is None else peer_fused.best_us / fused.best_us,
             )
             print(report.markdown().splitlines()[-1], flush=True)
     print(report.markdown())

@@ -86,8 +86,16 @@ def main() -> None:
     gated_out = ops.decode_linear(
         x, torch.randn(2 * 8 * 600, 200, device=dev, dtype=dtype), gated=True
     )
+    # ... and with x normalised in shared memory first (racecheck: its staging) and a residual.
+    glued_out = ops.decode_linear(
+        x,
+        torch.randn(2 * 8 * 600, 200, device=dev, dtype=dtype),
+        gated=True,
+        norm_weight=torch.rand(200, device=dev, dtype=dtype),
+        residual=torch.randn(13, 8 * 600, device=dev, dtype=dtype),
+    )
     torch.cuda.synchronize()
-    assert torch.isfinite(linear_out).all() and torch.isfinite(gated_out).all()
+    assert all(torch.isfinite(y).all() for y in (linear_out, gated_out, glued_out))
     for o, l in ((out, lse), (long_out, long_lse)):
         assert torch.isfinite(o.float()).all() and torch.isfinite(l).all()
     print("sanitize case ran")

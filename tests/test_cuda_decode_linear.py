@@ -71,8 +71,13 @@ def test_fused_norm_and_residual(dtype, gated, rows):
     """The RMSNorm's row scale comes from a CTA's first tile only: N of 8 to 3000 tiles covers
     CTAs with one tile and with many, K from one step to many per warp."""
     gen, seed = fresh_generator()
-    for k, n, bias in [(8, 16, False), (40, 14, True), (896, 1152, True), (896, 9728, False),
-                       (2048, 24000, False)]:
+    for k, n, bias in [
+        (8, 16, False),
+        (40, 14, True),
+        (896, 1152, True),
+        (896, 9728, False),
+        (2048, 24000, False),
+    ]:
         if gated and n % 2:
             continue
         x, weight, b = make_inputs(rows, k, n, dtype, gen, bias, device="cuda")

@@ -168,7 +168,9 @@ def test_zero_rows():
             "norm_eps",
         ),
         (
-            lambda w: ops.decode_linear(torch.ones(2, 16), w, gated=True, residual=torch.ones(2, 6)),
+            lambda w: ops.decode_linear(
+                torch.ones(2, 16), w, gated=True, residual=torch.ones(2, 6)
+            ),
             ValueError,
             r"residual must have shape \[2, 3\]",
         ),
@@ -206,7 +208,9 @@ def test_meta_shape_matches():
     norm_weight, residual = make_glue(7, 24, 6, torch.bfloat16, gen)
     args = (x, weight, None, True, norm_weight, 1e-6, residual)
     real = torch.ops.dustin.decode_linear(*args)
-    meta = torch.ops.dustin.decode_linear(*(a.to("meta") if torch.is_tensor(a) else a for a in args))
+    meta = torch.ops.dustin.decode_linear(
+        *(a.to("meta") if torch.is_tensor(a) else a for a in args)
+    )
     assert (meta.shape, meta.dtype, meta.stride()) == (real.shape, real.dtype, real.stride())
 
 

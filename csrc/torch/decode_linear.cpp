@@ -85,8 +85,8 @@ DecodeLinearParams check_args(const ArgCheck& check, const at::Tensor& x,
     check_vector_aligned(check, "weight", weight);
     if (norm_weight.has_value()) {
       check_vector_aligned(check, "norm_weight", *norm_weight);
-      check.not_implemented(in_features <= kDecodeLinearMaxNormedK, "K (x.size(1)) must be at most ",
-                            kDecodeLinearMaxNormedK,
+      check.not_implemented(in_features <= kDecodeLinearMaxNormedK,
+                            "K (x.size(1)) must be at most ", kDecodeLinearMaxNormedK,
                             " with norm_weight on CUDA (each CTA normalises x in shared memory), "
                             "got ", in_features, "; apply the norm apart");
     }

@@ -60,8 +60,9 @@ __device__ __forceinline__ uint4 mul8(uint4 x, uint4 g) {
   const uint32_t* gv = reinterpret_cast<const uint32_t*>(&g);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    T2 product = __hmul2(*reinterpret_cast<const T2*>(&xv[i]), *reinterpret_cast<const T2*>(&gv[i]));
-    xv[i] = *reinterpret_cast<uint32_t*>(&product);
+    const T2 product =
+        __hmul2(*reinterpret_cast<const T2*>(&xv[i]), *reinterpret_cast<const T2*>(&gv[i]));
+    xv[i] = *reinterpret_cast<const uint32_t*>(&product);
   }
   return x;
 }
