@@ -6,9 +6,9 @@ Qwen2.5-7B, bf16.
 Per model: q/k/v fused (with bias), o, gate/up fused (gated: dustin also applies silu(gate) * up;
 the peer is the GEMM alone, its best case), down. Bytes are the weight read once (plus x and y).
 The fused columns time each projection with the layer glue it takes in the model: the RMSNorm
-before q/k/v and gate/up (where K allows it), the residual add after o and down; their peer is
-the same glue compiled with torch.compile around F.linear, as ``compile_layers`` runs it
-without decode_linear.
+before q/k/v and gate/up (where K allows it), RoPE of q and k, the residual add after o and
+down; their peer is the same glue compiled with torch.compile around F.linear, as
+``compile_layers`` runs it without decode_linear.
 Every call reads another copy of the weight, enough copies that none is in the 50 MB L2 when it
 is read again, as in a decode step whose layers each have their own weights.
 
@@ -41,7 +41,7 @@ MODELS = {
 
 
 def projections(hidden, heads, kv_heads, head_dim, intermediate):
-    """(name, N, K, bias, gated) of one layer's projections."""
+    """(name, N, K, bias, gated) of one layer's projections (``MODELS``' tuple)."""
     qkv = (heads + 2 * kv_heads) * head_dim
     return [
         ("qkv", qkv, hidden, True, False),
@@ -53,7 +53,7 @@ def projections(hidden, heads, kv_heads, head_dim, intermediate):
 
 def time_both(x, weights, bias, gated, glue=None):
     """Timings of decode_linear and of F.linear, each call on the next copy of the weight; with
-    ``glue`` (``{"norm_weight": g}`` or ``{"residual": r}``) both take it: fused into
+    ``glue`` (decode_linear's keyword arguments, from ``model_glue``) both take it: fused into
     decode_linear, compiled around F.linear."""
     turn = itertools.count()
     glue = glue or {}
@@ -71,7 +71,7 @@ def time_both(x, weights, bias, gated, glue=None):
 
 
 @torch.compile(dynamic=True)
-def peer_glue(x, weight, bias, gated, norm_weight=None, residual=None):
+def peer_glue(x, weight, bias, gated, norm_weight=None, residual=None, rope=None, rope_columns=0):
     """F.linear with the model's glue around it (and the activation when gated), as compiled
     without decode_linear."""
     if norm_weight is not None:
@@ -81,19 +81,38 @@ def peer_glue(x, weight, bias, gated, norm_weight=None, residual=None):
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
+    if rope is not None:
+        cos, sin = rope
+        heads = y[:, :rope_columns].unflatten(1, (-1, cos.shape[-1]))
+        half = cos.shape[-1] // 2
+        rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
+        heads = heads * cos[:, None] + rotated * sin[:, None]
+        y = torch.cat((heads.flatten(1), y[:, rope_columns:]), dim=-1)
     return y if residual is None else residual + y
 
 
 NORM_EPS = 1e-6
 
 
-def model_glue(proj, rows, k, columns, gen):
-    """The glue the model fuses into this projection (None where it fuses none)."""
-    if proj in ("qkv", "gate_up"):
-        if k > ops.DECODE_LINEAR_MAX_NORMED_K:
-            return None
-        return {"norm_weight": torch.rand(k, device="cuda", generator=gen).add_(0.5).to(DTYPE)}
-    return {"residual": torch.randn(rows, columns, device="cuda", generator=gen).to(DTYPE)}
+def model_glue(model, proj, rows, k, columns, gen):
+    """decode_linear's keyword arguments for the glue the model fuses into this projection."""
+    _, heads, kv_heads, head_dim, _ = MODELS[model]
+    if proj in ("o", "down"):
+        return {"residual": torch.randn(rows, columns, device="cuda", generator=gen).to(DTYPE)}
+    glue = {}
+    if k <= ops.DECODE_LINEAR_MAX_NORMED_K:
+        glue["norm_weight"] = torch.rand(k, device="cuda", generator=gen).add_(0.5).to(DTYPE)
+    if proj == "qkv":
+        angles = torch.rand(rows, head_dim // 2, device="cuda", generator=gen) * 1000
+        angles = torch.cat((angles, angles), dim=-1)
+        glue["rope"] = (angles.cos().to(DTYPE), angles.sin().to(DTYPE))
+        glue["rope_columns"] = (heads + kv_heads) * head_dim
+    return glue
+
+
+def glue_label(glue):
+    names = {"norm_weight": "norm", "residual": "residual", "rope": "rope"}
+    return "+".join(names[key] for key in glue if key in names) or "none"
 
 
 def main() -> None:
@@ -128,8 +147,8 @@ def main() -> None:
         "gate_up without the silu(gate) * up that dustin fuses"
     )
     report.notes.append(
-        "glue: what the model fuses into the projection (norm: the RMSNorm before it, residual: "
-        "the add after it; none past K 2048 for the norm); fused_us = decode_linear with it, "
+        "glue: what the model fuses into the projection (norm: the RMSNorm before it, past K 2048 "
+        "none; rope: RoPE of q and k; residual: the add after it); fused_us = decode_linear with it, "
         "peer_glue_us = the same glue and F.linear (for gate_up with silu(gate) * up) under "
         "torch.compile"
     )
@@ -160,9 +179,9 @@ def main() -> None:
             out_columns = n // 2 if gated else n
             moved = weight_bytes + rows * (k + out_columns) * 2
             ours, peer = time_both(x, weights, bias, gated)
-            glue = model_glue(proj, rows, k, out_columns, gen)
+            glue = model_glue(model, proj, rows, k, out_columns, gen)
             fused = peer_fused = None
-            if glue is not None:
+            if glue:
                 fused, peer_fused = time_both(x, weights, bias, gated, glue)
             report.add(
                 model=model,
@@ -177,7 +196,7 @@ def main() -> None:
                 cublas_us=peer.best_us,
                 cublas_TBps=tbps(moved, peer.best_us),
                 speedup=peer.best_us / ours.best_us,
-                glue="none" if glue is None else next(iter(glue)).removesuffix("_weight"),
+                glue=glue_label(glue),
                 fused_us=None if fused is None else fused.best_us,
                 peer_glue_us=None if peer_fused is None else peer_fused.best_us,
                 fused_speedup=None if peer_fused is None else peer_fused.best_us / fused.best_us,

@@ -15,7 +15,14 @@ from dustin import ops
 from dustin.checkpoint import load_checkpoint
 from dustin.model import Transformer
 from reference import relative_error
-from test_decode_linear import TOLERANCE, make_glue, make_inputs, reference
+from test_decode_linear import (
+    TOLERANCE,
+    make_glue,
+    make_inputs,
+    make_rope,
+    reference,
+    rope_reference,
+)
 from tiny_models import VOCAB, save_tiny
 
 pytestmark = pytest.mark.cuda
@@ -86,6 +93,42 @@ def test_fused_norm_and_residual(dtype, gated, rows):
         for g, r in [(norm_weight, None), (None, residual), (norm_weight, residual)]:
             what = f"seed {seed} M={rows} K={k} N={n} norm={g is not None} res={r is not None}"
             check(x, weight, b, gated, what, g, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_rope(dtype, rows):
+    """q/k/v with RoPE (its tiles permuted within heads): the draft's and the 7B's shapes, with
+    and without the norm, against the twin and float64."""
+    gen, seed = fresh_generator()
+    for k, d, heads, kv_heads, normed in [
+        (64, 8, 2, 1, True),
+        (896, 64, 14, 2, True),  # the 0.5B draft
+        (3584, 128, 28, 4, False),  # the 7B: K past the fused norm's
+    ]:
+        n = (heads + 2 * kv_heads) * d
+        x, weight, bias = make_inputs(rows, k, n, dtype, gen, bias=True, device="cuda")
+        norm_weight = make_glue(rows, k, n, dtype, gen, "cuda")[0] if normed else None
+        cos, sin = make_rope(rows, d, dtype, gen, "cuda")
+        rope_columns = (heads + kv_heads) * d
+        poison_allocator()
+        glue = {"norm_weight": norm_weight, "rope": (cos, sin), "rope_columns": rope_columns}
+        y = ops.decode_linear(x, weight, bias, **glue).cpu()
+        cpu = {"norm_weight": None if norm_weight is None else norm_weight.cpu()}
+        twin = ops.decode_linear(
+            x.cpu(),
+            weight.cpu(),
+            bias.cpu(),
+            **cpu,
+            rope=(cos.cpu(), sin.cpu()),
+            rope_columns=rope_columns,
+        )
+        linear = reference(x.cpu(), weight.cpu(), bias.cpu(), False, cpu["norm_weight"])
+        expected = rope_reference(linear.to(dtype), cos.cpu(), sin.cpu(), rope_columns)
+        what = f"seed {seed} M={rows} K={k} D={d} norm={normed}"
+        assert torch.isfinite(y).all(), f"{what}: unwritten outputs"
+        assert relative_error(y, expected) < TOLERANCE[dtype], f"{what}: against float64"
+        assert relative_error(y, twin) < TOLERANCE[dtype], f"{what}: differs from the twin"
 
 
 def test_gated_mlp_shape_and_fused_weight_slice():

@@ -33,6 +33,26 @@ def reference(x, weight, bias, gated, norm_weight=None, norm_eps=1e-6, residual=
     return y if residual is None else y + residual.double()
 
 
+def rope_reference(y, cos, sin, rope_columns):
+    """float64 rotate-half RoPE of the first ``rope_columns`` columns of ``y`` (heads of
+    ``D = cos.shape[-1]``), the others as they are."""
+    d = cos.shape[-1]
+    y = y.double().clone()
+    heads = y[:, :rope_columns].view(y.shape[0], -1, d)
+    rotated = torch.cat((-heads[..., d // 2 :], heads[..., : d // 2]), dim=-1)
+    y[:, :rope_columns] = (heads * cos.double()[:, None] + rotated * sin.double()[:, None]).flatten(
+        1
+    )
+    return y
+
+
+def make_rope(rows, d, dtype, gen, device="cpu"):
+    """cos and sin ``[M, D]`` of random positions, as a model's RoPE tables give them."""
+    angles = torch.rand(rows, d // 2, generator=gen, dtype=torch.float64) * 1000
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype).to(device), angles.sin().to(dtype).to(device)
+
+
 def make_glue(rows, k, columns, dtype, gen, device="cpu"):
     """A norm weight ``[K]`` near 1 and a residual ``[M, columns]`` larger than the products."""
     norm_weight = (1 + 0.3 * torch.randn(k, generator=gen)).to(dtype)
@@ -99,6 +119,29 @@ def test_norm_makes_the_result_independent_of_the_row_scale():
     assert not torch.equal(ops.decode_linear(x, weight), ops.decode_linear(scaled, weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 6, 16])
+def test_rope_matches_float64_reference(dtype, rows):
+    """q/k/v of a fused projection with the norm, bias and RoPE of q and k in one call: against
+    float64 products rounded to the dtype, then rotated in float64."""
+    gen, seed = fresh_generator()
+    for k, d, heads, kv_heads in [(64, 8, 2, 1), (96, 16, 3, 1), (128, 64, 2, 2)]:
+        n = (heads + 2 * kv_heads) * d
+        x, weight, bias = make_inputs(rows, k, n, dtype, gen, bias=True)
+        norm_weight, _ = make_glue(rows, k, n, dtype, gen)
+        cos, sin = make_rope(rows, d, dtype, gen)
+        rope_columns = (heads + kv_heads) * d
+        y = ops.decode_linear(
+            x, weight, bias, norm_weight=norm_weight, rope=(cos, sin), rope_columns=rope_columns
+        )
+        linear = reference(x, weight, bias, False, norm_weight).to(dtype)
+        expected = rope_reference(linear, cos, sin, rope_columns)
+        err = relative_error(y, expected)
+        assert err < TOLERANCE[dtype], f"seed {seed} K={k} D={d}: error {err:.2e}"
+        unrotated = ops.decode_linear(x, weight, bias, norm_weight=norm_weight)
+        assert torch.equal(y[:, rope_columns:], unrotated[:, rope_columns:]), f"seed {seed}: v"
+
+
 def test_leading_dims_and_views_of_a_fused_weight():
     gen, seed = fresh_generator()
     x = torch.randn(4, 2, 64, generator=gen).to(torch.bfloat16)  # [B, n, K]: 8 rows
@@ -121,6 +164,9 @@ def test_expanded_x_rows():
 def test_zero_rows():
     x = torch.empty(0, 16, dtype=torch.bfloat16)
     assert ops.decode_linear(x, torch.ones(6, 16, dtype=torch.bfloat16), gated=True).shape == (0, 3)
+
+
+ROPE8 = (torch.ones(2, 8), torch.zeros(2, 8))  # cos and sin of D 8 for 2 rows
 
 
 @pytest.mark.parametrize(
@@ -184,6 +230,72 @@ def test_zero_rows():
             ValueError,
             "residual must have innermost stride 1",
         ),
+        (
+            lambda w: torch.ops.dustin.decode_linear(
+                torch.ones(2, 16), w, rope_cos=torch.ones(2, 8), rope_columns=8
+            ),
+            ValueError,
+            "rope_cos and rope_sin must be given together",
+        ),
+        (
+            lambda w: ops.decode_linear(
+                torch.ones(2, 16), torch.ones(16, 16), gated=True, rope=ROPE8, rope_columns=8
+            ),
+            ValueError,
+            "cannot be combined with gated",
+        ),
+        (
+            lambda w: ops.decode_linear(
+                torch.ones(2, 16),
+                torch.ones(16, 16),
+                residual=torch.ones(2, 16),
+                rope=ROPE8,
+                rope_columns=8,
+            ),
+            ValueError,
+            "cannot be combined with residual",
+        ),
+        (
+            lambda w: ops.decode_linear(
+                torch.ones(2, 16), torch.ones(12, 16), rope=(torch.ones(2, 6),) * 2, rope_columns=6
+            ),
+            ValueError,
+            "positive multiple of 8",
+        ),
+        (
+            lambda w: ops.decode_linear(torch.ones(2, 16), w, rope=ROPE8, rope_columns=8),
+            ValueError,
+            "multiple of the head dim 8 rows N",
+        ),
+        (
+            lambda w: ops.decode_linear(torch.ones(2, 16), torch.ones(16, 16), rope=ROPE8),
+            ValueError,
+            "rope_columns must be a positive multiple of the head dim 8",
+        ),
+        (
+            lambda w: ops.decode_linear(
+                torch.ones(2, 16), torch.ones(16, 16), rope=ROPE8, rope_columns=12
+            ),
+            ValueError,
+            "rope_columns",
+        ),
+        (
+            lambda w: ops.decode_linear(
+                torch.ones(2, 16), torch.ones(16, 16), rope=(torch.ones(3, 8),) * 2, rope_columns=8
+            ),
+            ValueError,
+            r"rope_cos.size\(0\) must equal M of x",
+        ),
+        (
+            lambda w: ops.decode_linear(
+                torch.ones(2, 16),
+                torch.ones(16, 16),
+                rope=(torch.ones(2, 8), torch.ones(2, 16)),
+                rope_columns=8,
+            ),
+            ValueError,
+            r"rope_sin must have shape \[2, 8\]",
+        ),
     ],
 )
 def test_errors_name_the_argument(call, error, match):
@@ -199,6 +311,15 @@ def test_opcheck(gated, glue):
     x, weight, bias = make_inputs(3, 32, 10, torch.float32, gen, bias=True)
     norm_weight, residual = make_glue(3, 32, 5 if gated else 10, torch.float32, gen)
     args = (x, weight, bias, gated) + ((norm_weight, 1e-5, residual) if glue else ())
+    torch.library.opcheck(torch.ops.dustin.decode_linear.default, args)
+
+
+def test_opcheck_with_rope():
+    gen, _ = fresh_generator()
+    x, weight, bias = make_inputs(3, 32, 48, torch.float32, gen, bias=True)
+    norm_weight, _ = make_glue(3, 32, 48, torch.float32, gen)
+    cos, sin = make_rope(3, 16, torch.float32, gen)
+    args = (x, weight, bias, False, norm_weight, 1e-6, None, cos, sin, 32)
     torch.library.opcheck(torch.ops.dustin.decode_linear.default, args)
 
 

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // CPU twin of decode_linear: float32 dot products of each x row with each weight row, the
-// RMSNorm row scale, bias, the gated epilogue, one rounding to the dtype at the store, then the
-// residual add (rounded again, as the kernel does).
+// RMSNorm row scale, bias, the gated epilogue, one rounding to the dtype, then the rotation or
+// the residual add (rounded again at the store, as the kernel does).
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -46,12 +47,12 @@ Status decode_linear(const DecodeLinearParams& p) {
   std::vector<float> bias(p.bias != nullptr ? p.out_features : 0);
   if (p.bias != nullptr) detail::load_row(p.bias, p.dtype, p.out_features, bias.data());
   const char* w = static_cast<const char*>(p.w);
-  char* y = static_cast<char*>(p.y);
+  // The products, rounded to the dtype: [M, columns].
+  std::vector<float> values(static_cast<size_t>(p.rows) * columns);
 #pragma omp parallel if (static_cast<int64_t>(p.out_features) * k >= kParallelElements)
   {
     std::vector<float> w_row(k);
     std::vector<float> u_row(p.gated ? k : 0);
-    std::vector<float> out(p.rows);
 #pragma omp for schedule(static)
     for (int32_t n = 0; n < columns; ++n) {
       detail::load_row(w + n * p.w_stride * eb, p.dtype, k, w_row.data());
@@ -64,18 +65,36 @@ Status decode_linear(const DecodeLinearParams& p) {
               dot(xm, u_row.data(), k) * row_scale[m] + (bias.empty() ? 0.f : bias[n + half]);
           value = value / (1.f + std::exp(-value)) * up;
         }
-        if (p.residual != nullptr) {
-          float residual = 0.f;
-          detail::load_row(static_cast<const char*>(p.residual) + (m * p.residual_stride + n) * eb,
-                           p.dtype, 1, &residual);
-          value = detail::round_to(value, p.dtype) + residual;
-        }
-        out[m] = value;
-      }
-      for (int32_t m = 0; m < p.rows; ++m) {
-        detail::store_row(&out[m], p.dtype, 1, y + (m * p.y_stride + n) * eb);
+        values[static_cast<size_t>(m) * columns + n] = detail::round_to(value, p.dtype);
       }
     }
+  }
+  // Rotation or residual add, row by row, then the store.
+  std::vector<float> out(columns);
+  std::vector<float> cos(p.rope_cos != nullptr ? p.head_dim : 0);
+  std::vector<float> sin(cos.size());
+  std::vector<float> residual(p.residual != nullptr ? columns : 0);
+  const int32_t half_dim = p.head_dim / 2;
+  for (int32_t m = 0; m < p.rows; ++m) {
+    const float* v = values.data() + static_cast<size_t>(m) * columns;
+    std::copy(v, v + columns, out.begin());
+    if (p.rope_cos != nullptr) {
+      detail::load_row(static_cast<const char*>(p.rope_cos) + m * p.rope_stride * eb, p.dtype,
+                       p.head_dim, cos.data());
+      detail::load_row(static_cast<const char*>(p.rope_sin) + m * p.rope_stride * eb, p.dtype,
+                       p.head_dim, sin.data());
+      for (int32_t n = 0; n < p.rope_columns; ++n) {
+        const int32_t d = n % p.head_dim;
+        const float rotated = d < half_dim ? -v[n + half_dim] : v[n - half_dim];
+        out[n] = v[n] * cos[d] + rotated * sin[d];
+      }
+    }
+    if (p.residual != nullptr) {
+      detail::load_row(static_cast<const char*>(p.residual) + m * p.residual_stride * eb, p.dtype,
+                       columns, residual.data());
+      for (int32_t n = 0; n < columns; ++n) out[n] += residual[n];
+    }
+    detail::store_row(out.data(), p.dtype, columns, static_cast<char*>(p.y) + m * p.y_stride * eb);
   }
   return Status::kOk;
 }

@@ -47,11 +47,13 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
               const at::Tensor& pages, const at::Tensor& slots, const std::string& kv_layout);
 
 /// y = x weight^T (+ bias), or silu(gate) * up of it when gated, for at most 16 rows of x;
-/// optionally of RMSNorm(x; norm_weight) and plus a residual.
+/// optionally of RMSNorm(x; norm_weight), plus a residual, or with RoPE on leading columns.
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, bool gated,
                          const std::optional<at::Tensor>& norm_weight, double norm_eps,
-                         const std::optional<at::Tensor>& residual);
+                         const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& rope_cos,
+                         const std::optional<at::Tensor>& rope_sin, int64_t rope_columns);
 
 // Checks of every argument including tensor values (copied to the host), without running the
 // op: dustin.ops runs them for CUDA tensors when validate=True.
@@ -114,6 +116,8 @@ void store_kv_meta(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
 at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, bool gated,
                               const std::optional<at::Tensor>& norm_weight, double norm_eps,
-                              const std::optional<at::Tensor>& residual);
+                              const std::optional<at::Tensor>& residual,
+                              const std::optional<at::Tensor>& rope_cos,
+                              const std::optional<at::Tensor>& rope_sin, int64_t rope_columns);
 
 }  // namespace dustin::torch_ops

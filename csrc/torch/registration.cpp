@@ -35,7 +35,8 @@ TORCH_LIBRARY(dustin, m) {
       "Tensor slots, str kv_layout=\"HND\") -> ()");
   m.def(
       "decode_linear(Tensor x, Tensor weight, Tensor? bias=None, bool gated=False, "
-      "Tensor? norm_weight=None, float norm_eps=1e-6, Tensor? residual=None) -> Tensor");
+      "Tensor? norm_weight=None, float norm_eps=1e-6, Tensor? residual=None, "
+      "Tensor? rope_cos=None, Tensor? rope_sin=None, int rope_columns=0) -> Tensor");
 }
 
 // One adapter per op serves both devices: it checks arguments, fills the params struct and

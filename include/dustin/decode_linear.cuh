@@ -135,8 +135,18 @@ __global__ void __launch_bounds__(kLinearThreads, kLinearCtasPerSm)
   // This lane's vector of step s lies inside K (K is a multiple of 8, so it lies wholly
   // inside or outside).
   const auto in_k = [&](int32_t s) { return s * kLinearStepK + 8 * t < p.in_features; };
+  // The column of y that column j of a tile computes. With RoPE a tile takes 4 columns from
+  // each half of one head, d and d + D/2 at j and j + 4, so that the rotation pairs meet in one
+  // warp's epilogue (N is a multiple of D there; the permutation is within heads).
+  const bool rotating = p.rope_cos != nullptr;
+  const int32_t tiles_per_head = rotating ? p.head_dim / kLinearColumns : 1;
+  const auto tile_column = [&](int32_t tile, int j) {
+    if (!rotating) return tile * kLinearColumns + j;
+    return (tile / tiles_per_head) * p.head_dim + (j / 4) * (p.head_dim / 2) +
+           (tile % tiles_per_head) * 4 + j % 4;
+  };
   const auto load_weights = [&](LinearWeights<kGated>& b, int32_t tile, int32_t batch) {
-    const int32_t n = min(tile * kLinearColumns + g, columns - 1);
+    const int32_t n = min(tile_column(tile, g), columns - 1);
     const T* w_row = static_cast<const T*>(p.w) + n * p.w_stride + 8 * t;
 #pragma unroll
     for (int j = 0; j < kLinearUnroll; ++j) {
@@ -224,8 +234,10 @@ __global__ void __launch_bounds__(kLinearThreads, kLinearCtasPerSm)
       }
       __syncthreads();
       const int c = static_cast<int>(threadIdx.x) % kLinearColumns;
-      const int32_t column = tile * kLinearColumns + c;
-      if (row < p.rows && column < columns) {
+      const int32_t column = tile_column(tile, c);
+      const bool stored = row < p.rows && column < columns;
+      float value = 0.f;
+      if (stored) {
         float sums[kParts];
 #pragma unroll
         for (int part = 0; part < kParts; ++part) {
@@ -237,15 +249,27 @@ __global__ void __launch_bounds__(kLinearThreads, kLinearCtasPerSm)
           }
         }
         const T* bias = static_cast<const T*>(p.bias);
-        float value =
-            sums[0] * row_scale + (bias != nullptr ? static_cast<float>(bias[column]) : 0.f);
+        value = sums[0] * row_scale + (bias != nullptr ? static_cast<float>(bias[column]) : 0.f);
         if constexpr (kGated) {
           const float up = sums[1] * row_scale +
                            (bias != nullptr ? static_cast<float>(bias[column + p.out_features / 2])
                                             : 0.f);
           value = value / (1.f + __expf(-value)) * up;
         }
-        T out = from_float<T>(value);
+      }
+      T out = from_float<T>(value);
+      if (rotating) {  // uniform: every lane takes part in the exchange
+        // Threads c and c ^ 4 of a row hold columns d and d + D/2 of one head (tile_column).
+        const float mine = static_cast<float>(out);
+        const float other = __shfl_xor_sync(0xffffffffu, mine, 4);
+        if (stored && column < p.rope_columns) {
+          const int64_t at = row * p.rope_stride + column % p.head_dim;
+          const float cosine = static_cast<float>(static_cast<const T*>(p.rope_cos)[at]);
+          const float sine = static_cast<float>(static_cast<const T*>(p.rope_sin)[at]);
+          out = from_float<T>(c < 4 ? mine * cosine - other * sine : mine * cosine + other * sine);
+        }
+      }
+      if (stored) {
         if (p.residual != nullptr) {
           const T residual = static_cast<const T*>(p.residual)[row * p.residual_stride + column];
           out = from_float<T>(static_cast<float>(out) + static_cast<float>(residual));

@@ -34,21 +34,31 @@ inline constexpr int32_t kDecodeLinearAlign = 8;
 ///                   RMSNorm(x; g) w^T with the row scale applied to the sums rather than to x.
 ///   residual:       y[m, n] = rnd(rnd(value) + residual[m, n]), the add of a residual stream
 ///                   rounded as a separate 16-bit add would be.
+///   rope_cos/sin:   rotary embedding of the first rope_columns columns (q and k of a fused
+///                   q/k/v projection), heads of head_dim D, rotate-half convention: with
+///                   v = rnd(value) and d = n mod D, y[m, n] = rnd(v[n] cos[m, d] - v[n + D/2]
+///                   sin[m, d]) for d < D/2 and rnd(v[n] cos[m, d] + v[n - D/2] sin[m, d])
+///                   otherwise. Not with gated or residual.
 struct DecodeLinearParams {
   const void* x = nullptr;     ///< [M, K], dtype, dim stride 1
   const void* w = nullptr;     ///< [N, K], dtype, dim stride 1
   const void* bias = nullptr;  ///< [N], dtype, contiguous; nullptr for none
   const void* norm_weight = nullptr;  ///< [K], dtype, contiguous; nullptr for no RMSNorm
   const void* residual = nullptr;  ///< like y; nullptr for none; may be y, may not overlap it
+  const void* rope_cos = nullptr;  ///< [M, head_dim], dtype, dim stride 1; nullptr for no RoPE
+  const void* rope_sin = nullptr;  ///< [M, head_dim], dtype, dim stride 1
   void* y = nullptr;               ///< [M, N] (N/2 when gated), dtype, dim stride 1
   int64_t x_stride = 0;            ///< elements between rows of x (>= 0)
   int64_t w_stride = 0;            ///< elements between rows of w (>= 0)
   int64_t residual_stride = 0;     ///< elements between rows of residual (>= 0)
+  int64_t rope_stride = 0;         ///< elements between rows of rope_cos and of rope_sin (>= 0)
   int64_t y_stride = 0;            ///< elements between rows of y
   int32_t rows = 0;            ///< M, 0..kDecodeLinearMaxRows
   int32_t in_features = 0;     ///< K
   int32_t out_features = 0;    ///< N (the rows of w)
   float norm_eps = 0.f;        ///< finite, >= 0; read only with norm_weight
+  int32_t rope_columns = 0;    ///< leading columns rotated: a multiple of head_dim, <= N
+  int32_t head_dim = 0;        ///< D of the rotated heads: a multiple of 8 dividing N
   bool gated = false;
   DType dtype = DType::kBFloat16;  ///< element type of x, w, bias and y
 };
@@ -73,6 +83,14 @@ inline bool decode_linear_valid_shape(const DecodeLinearParams& p) {
   }
   if (p.norm_weight != nullptr && !(std::isfinite(p.norm_eps) && p.norm_eps >= 0.f)) {
     return false;
+  }
+  if (p.rope_cos != nullptr || p.rope_sin != nullptr) {
+    const bool heads = p.head_dim >= 8 && p.head_dim % 8 == 0 && p.out_features % p.head_dim == 0;
+    if (p.rope_cos == nullptr || p.rope_sin == nullptr || p.gated || p.residual != nullptr ||
+        !heads || p.rope_columns < 1 || p.rope_columns > p.out_features ||
+        p.rope_columns % p.head_dim != 0 || p.rope_stride < 0) {
+      return false;
+    }
   }
   return p.rows == 0 || (p.x != nullptr && p.w != nullptr && p.y != nullptr);
 }

@@ -99,28 +99,21 @@ class RMSNorm(nn.Module):
 
 
 def _linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    decode: bool,
-    norm: RMSNorm | None = None,
-    residual: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, decode: bool, residual: torch.Tensor | None
 ) -> torch.Tensor:
-    """``residual + norm(x) @ weight.T + bias`` (norm and residual optional): with ``decode``,
-    one ``ops.decode_linear`` where it applies (a decode step's at most 16 rows, 16-bit, on
-    CUDA), the norm and the add fused in; else the norm, ``F.linear`` and the add apart."""
+    """``residual + x @ weight.T`` (no residual: the product alone, e.g. a tensor-parallel
+    rank's partial sum): with ``decode``, one ``ops.decode_linear`` where it applies (a decode
+    step's at most 16 rows, 16-bit, on CUDA), the add fused in; else ``F.linear`` and the add
+    apart."""
     if decode and _fits_decode_linear(x):
-        x, fused = _fused_norm(x, norm)
-        return ops.decode_linear(x, weight, bias, **fused, residual=residual)
-    y = F.linear(x if norm is None else norm(x), weight, bias)
+        return ops.decode_linear(x, weight, residual=residual)
+    y = F.linear(x, weight)
     return y if residual is None else residual + y
 
 
-def _fused_norm(x: torch.Tensor, norm: RMSNorm | None) -> tuple[torch.Tensor, dict]:
+def _fused_norm(x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, dict]:
     """x and ``ops.decode_linear``'s arguments for an RMSNorm of it: the norm fused in, or
     applied apart where K is past what the kernel normalises on chip."""
-    if norm is None:
-        return x, {}
     if x.shape[-1] > ops.DECODE_LINEAR_MAX_NORMED_K:
         return norm(x), {}
     return x, {"norm_weight": norm.weight, "norm_eps": norm.eps}
@@ -182,22 +175,33 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor):
         """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of ``norm(x)``, ``x [B, n, H]``."""
         b, n, _ = x.shape
+        # D a multiple of 8: the kernel rotates 4 columns of each half-head per tile.
+        rotated = self.decode_linear and self.head_dim % 8 == 0 and _fits_decode_linear(x)
         if self.fused_qkv is None:
             x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        elif rotated:  # one launch: norm, projection, bias and RoPE of q and k
+            weight, bias, sizes = self.fused_qkv
+            x, fused = _fused_norm(x, norm)
+            rope_columns = (self.num_heads + self.num_kv_heads) * self.head_dim
+            qkv = ops.decode_linear(
+                x, weight, bias, **fused, rope=(cos, sin), rope_columns=rope_columns
+            )
+            q, k, v = qkv.split(sizes, dim=-1)
         else:
             weight, bias, sizes = self.fused_qkv
-            q, k, v = _linear(x, weight, bias, self.decode_linear, norm).split(sizes, dim=-1)
+            q, k, v = F.linear(norm(x), weight, bias).split(sizes, dim=-1)
         q = q.view(b, n, self.num_heads, self.head_dim)
         k = k.view(b, n, self.num_kv_heads, self.head_dim)
         v = v.view(b, n, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        if not rotated:
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
         return q, k, v
 
     def output(self, attn_out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """o_proj of the attention output ``[B, n, Hq * D]`` (plus ``residual``)."""
-        return _linear(attn_out, self.o_proj.weight, None, self.decode_linear, residual=residual)
+        return _linear(attn_out, self.o_proj.weight, self.decode_linear, residual)
 
 
 class MLP(nn.Module):
@@ -230,7 +234,7 @@ class MLP(nn.Module):
             weight, _, sizes = self.fused_gate_up
             gate, up = F.linear(norm(x), weight).split(sizes, dim=-1)
             hidden = F.silu(gate) * up
-        return _linear(hidden, self.down_proj.weight, None, self.decode_linear, residual=residual)
+        return _linear(hidden, self.down_proj.weight, self.decode_linear, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -347,8 +351,9 @@ class Transformer(nn.Module):
         residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer. With
         ``decode_linear`` (the default), windows of at most 16 rows in all (decode and draft
         steps) run their projections as ``ops.decode_linear`` on CUDA, each norm fused into the
-        projection after it, gate/up with its activation, o and down with the residual add;
-        longer ones (prefill, wide verification) keep cuBLAS.
+        projection after it, q/k/v with RoPE, gate/up with its activation, o and down with the
+        residual add, so no compiled kernel is left at those sizes; longer ones (prefill, wide
+        verification) keep cuBLAS and the compiled glue.
 
         Attention and the cache writes stay outside, so the ops, the block lists and CUDA-graph
         capture work as before. One compiled graph serves every layer (the layers are inputs, not
@@ -468,7 +473,7 @@ class Transformer(nn.Module):
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.write(layer, k, v)
             out, _ = ops.sparse_verify(
-                q.contiguous(),
+                q,  # any strides: a view of the fused q/k/v projection's output
                 cache.k(layer),
                 cache.v(layer),
                 cache.block_table,

@@ -446,6 +446,8 @@ def decode_linear(
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
     residual: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_columns: int = 0,
 ) -> torch.Tensor:
     """The linear layer of a decode step: ``x @ weight.T + bias`` for at most 16 rows of x, in one
     launch that streams the weight once (a library GEMM's tiles are made for many rows, and for
@@ -459,8 +461,11 @@ def decode_linear(
     The glue of a decoder layer can ride along, so that it costs no launch of its own:
     ``norm_weight`` applies an RMSNorm to x first (the products read ``x * norm_weight``
     rounded to the dtype; the float32 sums are scaled by ``rsqrt(mean(x**2) + norm_eps)`` of
-    each row, before bias and activation), and ``residual`` is added to the rounded result
-    (``residual + y`` as a separate add would round it).
+    each row, before bias and activation), ``residual`` is added to the rounded result
+    (``residual + y`` as a separate add would round it), and ``rope`` rotates the first
+    ``rope_columns`` columns (q and k of a fused q/k/v projection; not with gated or residual)
+    as RoPE's rotate-half convention does, heads of ``D = cos.shape[-1]``: the rounded result
+    ``v`` becomes ``v * cos + rotate_half(v) * sin`` per head, rounded once.
 
     Args:
         x: ``[..., K]`` bf16 | fp16 (fp32 too on CPU) with at most 16 rows (the product of the
@@ -473,6 +478,10 @@ def decode_linear(
             most ``DECODE_LINEAR_MAX_NORMED_K`` (2048: each CTA normalises x in shared memory).
         norm_eps: the RMSNorm's epsilon, finite and >= 0.
         residual: shaped like the result, innermost stride 1, or None.
+        rope: ``(cos, sin)``, each ``[..., D]`` with x's leading dims (one row of angles per
+            row of x: ``[B, n, 1, D]`` as a model's RoPE tables are works), innermost stride 1,
+            one row stride, D a multiple of 8 dividing N; or None.
+        rope_columns: how many leading columns rotate, a multiple of D (with ``rope``).
 
     Returns:
         ``[..., N]``, or ``[..., N / 2]`` when gated, contiguous.
@@ -485,12 +494,23 @@ def decode_linear(
     Example:
         >>> h = decode_linear(x, mlp.fused_gate_up_weight, gated=True)  # [16, I]
         >>> h = decode_linear(x, w_qkv, b_qkv, norm_weight=norm.weight, norm_eps=norm.eps)
+        >>> qkv = decode_linear(x, w_qkv, b_qkv, rope=(cos, sin), rope_columns=(hq + hkv) * d)
     """
     lead = x.shape[:-1]
     if residual is not None:
         residual = residual.reshape(-1, residual.shape[-1])
+    cos, sin = (None, None) if rope is None else (t.reshape(-1, t.shape[-1]) for t in rope)
     y = torch.ops.dustin.decode_linear(
-        x.reshape(-1, x.shape[-1]), weight, bias, gated, norm_weight, norm_eps, residual
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        bias,
+        gated,
+        norm_weight,
+        norm_eps,
+        residual,
+        cos,
+        sin,
+        rope_columns,
     )
     return y.view(*lead, y.shape[-1])
 
