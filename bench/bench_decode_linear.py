@@ -4,7 +4,8 @@ decode step at M = 1, 8 and 16 rows for the Qwen2.5-0.5B draft, Qwen2.5-Coder-1.
 Qwen2.5-7B, bf16.
 
 Per model: q/k/v fused (with bias), o, gate/up fused (gated: dustin also applies silu(gate) * up;
-the peer is the GEMM alone, its best case), down. Bytes are the weight read once (plus x and y).
+the peer is the GEMM alone, its best case), down, and the LM head (Qwen2.5's 151936 rows: the
+model keeps cuBLAS for it so far; this row says whether it should not). Bytes are the weight read once (plus x and y).
 The fused columns time each projection with the layer glue it takes in the model: the RMSNorm
 before q/k/v and gate/up (where K allows it), RoPE of q and k, the residual add after o and
 down; their peer is the same glue compiled with torch.compile around F.linear, as
@@ -32,6 +33,7 @@ from dustin import ops
 from bench.common import L2_ROTATE_BYTES, Report, ceiling_note, pct_of_ceiling, tbps, time_cuda
 
 DTYPE = torch.bfloat16
+VOCAB = 151936  # Qwen2.5's LM head rows
 # (hidden, q heads, KV heads, head dim, intermediate) of each model.
 MODELS = {
     "qwen2.5-0.5b": (896, 14, 2, 64, 4864),
@@ -48,6 +50,7 @@ def projections(hidden, heads, kv_heads, head_dim, intermediate):
         ("o", hidden, heads * head_dim, False, False),
         ("gate_up", 2 * intermediate, hidden, False, True),
         ("down", hidden, intermediate, False, False),
+        ("lm_head", VOCAB, hidden, False, False),
     ]
 
 
@@ -95,7 +98,8 @@ NORM_EPS = 1e-6
 
 
 def model_glue(model, proj, rows, k, columns, gen):
-    """decode_linear's keyword arguments for the glue the model fuses into this projection."""
+    """decode_linear's keyword arguments for the glue the model fuses into this projection
+    (for the LM head: the final norm, which it would fuse)."""
     _, heads, kv_heads, head_dim, _ = MODELS[model]
     if proj in ("o", "down"):
         return {"residual": torch.randn(rows, columns, device="cuda", generator=gen).to(DTYPE)}
