@@ -2,7 +2,8 @@
 """A small CUDA case of every op, run under compute-sanitizer (memcheck, racecheck) by
 scripts/gpu_check.sh: odd lengths, a partly filled last page, both block_scores partial paths,
 both block_scores row-tile paths, a store_kv window, select_blocks' tie scan and later radix
-passes, unsplit verify and both split merges (in a cluster, and by the merge launch)."""
+passes, unsplit verify and both split merges (in a cluster, and by the merge launch), and
+decode_linear plain, gated, with its norm staged in shared memory, and with RoPE."""
 
 import torch
 from dustin import ops  # also registers torch.ops.dustin
@@ -94,8 +95,17 @@ def main() -> None:
         norm_weight=torch.rand(200, device=dev, dtype=dtype),
         residual=torch.randn(13, 8 * 600, device=dev, dtype=dtype),
     )
+    # ... and q/k/v of 3 heads of D 64 with RoPE on the first two (its permuted tiles).
+    angles = torch.rand(13, 64, device=dev)
+    rotated_out = ops.decode_linear(
+        x,
+        torch.randn(3 * 64, 200, device=dev, dtype=dtype),
+        rope=(angles.cos().to(dtype), angles.sin().to(dtype)),
+        rope_columns=128,
+    )
     torch.cuda.synchronize()
-    assert all(torch.isfinite(y).all() for y in (linear_out, gated_out, glued_out))
+    outputs = (linear_out, gated_out, glued_out, rotated_out)
+    assert all(torch.isfinite(y).all() for y in outputs)
     for o, l in ((out, lse), (long_out, long_lse)):
         assert torch.isfinite(o.float()).all() and torch.isfinite(l).all()
     print("sanitize case ran")
