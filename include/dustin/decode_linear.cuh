@@ -35,6 +35,12 @@ inline constexpr int kLinearCtasPerSm = 2;
 inline constexpr int kNormedRowBytes = kDecodeLinearMaxNormedK * 2 + 64;
 /// The dynamic shared memory of the normed instances: every row of x, normalised.
 inline constexpr int kNormedXBytes = kDecodeLinearMaxRows * kNormedRowBytes;
+// Two gated, normed CTAs share an SM's 228 KB of shared memory: their x and their partial sums
+// (two tiles by parity, gate and up: the kernel's `partial`).
+inline constexpr int kGatedPartialBytes =
+    2 * kLinearWarps * 2 * kDecodeLinearMaxRows * kLinearColumns * static_cast<int>(sizeof(float));
+static_assert(kLinearCtasPerSm * (kNormedXBytes + kGatedPartialBytes) <= 228 * 1024,
+              "kDecodeLinearMaxNormedK leaves no room for two CTAs per SM");
 
 /// 16 bytes no other CTA reads (a weight slice), kept out of L1.
 __device__ __forceinline__ uint4 load_streaming(const void* ptr) {
