@@ -16,6 +16,7 @@ from dustin.checkpoint import load_checkpoint
 from dustin.model import Transformer
 from reference import relative_error
 from test_decode_linear import (
+    NORMED_TOLERANCE,
     TOLERANCE,
     make_glue,
     make_inputs,
@@ -47,9 +48,11 @@ def check(x, weight, bias, gated, what, norm_weight=None, residual=None):
     twin = ops.decode_linear(x.cpu(), weight.cpu(), bias, gated, **cpu)
     assert y.shape == twin.shape and torch.isfinite(y).all(), f"{what}: unwritten outputs"
     err = relative_error(y.cpu(), expected)
-    assert err < TOLERANCE[x.dtype], f"{what}: error {err:.2e} against float64"
-    # Twin and kernel sum in different orders; both round once.
-    assert relative_error(y.cpu(), twin) < TOLERANCE[x.dtype], f"{what}: differs from the twin"
+    tolerance = (TOLERANCE if norm_weight is None else NORMED_TOLERANCE)[x.dtype]
+    assert err < tolerance, f"{what}: error {err:.2e} against float64"
+    # Twin and kernel sum in different orders (and their row scales may differ in the last
+    # bit); both round the same way.
+    assert relative_error(y.cpu(), twin) < tolerance, f"{what}: differs from the twin"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -127,8 +130,8 @@ def test_rope(dtype, rows):
         expected = rope_reference(linear.to(dtype), cos.cpu(), sin.cpu(), rope_columns)
         what = f"seed {seed} M={rows} K={k} D={d} norm={normed}"
         assert torch.isfinite(y).all(), f"{what}: unwritten outputs"
-        assert relative_error(y, expected) < TOLERANCE[dtype], f"{what}: against float64"
-        assert relative_error(y, twin) < TOLERANCE[dtype], f"{what}: differs from the twin"
+        assert relative_error(y, expected) < NORMED_TOLERANCE[dtype], f"{what}: against float64"
+        assert relative_error(y, twin) < NORMED_TOLERANCE[dtype], f"{what}: differs from the twin"
 
 
 def test_gated_mlp_shape_and_fused_weight_slice():

@@ -19,6 +19,8 @@ from tiny_models import VOCAB, save_tiny
 
 # float32 sums of 16-bit products, rounded once: the norm-wise error is the output rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# With the fused norm, x * g is rounded to the dtype before the products: one rounding more.
+NORMED_TOLERANCE = {dtype: 2 * tol for dtype, tol in TOLERANCE.items()}
 
 
 def reference(x, weight, bias, gated, norm_weight=None, norm_eps=1e-6, residual=None):
@@ -85,7 +87,8 @@ def test_matches_float64_reference(dtype, gated, rows):
 @pytest.mark.parametrize("rows", [1, 7, 16])
 def test_fused_norm_and_residual_match_float64_reference(dtype, gated, rows):
     gen, seed = fresh_generator()
-    for k, n, bias in [(8, 2, False), (40, 14, True), (296, 64, True)]:
+    # Several columns even when gated: one column's error relative to itself has no bound.
+    for k, n, bias in [(8, 16, False), (40, 14, True), (296, 64, True)]:
         x, weight, b = make_inputs(rows, k, n, dtype, gen, bias)
         x = (x.float() * 5).to(dtype)  # a norm that is not near the identity
         norm_weight, residual = make_glue(rows, k, n // 2 if gated else n, dtype, gen)
@@ -93,7 +96,8 @@ def test_fused_norm_and_residual_match_float64_reference(dtype, gated, rows):
             y = ops.decode_linear(x, weight, b, gated, norm_weight=g, norm_eps=1e-5, residual=r)
             err = relative_error(y, reference(x, weight, b, gated, g, 1e-5, r))
             what = f"seed {seed} K={k} N={n} norm={g is not None} residual={r is not None}"
-            assert err < TOLERANCE[dtype], f"{what}: error {err:.2e}"
+            tolerance = (TOLERANCE if g is None else NORMED_TOLERANCE)[dtype]
+            assert err < tolerance, f"{what}: error {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -137,7 +141,7 @@ def test_rope_matches_float64_reference(dtype, rows):
         linear = reference(x, weight, bias, False, norm_weight).to(dtype)
         expected = rope_reference(linear, cos, sin, rope_columns)
         err = relative_error(y, expected)
-        assert err < TOLERANCE[dtype], f"seed {seed} K={k} D={d}: error {err:.2e}"
+        assert err < NORMED_TOLERANCE[dtype], f"seed {seed} K={k} D={d}: error {err:.2e}"
         unrotated = ops.decode_linear(x, weight, bias, norm_weight=norm_weight)
         assert torch.equal(y[:, rope_columns:], unrotated[:, rope_columns:]), f"seed {seed}: v"
 
