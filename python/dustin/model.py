@@ -348,7 +348,8 @@ class Transformer(nn.Module):
     def compile_layers(self, backend: str = "inductor", decode_linear: bool = True) -> Transformer:
         """Fewer, fused kernels per layer: q/k/v and gate/up each become one GEMM
         (``fuse_projections``), and the glue around attention (norms, projections, RoPE,
-        residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer. With
+        residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer, and so
+        are the RoPE tables and the final norm with the LM head (``logits``). With
         ``decode_linear`` (the default), windows of at most 16 rows in all (decode and draft
         steps) run their projections as ``ops.decode_linear`` on CUDA, each norm fused into the
         projection after it, q/k/v with RoPE, gate/up with its activation, o and down with the
@@ -381,6 +382,9 @@ class Transformer(nn.Module):
             )
         else:
             self._mlp_block = torch.compile(DecoderLayer.mlp_block, dynamic=True, backend=backend)
+        # Eager, the RoPE tables and the final norm are a dozen tiny kernels per forward.
+        self._rope = torch.compile(self._rope, dynamic=True, backend=backend)
+        self.logits = torch.compile(self.logits, dynamic=True, backend=backend)
         return self
 
     @property
