@@ -524,7 +524,8 @@ def run_sweep(args) -> Report:
         "gate/up fused into one GEMM each (Transformer.compile_layers), attention through "
         "dustin's ops, for every method; projections of up to 16 rows "
         + (
-            "through dustin.ops.decode_linear (gate/up with its activation)"
+            "through dustin.ops.decode_linear with the layer's glue fused in (norms, RoPE, "
+            "activation, residual adds)"
             if args.decode_linear
             else "through cuBLAS (--no-decode-linear)"
         )
@@ -827,7 +828,8 @@ def main() -> None:
         "--no-decode-linear",
         dest="decode_linear",
         action="store_false",
-        help="decode-step projections through cuBLAS instead of dustin.ops.decode_linear",
+        help="decode-step projections through cuBLAS and the compiled glue instead of "
+        "dustin.ops.decode_linear with the glue fused in",
     )
     parser.add_argument(
         "--no-peers", dest="peers", action="store_false", help="skip the dense attention peer check"
