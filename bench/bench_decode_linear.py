@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dustin  # noqa: F401  (registers torch.ops.dustin)
 from dustin import ops
+from dustin.model import rms_norm, rotate_half
 
 from bench.common import L2_ROTATE_BYTES, Report, ceiling_note, pct_of_ceiling, tbps, time_cuda
 
@@ -78,8 +79,7 @@ def peer_glue(x, weight, bias, gated, norm_weight=None, residual=None, rope=None
     """F.linear with the model's glue around it (and the activation when gated), as compiled
     without decode_linear."""
     if norm_weight is not None:
-        h = x.float()
-        x = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + NORM_EPS)).to(x.dtype)
+        x = rms_norm(x, norm_weight, NORM_EPS)
     y = F.linear(x, weight, bias)
     if gated:
         gate, up = y.chunk(2, dim=-1)
@@ -87,9 +87,7 @@ def peer_glue(x, weight, bias, gated, norm_weight=None, residual=None, rope=None
     if rope is not None:
         cos, sin = rope
         heads = y[:, :rope_columns].unflatten(1, (-1, cos.shape[-1]))
-        half = cos.shape[-1] // 2
-        rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
-        heads = heads * cos[:, None] + rotated * sin[:, None]
+        heads = heads * cos[:, None] + rotate_half(heads) * sin[:, None]
         y = torch.cat((heads.flatten(1), y[:, rope_columns:]), dim=-1)
     return y if residual is None else residual + y
 

@@ -12,20 +12,36 @@ namespace dustin::detail {
 
 inline constexpr int kMaxCachedDevices = 64;
 
+/// `compute(value)` once per device, its result kept for later calls on that device
+/// (devices past kMaxCachedDevices compute every time). One cache per Compute type: a lambda
+/// written inside a function template has a type of its own in every instance, so each
+/// kernel instance that caches a fit this way gets its own entries.
+template <typename Value, typename Compute>
+cudaError_t once_per_device(int device, Value* value, Compute compute) {
+  static std::mutex mutex;
+  static Value cached[kMaxCachedDevices] = {};
+  static bool ready[kMaxCachedDevices] = {};
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cacheable && ready[device]) {
+    *value = cached[device];
+    return cudaSuccess;
+  }
+  const cudaError_t err = compute(value);
+  if (err == cudaSuccess && cacheable) {
+    cached[device] = *value;
+    ready[device] = true;
+  }
+  return err;
+}
+
 /// A device attribute of `device`, looked up once (host-side query only: nothing
 /// synchronises, so it is safe during graph capture).
 template <cudaDeviceAttr kAttr>
 cudaError_t device_attribute(int device, int* value) {
-  static std::mutex mutex;
-  static int cached[kMaxCachedDevices] = {};
-  std::lock_guard<std::mutex> lock(mutex);
-  if (device >= 0 && device < kMaxCachedDevices && cached[device] > 0) {
-    *value = cached[device];
-    return cudaSuccess;
-  }
-  const cudaError_t err = cudaDeviceGetAttribute(value, kAttr, device);
-  if (err == cudaSuccess && device >= 0 && device < kMaxCachedDevices) cached[device] = *value;
-  return err;
+  return once_per_device(device, value, [device](int* out) {
+    return cudaDeviceGetAttribute(out, kAttr, device);
+  });
 }
 
 /// Whether `device` has programmatic dependent launch (sm_90 and later).

@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <mutex>
 
 #include "cuda_launch.h"
 #include "dustin/decode_linear.cuh"
@@ -20,27 +19,19 @@ template <bool kNormed>
 constexpr int kDynamicSmem = kNormed ? detail::kNormedXBytes : 0;
 
 /// CTAs of decode_linear_kernel<T, kGated, kNormed> resident per SM of `device`, once its
-/// dynamic shared memory is allowed there (host-side, once per device and instance: the
-/// instances share one function type, so the cache is keyed by the template arguments).
+/// dynamic shared memory is allowed there (host-side, once per device and instance).
 template <typename T, bool kGated, bool kNormed>
 cudaError_t resident_ctas(int device, int* ctas) {
-  static std::mutex mutex;
-  static int cached[detail::kMaxCachedDevices] = {};
-  std::lock_guard<std::mutex> lock(mutex);
-  if (device < detail::kMaxCachedDevices && cached[device] > 0) {
-    *ctas = cached[device];
-    return cudaSuccess;
-  }
-  const auto kernel = detail::decode_linear_kernel<T, kGated, kNormed>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         kDynamicSmem<kNormed>);
-  if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, detail::kLinearThreads,
-                                                      kDynamicSmem<kNormed>);
-  if (err != cudaSuccess) return err;
-  *ctas = *ctas > 0 ? *ctas : 1;
-  if (device < detail::kMaxCachedDevices) cached[device] = *ctas;
-  return cudaSuccess;
+  return detail::once_per_device(device, ctas, [](int* out) {
+    const auto kernel = detail::decode_linear_kernel<T, kGated, kNormed>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           kDynamicSmem<kNormed>);
+    if (err != cudaSuccess) return err;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, detail::kLinearThreads,
+                                                        kDynamicSmem<kNormed>);
+    *out = *out > 0 ? *out : 1;
+    return err;
+  });
 }
 
 template <typename T, bool kGated, bool kNormed>

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <mutex>
 
 #include "dustin/dispatch.h"
 #include "dustin/dustin.h"
@@ -125,35 +124,25 @@ Status validate(const SparseVerifyParams& p, bool need_data) {
 /// synchronises, so graph capture is safe).
 template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
 cudaError_t prepare_kernel(int device, bool hopper, KernelFit* fit) {
-  static std::mutex mutex;
-  static KernelFit cached[detail::kMaxCachedDevices];
-  static bool ready[detail::kMaxCachedDevices] = {};
-  std::lock_guard<std::mutex> lock(mutex);
-  if (device < detail::kMaxCachedDevices && ready[device]) {
-    *fit = cached[device];
-    return cudaSuccess;
-  }
-  using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
-  const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  KernelFit found;
-  int n = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  found.ctas_per_sm = std::max(n, 1);
-  for (int s = 2; hopper && s <= kMaxClusterSplits; ++s) {
-    err = detail::max_active_clusters(kernel, Cfg::kThreads, Cfg::kSmemBytes, s,
-                                      &found.clusters[s]);
+  return detail::once_per_device(device, fit, [hopper](KernelFit* found) {
+    using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
+    const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           Cfg::kSmemBytes);
     if (err != cudaSuccess) return err;
-  }
-  *fit = found;
-  if (device < detail::kMaxCachedDevices) {
-    cached[device] = found;
-    ready[device] = true;
-  }
-  return cudaSuccess;
+    *found = KernelFit{};
+    int n = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads,
+                                                        Cfg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    found->ctas_per_sm = std::max(n, 1);
+    for (int s = 2; hopper && s <= kMaxClusterSplits; ++s) {
+      err = detail::max_active_clusters(kernel, Cfg::kThreads, Cfg::kSmemBytes, s,
+                                        &found->clusters[s]);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  });
 }
 
 /// Estimated microseconds of a plan with `splits` CTAs per list: the busiest SM runs its CTAs

@@ -80,9 +80,18 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotate-half of the last dim: ``(x1, x2) -> (-x2, x1)``."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the last dim: normalised in float32 as the reference implementations do,
+    then cast back and scaled by ``weight``."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -92,10 +101,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as the reference implementations do, then cast back.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def _linear(
@@ -180,23 +186,23 @@ class Attention(nn.Module):
         if self.fused_qkv is None:
             x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        elif rotated:  # one launch: norm, projection, bias and RoPE of q and k
-            weight, bias, sizes = self.fused_qkv
-            x, fused = _fused_norm(x, norm)
-            rope_columns = (self.num_heads + self.num_kv_heads) * self.head_dim
-            qkv = ops.decode_linear(
-                x, weight, bias, **fused, rope=(cos, sin), rope_columns=rope_columns
-            )
-            q, k, v = qkv.split(sizes, dim=-1)
         else:
             weight, bias, sizes = self.fused_qkv
-            q, k, v = F.linear(norm(x), weight, bias).split(sizes, dim=-1)
+            if rotated:  # one launch: norm, projection, bias and RoPE of q and k
+                x, fused = _fused_norm(x, norm)
+                rope_columns = (self.num_heads + self.num_kv_heads) * self.head_dim
+                qkv = ops.decode_linear(
+                    x, weight, bias, **fused, rope=(cos, sin), rope_columns=rope_columns
+                )
+            else:
+                qkv = F.linear(norm(x), weight, bias)
+            q, k, v = qkv.split(sizes, dim=-1)
         q = q.view(b, n, self.num_heads, self.head_dim)
         k = k.view(b, n, self.num_kv_heads, self.head_dim)
         v = v.view(b, n, self.num_kv_heads, self.head_dim)
         if not rotated:
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         return q, k, v
 
     def output(self, attn_out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
