@@ -155,7 +155,7 @@ def test_cuda_errors():
     with pytest.raises(ValueError, match="device"):
         ops.decode_linear(x, weight.cpu())
     with pytest.raises(ValueError, match="norm_weight must start 16-byte aligned"):
-        ops.decode_linear(x, weight, norm_weight=torch.ones(32, device="cuda").bfloat16()[8:32])
+        ops.decode_linear(x, weight, norm_weight=torch.ones(32, device="cuda").bfloat16()[4:28])
     with pytest.raises(NotImplementedError, match="at most 2048 with norm_weight on CUDA"):
         wide = torch.ones(4, 2056, device="cuda", dtype=torch.bfloat16)
         ops.decode_linear(wide, torch.ones(8, 2056).to(wide), norm_weight=wide[0])
@@ -184,11 +184,12 @@ def test_graph_replay_matches_eager():
 
 @pytest.mark.parametrize("width", [1, 5])
 def test_model_decode_steps_match_the_cublas_path(tmp_path, width):
-    """A tiny Qwen2 (q/k/v bias, K of 64 and 128) compiled with and without decode_linear (and
-    with it the fused norms and residual adds): the decode windows of 3 sequences (3 and 15 rows)
-    give the same logits up to bf16 rounding, and not bit-identical ones (the other kernel ran);
-    the prefill's 20 rows take cuBLAS either way."""
-    directory = save_tiny(tmp_path, "qwen2")
+    """A tiny Qwen2 (q/k/v bias, K of 256 and 128, head dim 64 as sparse_verify's CUDA kernel
+    needs) compiled with and without decode_linear (and with it the fused norms and residual
+    adds): the decode windows of 3 sequences (3 and 15 rows) give the same logits up to bf16
+    rounding, and not bit-identical ones (the other kernel ran); the prefill's 20 rows take
+    cuBLAS either way."""
+    directory = save_tiny(tmp_path, "qwen2", hidden_size=256)
     config, state_dict, _ = load_checkpoint(directory)
     tokens = torch.randint(0, VOCAB, (3, 20 + width), generator=torch.Generator().manual_seed(0))
     logits = []

@@ -108,10 +108,11 @@ def _linear(
     x: torch.Tensor, weight: torch.Tensor, decode: bool, residual: torch.Tensor | None
 ) -> torch.Tensor:
     """``residual + x @ weight.T`` (no residual: the product alone, e.g. a tensor-parallel
-    rank's partial sum): with ``decode``, one ``ops.decode_linear`` where it applies (a decode
-    step's at most 16 rows, 16-bit, on CUDA), the add fused in; else ``F.linear`` and the add
+    rank's partial sum): with ``decode``, one ``ops.decode_linear`` where it applies and pays (a
+    decode step's at most 16 rows, 16-bit, on CUDA, a weight of at most
+    ``DECODE_LINEAR_MAX_WEIGHT_BYTES``), the add fused in; else ``F.linear`` and the add
     apart."""
-    if decode and _fits_decode_linear(x):
+    if decode and _fits_decode_linear(x, weight):
         return ops.decode_linear(x, weight, residual=residual)
     y = F.linear(x, weight)
     return y if residual is None else residual + y
@@ -125,13 +126,22 @@ def _fused_norm(x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, dict]:
     return x, {"norm_weight": norm.weight, "norm_eps": norm.eps}
 
 
-def _fits_decode_linear(x: torch.Tensor) -> bool:
+#: Largest weight the model hands to ``ops.decode_linear``. bench_decode_linear (H100, 16 rows,
+#: 2026-12-08) has the kernel with its fused glue ahead of cuBLAS with the same glue compiled
+#: around it for every weight up to 55 MB (the 1.5B's gate/up, 1.09x) and behind it from 136 MB
+#: (the 7B's down, 0.88x; lm_heads 0.81-0.87x): there cuBLAS streams the weight faster and the
+#: launches it saves matter less.
+DECODE_LINEAR_MAX_WEIGHT_BYTES = 64 << 20
+
+
+def _fits_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     k = x.shape[-1]
     return (
         x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
         and k % 8 == 0
         and x.numel() <= ops.DECODE_LINEAR_MAX_ROWS * k
+        and weight.numel() * weight.element_size() <= DECODE_LINEAR_MAX_WEIGHT_BYTES
     )
 
 
@@ -182,7 +192,11 @@ class Attention(nn.Module):
         """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of ``norm(x)``, ``x [B, n, H]``."""
         b, n, _ = x.shape
         # D a multiple of 8: the kernel rotates 4 columns of each half-head per tile.
-        rotated = self.decode_linear and self.head_dim % 8 == 0 and _fits_decode_linear(x)
+        rotated = (
+            self.decode_linear
+            and self.head_dim % 8 == 0
+            and _fits_decode_linear(x, self.fused_qkv[0])
+        )
         if self.fused_qkv is None:
             x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -230,7 +244,7 @@ class MLP(nn.Module):
         self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``residual + MLP(norm(x))`` (no residual: the MLP's output alone)."""
-        if self.decode_linear and _fits_decode_linear(x):  # set with the fused weight
+        if self.decode_linear and _fits_decode_linear(x, self.fused_gate_up[0]):  # set with it
             x, fused = _fused_norm(x, norm)
             hidden = ops.decode_linear(x, self.fused_gate_up[0], gated=True, **fused)
         elif self.fused_gate_up is None:
