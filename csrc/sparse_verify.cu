@@ -43,7 +43,7 @@ constexpr int kClusterMaxTiles = 16;
 struct KernelFit {
   int ctas_per_sm = 1;
   /// clusters[s]: clusters of s CTAs resident at once, s = 2..kMaxClusterSplits (0: no
-  /// cluster launch, e.g. before Hopper).
+  /// cluster launch, e.g. before Hopper or where detail::cluster_merges is false).
   int clusters[kMaxClusterSplits + 1] = {};
 
   /// Cluster CTAs of a launch of `ctas` CTAs on `sms` SMs, with `splits` splits of at most
@@ -136,7 +136,8 @@ cudaError_t prepare_kernel(int device, bool hopper, KernelFit* fit) {
                                                         Cfg::kSmemBytes);
     if (err != cudaSuccess) return err;
     found->ctas_per_sm = std::max(n, 1);
-    for (int s = 2; hopper && s <= kMaxClusterSplits; ++s) {
+    // Left at 0 (no cluster launch) for the CTAs whose kernel merges through the workspace.
+    for (int s = 2; hopper && detail::cluster_merges(kMTiles) && s <= kMaxClusterSplits; ++s) {
       err = detail::max_active_clusters(kernel, Cfg::kThreads, Cfg::kSmemBytes, s,
                                         &found->clusters[s]);
       if (err != cudaSuccess) return err;

@@ -52,10 +52,17 @@ def main() -> None:
         out, lse = torch.ops.dustin.sparse_verify(
             q, k, v, table, kv_lens, ids, counts, d**-0.5, "HND"
         )
-    # The dense lists once more, as 4 splits of each list merged on chip (a Hopper cluster) ...
-    per_split = q.numel() // d * (d + 1) * 4
-    workspace = torch.empty(4 * per_split, dtype=torch.uint8, device=dev)
-    ops.sparse_verify_out(q, k, v, table, kv_lens, ids, counts, d**-0.5, "HND", out, lse, workspace)
+    # The dense lists once more, as 4 splits of each list: 64-row CTAs (q = 5) merge by the merge
+    # launch, 16-row ones (q = 2, the window's last two tokens) on chip in a Hopper cluster ...
+    for rows in (q_len, 2):
+        q_rows = q[:, q_len - rows :]
+        out_rows = torch.empty(q_rows.shape, device=dev, dtype=dtype)
+        lse_rows = torch.empty(q_rows.shape[:-1], device=dev)
+        per_split = q_rows.numel() // d * (d + 1) * 4
+        workspace = torch.empty(4 * per_split, dtype=torch.uint8, device=dev)
+        ops.sparse_verify_out(
+            q_rows, k, v, table, kv_lens, ids, counts, d**-0.5, "HND", out_rows, lse_rows, workspace
+        )
     # ... and one long sequence cut into more splits than a cluster holds: the merge launch.
     long_len = 6000
     long_pages = -(-long_len // page)

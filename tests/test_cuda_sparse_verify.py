@@ -242,18 +242,21 @@ def test_split_and_unsplit_paths_agree():
         assert_close(out2, lse2, ref_out, ref_lse, torch.bfloat16, f"seed {seed} B={batch} op")
 
 
-# On Hopper the splits of a list merge on chip when they form one thread-block cluster: at most
-# this many splits of at most 16 KV tiles (1024 tokens) each. Other splits write partials for
-# the merge launch.
+# On Hopper the splits of a list of 16-row CTAs merge on chip when they form one thread-block
+# cluster: at most this many splits of at most 16 KV tiles (1024 tokens) each. Other splits
+# (and every split of 64-row CTAs) write partials for the merge launch.
 MAX_CLUSTER_SPLITS = 8
 
 
 @pytest.mark.parametrize(
-    "group,q_len", [(6, 4), (7, 1)], ids=["64-row CTA", "16-row CTA (the draft's q = 1)"]
+    "group,q_len",
+    [(6, 4), (7, 1)],
+    ids=["64-row CTA (launch merges)", "16-row CTA (the draft's q = 1; both merges)"],
 )
 def test_split_counts_and_both_merges(group, q_len):
     """A workspace for fewer splits than planned gives fewer, longer splits: same results, from
-    2 splits through the largest cluster merge to the first launch merge and the planner's count."""
+    2 splits through the largest cluster merge (16-row CTAs) to the first launch merge and the
+    planner's count."""
     gen, seed = fresh_generator()
     c = make_case(
         gen,

@@ -156,6 +156,13 @@ __device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& 
 /// Most splits merged on chip: the portable thread-block-cluster size.
 constexpr int kMaxClusterSplits = 8;
 
+/// Whether CTAs of `m_tiles` 16-row tiles merge their splits in a cluster: 16-row CTAs only.
+/// On the H100 (bench_sparse_verify, 2026-12-08) clusters made the 16-row CTAs (q = 2) of
+/// short splits 1.02-1.14x as fast, but the 64-row ones (q = 5 and 8) 0.89-1.04x: with four
+/// times the rows per CTA the merge through distributed shared memory outweighs the launch
+/// it saves.
+constexpr bool cluster_merges(int m_tiles) { return m_tiles == 1; }
+
 /// CTAs in this CTA's thread-block cluster (1 when launched without one, and before sm_90).
 __device__ __forceinline__ int cluster_ctas() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -186,9 +193,9 @@ __device__ __forceinline__ const U* cluster_peer(const U* ptr, int rank) {
 /// Attention of the query rows [row_chunk * kRows, +kRows) of KV head h of sequence b over the
 /// tiles [split's share] of its attended slots. Grid: one CTA per (b, h, row chunk, split), the
 /// split fastest. With one split the CTA writes out and lse. Launched with the splits of a list
-/// as one thread-block cluster (Hopper, at most kMaxClusterSplits), the CTAs merge their
-/// partials through distributed shared memory, each storing a share of the rows; otherwise
-/// they write fp32 partials (normalised output and log2-domain lse) for
+/// as one thread-block cluster (Hopper, 16-row CTAs, at most kMaxClusterSplits), the CTAs
+/// merge their partials through distributed shared memory, each storing a share of the rows;
+/// otherwise they write fp32 partials (normalised output and log2-domain lse) for
 /// sparse_verify_merge_kernel.
 template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
 __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>::kThreads)
@@ -563,7 +570,8 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
   // max) / row sum. The row's statistics, its output row and its lse are worked out here once
   // per row (by the warp_n = 0 warp), not once per stored vector: the epilogue is serial
   // scalar code of one warp per scheduler, on the critical path of every small-budget call.
-  const bool cluster_merge = num_splits > 1 && cluster_ctas() == num_splits;
+  const bool cluster_merge =
+      cluster_merges(kMTiles) && num_splits > 1 && cluster_ctas() == num_splits;
   const bool write_partial = num_splits > 1 && !cluster_merge;
   const int64_t rows_per_split = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
   float* ws_out = static_cast<float*>(p.workspace);                 // [splits, B*q*Hq, D]
