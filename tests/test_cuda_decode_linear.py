@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import fresh_generator
+from dustin import model as model_module
 from dustin import ops
 from dustin.checkpoint import load_checkpoint
 from dustin.model import Transformer
@@ -203,3 +204,14 @@ def test_model_decode_steps_match_the_cublas_path(tmp_path, width):
         logits.append(out.float().cpu())
     assert relative_error(logits[1], logits[0]) < 3e-2
     assert not torch.equal(logits[1], logits[0]), "decode_linear did not run"
+
+
+def test_model_takes_cublas_for_large_weights():
+    """The model's choice of kernel: a 0.5B draft's q/k/v weight goes to decode_linear, a 7B's
+    (33 MB, past DECODE_LINEAR_MAX_WEIGHT_BYTES) to cuBLAS, as do 17 rows."""
+    x = torch.ones(16, 896, device="cuda", dtype=torch.bfloat16)
+    small = torch.ones(1152, 896, device="cuda", dtype=torch.bfloat16)
+    large = torch.ones(4608, 3584, device="cuda", dtype=torch.bfloat16)
+    assert model_module._fits_decode_linear(x, small)
+    assert not model_module._fits_decode_linear(x.new_ones(16, 3584), large)
+    assert not model_module._fits_decode_linear(x.new_ones(17, 896), small)

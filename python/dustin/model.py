@@ -126,12 +126,13 @@ def _fused_norm(x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, dict]:
     return x, {"norm_weight": norm.weight, "norm_eps": norm.eps}
 
 
-#: Largest weight the model hands to ``ops.decode_linear``. bench_decode_linear (H100, 16 rows,
-#: 2026-12-08) has the kernel with its fused glue ahead of cuBLAS with the same glue compiled
-#: around it for every weight up to 55 MB (the 1.5B's gate/up, 1.09x) and behind it from 136 MB
-#: (the 7B's down, 0.88x; lm_heads 0.81-0.87x): there cuBLAS streams the weight faster and the
-#: launches it saves matter less.
-DECODE_LINEAR_MAX_WEIGHT_BYTES = 64 << 20
+#: Largest weight the model hands to ``ops.decode_linear``. In bench_e2e (H100, 7B/0.5B, B 16,
+#: 2026-12-08) the 0.5B draft's projections (1.6-17.4 MB) through it took the draft phase from
+#: 5.37 to 4.93 ms, while the 7B's q/k/v (33 MB) and o (25.7 MB) through it, all larger ones
+#: apart, made plain decoding slower (15.59 to 15.83 ms): from a few tens of MB on cuBLAS streams
+#: the weight faster (bench_decode_linear: 0.76-0.96x alone), and the glue fused into the
+#: kernel, which the bench's compiled peer keeps apart, the compiled model fuses elsewhere.
+DECODE_LINEAR_MAX_WEIGHT_BYTES = 20 << 20
 
 
 def _fits_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
