@@ -148,13 +148,11 @@ cudaError_t prepare_kernel(int device, bool hopper, KernelFit* fit) {
 
 /// Estimated microseconds of a plan with `splits` CTAs per list: the busiest SM runs its CTAs
 /// in waves of `ctas_per_sm` (a lone CTA at `lone_throughput` of the rate), each wave paying a
-/// CTA start; a split plan merged by the merge launch adds the fp32 partials written and read
-/// back (spread over all SMs) and the merge's tail. Splits merged on chip (`cluster_merge`) add
-/// neither: the 0.5B draft's q = 1 window over 512 tokens (B 16, H100) took 7.6-7.9 us in 3 to 8
-/// clustered splits and 8.9 us in the 9 splits the launch merge's cost had chosen.
+/// CTA start; a split plan adds the fp32 partials written and read back (spread over all SMs)
+/// and the merge's tail. (Short splits merge in a cluster instead, a little faster still: the
+/// model keeps the launch merge's cost, whose fit it was tuned with.)
 double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ctas_per_sm,
-               double tile_bytes, double split_partial_bytes, double lone_throughput,
-               bool cluster_merge) {
+               double tile_bytes, double split_partial_bytes, double lone_throughput) {
   const int64_t sm_ctas = (base_ctas * splits + sms - 1) / sms;
   const double cta_read_us = static_cast<double>((max_tiles + splits - 1) / splits) * tile_bytes /
                              kSmBytesPerUs;
@@ -163,9 +161,7 @@ double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ct
   };
   double us = static_cast<double>(sm_ctas / ctas_per_sm) * wave_us(ctas_per_sm);
   if (sm_ctas % ctas_per_sm != 0) us += wave_us(sm_ctas % ctas_per_sm);
-  if (splits > 1 && !cluster_merge) {
-    us += kMergeUs + 2.0 * splits * split_partial_bytes / sms / kSmBytesPerUs;
-  }
+  if (splits > 1) us += kMergeUs + 2.0 * splits * split_partial_bytes / sms / kSmBytesPerUs;
   return us;
 }
 
@@ -176,14 +172,13 @@ struct SplitChoice {
 
 /// The split count with the smallest estimated time (ties: fewer splits). Splitting pays when it
 /// brings idle SMs or CTA slots to work on lists long enough to repay the merge.
-SplitChoice choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, const KernelFit& fit,
+SplitChoice choose_splits(int64_t base_ctas, int64_t max_tiles, int sms, int ctas_per_sm,
                           double tile_bytes, double split_partial_bytes) {
   const int limit = static_cast<int>(std::min<int64_t>(max_tiles, kMaxSplits));
   SplitChoice best;
   for (int s = 1; s <= limit; ++s) {
-    const bool cluster_merge = fit.cluster_ctas(s, (max_tiles + s - 1) / s, base_ctas * s, sms) > 1;
-    const double us = plan_us(base_ctas, max_tiles, s, sms, fit.ctas_per_sm, tile_bytes,
-                              split_partial_bytes, kSingleCtaThroughput, cluster_merge);
+    const double us = plan_us(base_ctas, max_tiles, s, sms, ctas_per_sm, tile_bytes,
+                              split_partial_bytes, kSingleCtaThroughput);
     if (s == 1 || us < best.us) best = {s, us};
   }
   return best;
@@ -210,8 +205,8 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
       static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads * (kHeadDim + 1) * sizeof(float);
   const double tile_bytes = Cfg::kStageElems * 2.0;
   const double split_partial_bytes = static_cast<double>(plan->split_bytes);
-  const SplitChoice one =
-      choose_splits(base_ctas, max_tiles, sms, plan->fit, tile_bytes, split_partial_bytes);
+  const SplitChoice one = choose_splits(base_ctas, max_tiles, sms, plan->fit.ctas_per_sm,
+                                        tile_bytes, split_partial_bytes);
   plan->num_splits = one.splits;
   plan->max_tiles = max_tiles;
   plan->sms = sms;
@@ -222,7 +217,7 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
       const int splits = static_cast<int>(
           std::min<int64_t>({max_tiles, sms / base_ctas, int64_t{kMaxSplits}}));
       const double us = plan_us(base_ctas, max_tiles, std::max(splits, 1), sms, 1, tile_bytes,
-                                split_partial_bytes, kTwoWarpgroupThroughput, false);
+                                split_partial_bytes, kTwoWarpgroupThroughput);
       if (us < one.us) {
         if ((err = prepare_kernel<T, kHeadDim, 4, 2>(device, hopper, &plan->fit)) != cudaSuccess) {
           return err;

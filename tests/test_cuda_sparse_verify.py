@@ -270,8 +270,8 @@ def test_split_counts_and_both_merges(group, q_len):
         layout="HND",
         mode="full",
         per_head=True,
-        max_len=8000,
-        min_len=7900,
+        max_len=2000,
+        min_len=1900,
     )
     planned = c.workspace_bytes()
     per_split = c.q.shape[0] * c.q.shape[1] * c.q.shape[2] * (c.q.shape[3] + 1) * 4
