@@ -522,7 +522,13 @@ def run_sweep(args) -> Report:
     report.notes.append(
         "layer glue (norms, projections, RoPE, MLP) compiled by torch.compile, q/k/v and "
         "gate/up fused into one GEMM each (Transformer.compile_layers), attention through "
-        "dustin's ops, for every method"
+        "dustin's ops, for every method; projections of up to 16 rows "
+        + (
+            "through dustin.ops.decode_linear with the layer's glue fused in (norms, RoPE, "
+            "activation, residual adds)"
+            if args.decode_linear
+            else "through cuBLAS (--no-decode-linear)"
+        )
         if args.compile
         else "layer glue run as eager PyTorch ops (--no-compile)"
     )
@@ -546,8 +552,8 @@ def run_sweep(args) -> Report:
             target, draft = random_target(target_cfg, args.tp), random_model(draft_cfg, 1)
             pair_cfg = PairConfig.default_for(draft_cfg, target_cfg)
         if args.compile:
-            target.compile_layers()
-            draft.compile_layers()
+            target.compile_layers(decode_linear=args.decode_linear)
+            draft.compile_layers(decode_linear=args.decode_linear)
         report.notes.append(f"{pair}: retrieval heads and draft share: {pair_cfg.note}")
         for context in args.contexts:
             for batch in args.batches:
@@ -817,6 +823,13 @@ def main() -> None:
         dest="compile",
         action="store_false",
         help="run the layer glue as eager ops instead of torch.compile'd kernels",
+    )
+    parser.add_argument(
+        "--no-decode-linear",
+        dest="decode_linear",
+        action="store_false",
+        help="decode-step projections through cuBLAS and the compiled glue instead of "
+        "dustin.ops.decode_linear with the glue fused in",
     )
     parser.add_argument(
         "--no-peers", dest="peers", action="store_false", help="skip the dense attention peer check"

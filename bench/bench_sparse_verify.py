@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import sys
 import time
@@ -59,7 +60,10 @@ SHAPES = {
     "qwen2.5-coder-1.5b": Shape("qwen2.5-coder-1.5b", 12, 2),
     "qwen2.5-7b": Shape("qwen2.5-7b", 28, 4),
     "qwen2.5-72b": Shape("qwen2.5-72b", 64, 8),
+    # The draft of the 7B pair: its q = 1 windows over the streaming window's ~33 blocks.
+    "qwen2.5-0.5b": Shape("qwen2.5-0.5b", 14, 2, head_dim=64),
 }
+TARGET_SHAPES = ["qwen2.5-coder-1.5b", "qwen2.5-7b", "qwen2.5-72b"]
 DTYPE = torch.bfloat16
 ELEM = 2  # bytes per bf16 element
 # Copies of a small cache made for the L2 rotation stay under this many bytes of K and V.
@@ -319,16 +323,19 @@ def bench_dustin(report: Report, args, gen: torch.Generator) -> dict:
 
 
 def bench_split_sweep(report: Report, args, gen: torch.Generator) -> None:
-    """The planner's split count against smaller ones at the headline points (B=16, 32k, q=5,
-    P=16): shows what its splitting buys. A workspace only caps the split count, so counts
+    """The planner's split count against smaller ones at the headline points (B=16, 32k,
+    q in --sweep-q, P=16): shows what its splitting buys, and (8 splits and fewer of 16-row
+    CTAs merge in a cluster on Hopper) what the merge launch of more costs. A workspace only caps the split count, so counts
     above the planner's cannot be forced and are not listed (sweep rows above the planner's
     count in results up to sparse_verify-20261129-211803 ran the planner's count)."""
     for shape_name in args.sweep_shapes:
         shape = SHAPES[shape_name]
         case = PagedCase(shape, 16, 32768, 16, gen, args.rotate_bytes)
-        q = torch.randn(16, 5, shape.num_qo_heads, shape.head_dim, device="cuda", dtype=DTYPE)
-        for budget in (None, 512):
-            sets, tokens = case.lists(budget, 5)
+        for q_len, budget in itertools.product(args.sweep_q, (None, 512)):
+            q = torch.randn(
+                16, q_len, shape.num_qo_heads, shape.head_dim, device="cuda", dtype=DTYPE
+            )
+            sets, tokens = case.lists(budget, q_len)
             nbytes = case.kv_bytes(tokens) + 2 * q.numel() * ELEM
             chosen = planned_splits(case, q, sets[0])
             mode = "dense" if budget is None else f"sparse-{budget}"
@@ -340,13 +347,15 @@ def bench_split_sweep(report: Report, args, gen: torch.Generator) -> None:
                     shape=shape_name,
                     B=16,
                     ctx=32768,
-                    q=5,
+                    q=q_len,
                     P=16,
                     mode=mode,
                     splits=label,
                     **timing_columns(t, nbytes, case.rotated_mb(len(sets), tokens)),
                 )
-                print(f"split sweep {shape_name} {mode} splits={label}: {t.best_us:.1f} us")
+                print(
+                    f"split sweep {shape_name} q={q_len} {mode} splits={label}: {t.best_us:.1f} us"
+                )
         del case
         torch.cuda.empty_cache()
 
@@ -623,7 +632,7 @@ def summarize(report: Report, ours: dict, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small subset of the grid")
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=TARGET_SHAPES, choices=list(SHAPES))
     parser.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 131072])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 64])
     parser.add_argument("--q", nargs="+", type=int, default=[2, 4, 5, 8])
@@ -649,9 +658,12 @@ def main() -> None:
     parser.add_argument(
         "--sweep-shapes",
         nargs="*",
-        default=["qwen2.5-coder-1.5b", "qwen2.5-7b", "qwen2.5-72b"],
+        default=TARGET_SHAPES,
         choices=list(SHAPES),
         help="shapes of the split-count sweep (none: skip it)",
+    )
+    parser.add_argument(
+        "--sweep-q", nargs="+", type=int, default=[5], help="window lengths of the split sweep"
     )
     parser.add_argument(
         "--warm-l2",

@@ -10,5 +10,6 @@ Status block_scores(const BlockScoresParams&, cudaStream_t) { return Status::kUn
 size_t block_scores_workspace_bytes(const BlockScoresParams&) { return 0; }
 Status select_blocks(const SelectBlocksParams&, cudaStream_t) { return Status::kUnsupported; }
 Status store_kv(const StoreKVParams&, cudaStream_t) { return Status::kUnsupported; }
+Status decode_linear(const DecodeLinearParams&, cudaStream_t) { return Status::kUnsupported; }
 
 }  // namespace dustin

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <mutex>
 
 #include "dustin/dispatch.h"
 #include "dustin/dustin.h"
@@ -33,6 +32,35 @@ constexpr double kCtaStartUs = 3.0;
 /// The merge launch's tail beyond reading the partials back.
 constexpr double kMergeUs = 2.0;
 constexpr int kMergeThreads = 128;
+constexpr int kMaxClusterSplits = detail::kMaxClusterSplits;
+/// Splits of at most this many tiles each merge in a cluster. There the merge launch's tail is
+/// a large part of the call; with longer splits it is not, and a cluster's CTAs, placed
+/// together on one GPC, can leave SMs elsewhere idle (a 32k dense split sweep on the H200 ran
+/// 0.75-0.84x as fast merged in clusters).
+constexpr int kClusterMaxTiles = 16;
+
+/// How the CTAs of one kernel instantiation fit on a device.
+struct KernelFit {
+  int ctas_per_sm = 1;
+  /// clusters[s]: clusters of s CTAs resident at once, s = 2..kMaxClusterSplits (0: no
+  /// cluster launch, e.g. before Hopper or where detail::cluster_merges is false).
+  int clusters[kMaxClusterSplits + 1] = {};
+
+  /// Cluster CTAs of a launch of `ctas` CTAs on `sms` SMs, with `splits` splits of at most
+  /// `split_tiles` tiles: the splits themselves where a cluster of them fits and pays (they
+  /// then merge on chip), else 1 (the merge launch, when split). A cluster's CTAs share one
+  /// GPC, so fewer of them may be resident than CTAs alone: clusters are used only when they
+  /// all run in as few waves as the CTAs would (on the H100, 32 clusters of four one-per-SM
+  /// CTAs, 128 CTAs on 132 SMs, took a second wave: 0.58-0.79x).
+  int cluster_ctas(int splits, int64_t split_tiles, int64_t ctas, int sms) const {
+    const bool fits = splits >= 2 && splits <= kMaxClusterSplits && clusters[splits] > 0;
+    if (!fits || split_tiles > kClusterMaxTiles) return 1;
+    const int64_t slots = static_cast<int64_t>(sms) * ctas_per_sm;
+    const int64_t waves = (ctas + slots - 1) / slots;
+    const int64_t cluster_waves = (ctas / splits + clusters[splits] - 1) / clusters[splits];
+    return cluster_waves <= waves ? splits : 1;
+  }
+};
 
 /// How one call is cut into CTAs.
 struct LaunchPlan {
@@ -40,6 +68,9 @@ struct LaunchPlan {
   int num_splits = 1;      // CTAs sharing one (b, h, row chunk)'s block list
   int warpgroups = 1;      // 2: one CTA of two warpgroups per SM (64-row CTAs, Hopper)
   size_t split_bytes = 0;  // workspace per split
+  int64_t max_tiles = 0;   // KV tiles of the longest possible list
+  int sms = 0;
+  KernelFit fit;           // of the kernel the plan launches
 };
 
 /// 16-row MMA tiles per CTA for G * q query rows. On Hopper every window of more than 16 rows
@@ -88,34 +119,38 @@ Status validate(const SparseVerifyParams& p, bool need_data) {
   return Status::kOk;
 }
 
-/// Raises the kernel's shared-memory limit and returns how many of its CTAs fit on one SM, once
-/// per device (host-side queries only: nothing synchronises, so graph capture is safe).
+/// Raises the kernel's shared-memory limit and works out how its CTAs (and, on Hopper, its
+/// clusters) fit on the device, once per device (host-side queries only: nothing
+/// synchronises, so graph capture is safe).
 template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
-cudaError_t prepare_kernel(int device, int* ctas_per_sm) {
-  static std::mutex mutex;
-  static int cached[detail::kMaxCachedDevices] = {};
-  std::lock_guard<std::mutex> lock(mutex);
-  if (device < detail::kMaxCachedDevices && cached[device] > 0) {
-    *ctas_per_sm = cached[device];
+cudaError_t prepare_kernel(int device, bool hopper, KernelFit* fit) {
+  return detail::once_per_device(device, fit, [hopper](KernelFit* found) {
+    using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
+    const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           Cfg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    *found = KernelFit{};
+    int n = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads,
+                                                        Cfg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    found->ctas_per_sm = std::max(n, 1);
+    // Left at 0 (no cluster launch) for the CTAs whose kernel merges through the workspace.
+    for (int s = 2; hopper && detail::cluster_merges(kMTiles) && s <= kMaxClusterSplits; ++s) {
+      err = detail::max_active_clusters(kernel, Cfg::kThreads, Cfg::kSmemBytes, s,
+                                        &found->clusters[s]);
+      if (err != cudaSuccess) return err;
+    }
     return cudaSuccess;
-  }
-  using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
-  const auto kernel = detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  int n = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  *ctas_per_sm = std::max(n, 1);
-  if (device < detail::kMaxCachedDevices) cached[device] = *ctas_per_sm;
-  return cudaSuccess;
+  });
 }
 
 /// Estimated microseconds of a plan with `splits` CTAs per list: the busiest SM runs its CTAs
 /// in waves of `ctas_per_sm` (a lone CTA at `lone_throughput` of the rate), each wave paying a
 /// CTA start; a split plan adds the fp32 partials written and read back (spread over all SMs)
-/// and the merge's tail.
+/// and the merge's tail. (Short splits merge in a cluster instead, a little faster still: the
+/// model keeps the launch merge's cost, whose fit it was tuned with.)
 double plan_us(int64_t base_ctas, int64_t max_tiles, int splits, int sms, int ctas_per_sm,
                double tile_bytes, double split_partial_bytes, double lone_throughput) {
   const int64_t sm_ctas = (base_ctas * splits + sms - 1) / sms;
@@ -158,8 +193,7 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
   int sms = 0;
   err = detail::device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms);
   if (err != cudaSuccess) return err;
-  int ctas_per_sm = 0;
-  if ((err = prepare_kernel<T, kHeadDim, kMTiles, 1>(device, &ctas_per_sm)) != cudaSuccess) {
+  if ((err = prepare_kernel<T, kHeadDim, kMTiles, 1>(device, hopper, &plan->fit)) != cudaSuccess) {
     return err;
   }
   const int rows = p.num_qo_heads / p.kv.num_kv_heads * p.q_len;
@@ -171,9 +205,11 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
       static_cast<size_t>(p.batch_size) * p.q_len * p.num_qo_heads * (kHeadDim + 1) * sizeof(float);
   const double tile_bytes = Cfg::kStageElems * 2.0;
   const double split_partial_bytes = static_cast<double>(plan->split_bytes);
-  const SplitChoice one = choose_splits(base_ctas, max_tiles, sms, ctas_per_sm, tile_bytes,
-                                        split_partial_bytes);
+  const SplitChoice one = choose_splits(base_ctas, max_tiles, sms, plan->fit.ctas_per_sm,
+                                        tile_bytes, split_partial_bytes);
   plan->num_splits = one.splits;
+  plan->max_tiles = max_tiles;
+  plan->sms = sms;
   if constexpr (kMTiles == 4) {
     // The alternative: one CTA of two warpgroups on each SM, lists split as far as that fills
     // the SMs.
@@ -183,8 +219,9 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
       const double us = plan_us(base_ctas, max_tiles, std::max(splits, 1), sms, 1, tile_bytes,
                                 split_partial_bytes, kTwoWarpgroupThroughput);
       if (us < one.us) {
-        int unused = 0;
-        if ((err = prepare_kernel<T, kHeadDim, 4, 2>(device, &unused)) != cudaSuccess) return err;
+        if ((err = prepare_kernel<T, kHeadDim, 4, 2>(device, hopper, &plan->fit)) != cudaSuccess) {
+          return err;
+        }
         plan->num_splits = std::max(splits, 1);
         plan->warpgroups = 2;
       }
@@ -198,7 +235,7 @@ cudaError_t make_plan(const SparseVerifyParams& p, bool hopper, LaunchPlan* plan
 /// wait on the grid dependency before their first read.
 template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
 cudaError_t launch_attention(const SparseVerifyParams& p, cudaStream_t stream, bool hopper,
-                             int splits, int row_chunks) {
+                             int splits, int row_chunks, int cluster_ctas) {
   using Cfg = detail::VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>;
   const int64_t ctas = static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * splits * row_chunks;
   detail::VerifyDivisors div;
@@ -207,9 +244,10 @@ cudaError_t launch_attention(const SparseVerifyParams& p, cudaStream_t stream, b
   div.kv_heads = cutlass::FastDivmod(p.kv.num_kv_heads);
   div.group = cutlass::FastDivmod(p.num_qo_heads / p.kv.num_kv_heads);
   div.page_size = cutlass::FastDivmod(p.kv.page_size);
-  return detail::launch_kernel(detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>,
-                               dim3(static_cast<unsigned>(ctas)), dim3(Cfg::kThreads),
-                               Cfg::kSmemBytes, stream, hopper, p, div);
+  return detail::launch_kernel_clustered(
+      detail::sparse_verify_kernel<T, kHeadDim, kMTiles, kWarpgroups>,
+      dim3(static_cast<unsigned>(ctas)), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, hopper,
+      cluster_ctas, p, div);
 }
 
 template <typename T, int kHeadDim, int kMTiles>
@@ -221,21 +259,29 @@ Status plan_and_launch(const SparseVerifyParams& p, cudaStream_t stream, bool ho
     *workspace_bytes = plan.num_splits > 1 ? plan.num_splits * plan.split_bytes : 0;
     return Status::kOk;
   }
-  // Split only as far as the caller's workspace allows.
+  // Split only as far as the caller's workspace allows (the contract is the same whether the
+  // splits then merge through it or, in a cluster, on chip).
   const size_t affordable = p.workspace == nullptr ? 0 : p.workspace_bytes / plan.split_bytes;
   int splits = static_cast<int>(std::min<size_t>(plan.num_splits, affordable));
   if (splits < 2) splits = 1;
+  const int64_t ctas =
+      static_cast<int64_t>(p.batch_size) * p.kv.num_kv_heads * splits * plan.row_chunks;
+  const int cluster =
+      plan.fit.cluster_ctas(splits, (plan.max_tiles + splits - 1) / splits, ctas, plan.sms);
 
   cudaError_t err;
   if constexpr (kMTiles == 4) {
     err = plan.warpgroups == 2
-              ? launch_attention<T, kHeadDim, 4, 2>(p, stream, hopper, splits, plan.row_chunks)
-              : launch_attention<T, kHeadDim, 4, 1>(p, stream, hopper, splits, plan.row_chunks);
+              ? launch_attention<T, kHeadDim, 4, 2>(p, stream, hopper, splits, plan.row_chunks,
+                                                    cluster)
+              : launch_attention<T, kHeadDim, 4, 1>(p, stream, hopper, splits, plan.row_chunks,
+                                                    cluster);
   } else {
-    err = launch_attention<T, kHeadDim, kMTiles, 1>(p, stream, hopper, splits, plan.row_chunks);
+    err = launch_attention<T, kHeadDim, kMTiles, 1>(p, stream, hopper, splits, plan.row_chunks,
+                                                    cluster);
   }
   if (err != cudaSuccess) return Status::kCudaError;
-  if (splits > 1) {
+  if (splits > 1 && cluster == 1) {
     const int64_t rows = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
     const int64_t rows_per_cta = splits >= detail::kMergeSplitsPerCta ? 1 : kMergeThreads / 32;
     // On Hopper the merge is a programmatic dependent launch: its CTAs start while the

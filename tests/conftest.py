@@ -27,6 +27,13 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def fresh_generator() -> tuple[torch.Generator, int]:
+    """A generator on a new random seed, and the seed (for failure messages): fresh inputs every
+    run."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    return torch.Generator().manual_seed(seed), seed
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     why = cuda_unavailable_reason()
     if why is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import reference
 import torch
-from conftest import PagedCache, make_block_lists, make_paged_cache
+from conftest import PagedCache, fresh_generator, make_block_lists, make_paged_cache
 from dustin import ops
 
 # conftest skips `cuda` tests with the reason when no GPU or no CUDA build is present.
@@ -83,11 +83,12 @@ def make_case(
     mode: str,
     per_head: bool,
     max_len: int = 700,
+    min_len: int = 0,
     pooled: bool = False,
 ) -> Case:
     """Shared random paged cache (NaN past every length), a strided q (a view of a fused qkv)
     and random, full ("every block": dense) or empty lists."""
-    lens = torch.randint(q_len, max_len + 1, (batch,), generator=gen).tolist()
+    lens = torch.randint(max(q_len, min_len), max_len + 1, (batch,), generator=gen).tolist()
     lens[0] = max(q_len, lens[0] // page * page + (page > 1))  # a partly filled last page
     cache = make_paged_cache(
         lens,
@@ -145,11 +146,6 @@ def assert_close(out, lse, ref_out, ref_lse, dtype, what: str) -> None:
     assert err < OUT_RTOL[dtype], f"{what}: relative error {err:.2e}"
     lse_err = (lse.double() - ref_lse).abs().max()
     assert lse_err < LSE_ATOL, f"{what}: lse error {lse_err:.2e}"
-
-
-def fresh_generator() -> tuple[torch.Generator, int]:
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    return torch.Generator().manual_seed(seed), seed
 
 
 # Each (dtype, D, layout, P) case runs three shapes; the rotation below gives every G, q, list
@@ -246,28 +242,44 @@ def test_split_and_unsplit_paths_agree():
         assert_close(out2, lse2, ref_out, ref_lse, torch.bfloat16, f"seed {seed} B={batch} op")
 
 
-def test_smaller_workspace_caps_the_split_count():
-    """A workspace for fewer splits than planned gives fewer, longer splits: same results."""
+# On Hopper the splits of a list of 16-row CTAs merge on chip when they form one thread-block
+# cluster: at most this many splits of at most 16 KV tiles (1024 tokens) each. Other splits
+# (and every split of 64-row CTAs) write partials for the merge launch.
+MAX_CLUSTER_SPLITS = 8
+
+
+@pytest.mark.parametrize(
+    "group,q_len",
+    [(6, 4), (7, 1)],
+    ids=["64-row CTA (launch merges)", "16-row CTA (the draft's q = 1; both merges)"],
+)
+def test_split_counts_and_both_merges(group, q_len):
+    """A workspace for fewer splits than planned gives fewer, longer splits: same results, from
+    2 splits through the largest cluster merge (16-row CTAs) to the first launch merge and the
+    planner's count."""
     gen, seed = fresh_generator()
     c = make_case(
         gen,
         batch=1,
-        q_len=4,
-        group=6,
+        q_len=q_len,
+        group=group,
         num_kv_heads=2,
         head_dim=64,
         page=8,
         dtype=torch.float16,
         layout="HND",
-        mode="random",
+        mode="full",
         per_head=True,
-        max_len=2500,
+        max_len=2000,
+        min_len=1900,
     )
     planned = c.workspace_bytes()
     per_split = c.q.shape[0] * c.q.shape[1] * c.q.shape[2] * (c.q.shape[3] + 1) * 4
-    assert planned >= 4 * per_split, f"expected a plan of 4+ splits, got {planned} bytes"
+    assert planned > (MAX_CLUSTER_SPLITS + 1) * per_split, (
+        f"expected a plan of more than {MAX_CLUSTER_SPLITS + 1} splits, got {planned} bytes"
+    )
     ref_out, ref_lse = reference.sparse_verify(*c.args())
-    for splits in (2, 3, planned // per_split - 1):
+    for splits in (2, 3, MAX_CLUSTER_SPLITS, MAX_CLUSTER_SPLITS + 1, planned // per_split):
         workspace = torch.empty(splits * per_split, dtype=torch.uint8, device="cuda")
         out, lse = run_cuda(c, workspace)
         assert_close(out, lse, ref_out, ref_lse, torch.float16, f"seed {seed} splits={splits}")

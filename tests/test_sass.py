@@ -134,3 +134,25 @@ def test_checker_finds_a_clobbered_q_fragment():
     assert q_regs == {88, 89, 90, 91}
     assert clobbers == ["0x30: @P0 IMAD R89, R121, 0x4, R0"]
     assert q_fragment_clobbers(code[:2] + code[3:])[1] == []
+
+
+def test_decode_linear_streams_its_weights_in_16_byte_loads(sm90_sass):
+    """Every decode_linear instance: its global loads are 16-byte vectors (the weights with L1
+    no-allocate), but for the bias and residual; products on the tensor cores in the input's
+    type; nothing in local memory (the batches' register arrays stay in registers)."""
+    kernels = {
+        name: code for name, code in functions(sm90_sass).items() if "decode_linear_kernel" in name
+    }
+    assert len(kernels) == 8, f"expected bf16/fp16 x plain/gated x normed, found {sorted(kernels)}"
+    for name, code in kernels.items():
+        opcodes = [t.split()[0] for _, t in code if not t.startswith("@")] + [
+            t.split()[1] for _, t in code if t.startswith("@")
+        ]
+        loads = [op for op in opcodes if op.startswith("LDG")]
+        narrow = [op for op in loads if ".128" not in op and op != "LDG.E.U16"]
+        assert not narrow, f"{name}: loads narrower than 16 bytes: {narrow}"
+        assert any(".NA.128" in op for op in loads), f"{name}: no L1-bypassing weight loads"
+        mma = "HMMA.16816.F32.BF16" if "bfloat16" in name else "HMMA.16816.F32"
+        assert mma in opcodes, f"{name}: no {mma}"
+        spills = [op for op in opcodes if op.startswith(("LDL", "STL"))]
+        assert not spills, f"{name}: local memory: {spills}"

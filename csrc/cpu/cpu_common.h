@@ -155,6 +155,19 @@ DUSTIN_CPU_INLINE void store_row(const float* src, DType t, int32_t n, void* dst
   }
 }
 
+/// x as storing it in dtype `t` keeps it.
+DUSTIN_CPU_INLINE float round_to(float x, DType t) {
+  switch (t) {
+    case DType::kBFloat16:
+      return bf16_to_float(float_to_bf16(x));
+    case DType::kFloat16:
+      return fp16_to_float(float_to_fp16(x));
+    case DType::kFloat32:
+      break;
+  }
+  return x;
+}
+
 DUSTIN_CPU_INLINE size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 inline bool valid_dtype(DType t) {

@@ -46,6 +46,15 @@ void select_blocks_out(const at::Tensor& draft_scores,
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& pages, const at::Tensor& slots, const std::string& kv_layout);
 
+/// y = x weight^T (+ bias), or silu(gate) * up of it when gated, for at most 16 rows of x;
+/// optionally of RMSNorm(x; norm_weight), plus a residual, or with RoPE on leading columns.
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, bool gated,
+                         const std::optional<at::Tensor>& norm_weight, double norm_eps,
+                         const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& rope_cos,
+                         const std::optional<at::Tensor>& rope_sin, int64_t rope_columns);
+
 // Checks of every argument including tensor values (copied to the host), without running the
 // op: dustin.ops runs them for CUDA tensors when validate=True.
 void validate_sparse_verify(const at::Tensor& q, const at::Tensor& k_cache,
@@ -103,5 +112,12 @@ void select_blocks_out_meta(const at::Tensor& draft_scores,
 void store_kv_meta(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                    at::Tensor& v_cache, const at::Tensor& pages, const at::Tensor& slots,
                    const std::string& kv_layout);
+
+at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, bool gated,
+                              const std::optional<at::Tensor>& norm_weight, double norm_eps,
+                              const std::optional<at::Tensor>& residual,
+                              const std::optional<at::Tensor>& rope_cos,
+                              const std::optional<at::Tensor>& rope_sin, int64_t rope_columns);
 
 }  // namespace dustin::torch_ops

@@ -33,6 +33,10 @@ TORCH_LIBRARY(dustin, m) {
   m.def(
       "store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pages, "
       "Tensor slots, str kv_layout=\"HND\") -> ()");
+  m.def(
+      "decode_linear(Tensor x, Tensor weight, Tensor? bias=None, bool gated=False, "
+      "Tensor? norm_weight=None, float norm_eps=1e-6, Tensor? residual=None, "
+      "Tensor? rope_cos=None, Tensor? rope_sin=None, int rope_columns=0) -> Tensor");
 }
 
 // One adapter per op serves both devices: it checks arguments, fills the params struct and
@@ -44,6 +48,7 @@ TORCH_LIBRARY_IMPL(dustin, CPU, m) {
   m.impl("select_blocks", &ops::select_blocks);
   m.impl("select_blocks_out", &ops::select_blocks_out);
   m.impl("store_kv", &ops::store_kv);
+  m.impl("decode_linear", &ops::decode_linear);
 }
 
 TORCH_LIBRARY_IMPL(dustin, CUDA, m) {
@@ -53,6 +58,7 @@ TORCH_LIBRARY_IMPL(dustin, CUDA, m) {
   m.impl("select_blocks", &ops::select_blocks);
   m.impl("select_blocks_out", &ops::select_blocks_out);
   m.impl("store_kv", &ops::store_kv);
+  m.impl("decode_linear", &ops::decode_linear);
 }
 
 TORCH_LIBRARY_IMPL(dustin, Meta, m) {
@@ -62,6 +68,7 @@ TORCH_LIBRARY_IMPL(dustin, Meta, m) {
   m.impl("select_blocks", &ops::select_blocks_meta);
   m.impl("select_blocks_out", &ops::select_blocks_out_meta);
   m.impl("store_kv", &ops::store_kv_meta);
+  m.impl("decode_linear", &ops::decode_linear_meta);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -88,6 +95,8 @@ PYBIND11_MODULE(_C, m) {
   supported["max_group_size"] = dustin::kMaxGroupSize;
   supported["max_query_len"] = dustin::kMaxQueryLen;
   supported["max_score_rows"] = dustin::kMaxScoreRows;
+  supported["decode_linear_max_rows"] = dustin::kDecodeLinearMaxRows;
+  supported["decode_linear_max_normed_k"] = dustin::kDecodeLinearMaxNormedK;
   supported["page_sizes"] = pybind11::make_tuple(dustin::kMinPageSize, dustin::kMaxPageSize);
   supported["cuda_dtypes"] = pybind11::make_tuple("float16", "bfloat16");
   supported["cpu_dtypes"] = pybind11::make_tuple("float32", "float16", "bfloat16");

@@ -10,6 +10,7 @@
 #include <cstddef>
 
 #include "dustin/block_scores_params.h"
+#include "dustin/decode_linear_params.h"
 #include "dustin/select_blocks_params.h"
 #include "dustin/sparse_verify_params.h"
 #include "dustin/status.h"
@@ -46,6 +47,10 @@ DUSTIN_API Status select_blocks(const SelectBlocksParams& params, cudaStream_t s
 /// Entries with a page or slot out of range are skipped.
 DUSTIN_API Status store_kv(const StoreKVParams& params, cudaStream_t stream);
 
+/// The linear layer of a decode step (at most 16 rows) on the GPU, one launch; kUnsupported
+/// unless decode_linear_vectorizable(params) and the dtype is 16-bit.
+DUSTIN_API Status decode_linear(const DecodeLinearParams& params, cudaStream_t stream);
+
 namespace cpu {
 /// CPU twins: same params, host pointers, same results (up to float rounding for attention;
 /// bit-identical for select_blocks and store_kv). Workspace fields are ignored.
@@ -55,6 +60,7 @@ DUSTIN_API Status select_blocks(const SelectBlocksParams& params);
 /// Bit-identical to the kernel (a copy); returns kInvalidArgument, writing nothing, when a
 /// page or slot is out of range.
 DUSTIN_API Status store_kv(const StoreKVParams& params);
+DUSTIN_API Status decode_linear(const DecodeLinearParams& params);
 }  // namespace cpu
 
 }  // namespace dustin

@@ -3,6 +3,8 @@
 // through a cp.async pipeline into tensor-core attention for all G x q query rows of a KV head.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include <cstdint>
 #include <cutlass/fast_math.h>
 
@@ -68,11 +70,13 @@ struct VerifyTileConfig {
   /// from shared memory once for all rows (mma.sync re-reads it per 16-row warp).
   static constexpr bool kWarpgroupMma = kMTiles == 4;
   /// The epilogue reuses the stage buffers for per-warp partial outputs [kWarpsN, kRows, D]
-  /// plus their row max and sum, and each row's output row (int64). A warp stores the eight
-  /// rows of its accumulator fragment at once: padding each row by 8 floats puts those rows
-  /// on different banks (unpadded, all eight rows hit the same 8 banks: 8-way conflicts).
+  /// plus their row max and sum, each row's output row (int64) and, for a cluster merge, the
+  /// split's lse per row. A warp stores the eight rows of its accumulator fragment at once:
+  /// padding each row by 8 floats puts those rows on different banks (unpadded, all eight rows
+  /// hit the same 8 banks: 8-way conflicts).
   static constexpr int kScratchStride = kHeadDim + 8;
-  static constexpr int kEpilogueBytes = (kWarpsN * kRows * (kScratchStride + 2)) * 4 + kRows * 8;
+  static constexpr int kEpilogueBytes =
+      (kWarpsN * kRows * (kScratchStride + 2)) * 4 + kRows * 8 + kRows * 4;
 
   static_assert(kMTiles >= 1 && kMTiles <= 4, "row tiles per CTA: 1 to 4");
   static_assert(kWarpgroups == 1 || (kWarpgroups == 2 && kMTiles == 4),
@@ -108,6 +112,16 @@ struct SequenceView {
   int64_t num_slots;     // tile slots: (count + window blocks) * P
 };
 
+/// Four output elements [d, d + 4) of output row `out_row`, converted to T.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void store_out_vec(const SparseVerifyParams& p, int64_t out_row, int d,
+                                              float4 v) {
+  uint2 packed;
+  packed.x = pack2<T>(v.x, v.y);
+  packed.y = pack2<T>(v.z, v.w);
+  *reinterpret_cast<uint2*>(static_cast<T*>(p.out) + out_row * kHeadDim + d) = packed;
+}
+
 __device__ __forceinline__ int list_of(const SparseVerifyParams& p, int h) {
   return p.num_lists == 1 ? 0 : h;
 }
@@ -139,10 +153,50 @@ __device__ __forceinline__ SequenceView sequence_view(const SparseVerifyParams& 
   return s;
 }
 
+/// Most splits merged on chip: the portable thread-block-cluster size.
+constexpr int kMaxClusterSplits = 8;
+
+/// Whether CTAs of `m_tiles` 16-row tiles merge their splits in a cluster: 16-row CTAs only.
+/// On the H100 (bench_sparse_verify, 2026-12-08) clusters made the 16-row CTAs (q = 2) of
+/// short splits 1.02-1.14x as fast, but the 64-row ones (q = 5 and 8) 0.89-1.04x: with four
+/// times the rows per CTA the merge through distributed shared memory outweighs the launch
+/// it saves.
+constexpr bool cluster_merges(int m_tiles) { return m_tiles == 1; }
+
+/// CTAs in this CTA's thread-block cluster (1 when launched without one, and before sm_90).
+__device__ __forceinline__ int cluster_ctas() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<int>(cooperative_groups::this_cluster().num_blocks());
+#else
+  return 1;
+#endif
+}
+
+/// Barrier of every thread of the cluster; makes each CTA's shared-memory writes before it
+/// visible to the others' reads after it (release / acquire).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#endif
+}
+
+/// The address of `ptr`'s shared-memory word in cluster CTA `rank` (distributed shared memory).
+template <typename U>
+__device__ __forceinline__ const U* cluster_peer(const U* ptr, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(const_cast<U*>(ptr), rank);
+#else
+  return ptr;
+#endif
+}
+
 /// Attention of the query rows [row_chunk * kRows, +kRows) of KV head h of sequence b over the
-/// tiles [split's share] of its attended slots. Grid: one CTA per (b, h, split, row chunk).
-/// With one split the CTA writes out and lse; otherwise fp32 partials (normalised output and
-/// log2-domain lse) for sparse_verify_merge_kernel.
+/// tiles [split's share] of its attended slots. Grid: one CTA per (b, h, row chunk, split), the
+/// split fastest. With one split the CTA writes out and lse. Launched with the splits of a list
+/// as one thread-block cluster (Hopper, 16-row CTAs, at most kMaxClusterSplits), the CTAs
+/// merge their partials through distributed shared memory, each storing a share of the rows;
+/// otherwise they write fp32 partials (normalised output and log2-domain lse) for
+/// sparse_verify_merge_kernel.
 template <typename T, int kHeadDim, int kMTiles, int kWarpgroups>
 __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroups>::kThreads)
     sparse_verify_kernel(const __grid_constant__ SparseVerifyParams p,
@@ -169,8 +223,8 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
   const int num_splits = div.splits.divisor;
   int cta = blockIdx.x;
   int row_chunk, split, h, b;
+  div.splits(cta, split, cta);  // a cluster's CTAs are consecutive: its splits
   div.row_chunks(cta, row_chunk, cta);
-  div.splits(cta, split, cta);
   div.kv_heads(b, h, cta);
 
   const int rows_total = div.group.divisor * p.q_len;
@@ -516,11 +570,14 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
   // max) / row sum. The row's statistics, its output row and its lse are worked out here once
   // per row (by the warp_n = 0 warp), not once per stored vector: the epilogue is serial
   // scalar code of one warp per scheduler, on the critical path of every small-budget call.
-  const bool write_partial = num_splits > 1;
+  const bool cluster_merge =
+      cluster_merges(kMTiles) && num_splits > 1 && cluster_ctas() == num_splits;
+  const bool write_partial = num_splits > 1 && !cluster_merge;
   const int64_t rows_per_split = static_cast<int64_t>(p.batch_size) * p.q_len * p.num_qo_heads;
   float* ws_out = static_cast<float*>(p.workspace);                 // [splits, B*q*Hq, D]
   float* ws_lse = ws_out + num_splits * rows_per_split * kHeadDim;  // [splits, B*q*Hq]
   int64_t* row_out = reinterpret_cast<int64_t*>(l_scratch + Cfg::kWarpsN * kRows);  // [kRows]
+  float* split_lse = reinterpret_cast<float*>(row_out + kRows);  // [kRows], cluster merge only
 #pragma unroll
   for (int hr = 0; hr < 2 && computes; ++hr) {
     const int r = warp_m * 16 + (lane >> 2) + hr * 8;
@@ -553,6 +610,8 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
         if (write_partial) {
           out_row += split * rows_per_split;
           ws_lse[out_row] = lse_log2;
+        } else if (cluster_merge) {
+          split_lse[r] = lse_log2;
         } else {
           p.lse[out_row] = lse_log2 * kLn2;
         }
@@ -580,13 +639,58 @@ __global__ void __launch_bounds__(VerifyTileConfig<kHeadDim, kMTiles, kWarpgroup
     }
     if (write_partial) {
       *reinterpret_cast<float4*>(ws_out + out_row * kHeadDim + d) = acc;
+    } else if (cluster_merge) {
+      // Only this thread reads (r, d) of the warps' parts: the sum overwrites the first one.
+      *reinterpret_cast<float4*>(o_scratch + r * kStride + d) = acc;
     } else {
-      uint2 packed;
-      packed.x = pack2<T>(acc.x, acc.y);
-      packed.y = pack2<T>(acc.z, acc.w);
-      *reinterpret_cast<uint2*>(static_cast<T*>(p.out) + out_row * kHeadDim + d) = packed;
+      store_out_vec<T, kHeadDim>(p, out_row, d, acc);
     }
   }
+  if (!cluster_merge) return;
+
+  // ---- cluster merge: split s merges rows s, s + splits, ... over every split's partials ---
+  cluster_sync();  // every split's rows and lse are in its shared memory
+  const int own_rows = div.splits.div(kRows - split + num_splits - 1);
+  for (int i = tid; i < own_rows * (kHeadDim / kVec); i += Cfg::kThreads) {
+    const int r = split + (i / (kHeadDim / kVec)) * num_splits;
+    const int d = (i % (kHeadDim / kVec)) * kVec;
+    const int64_t out_row = row_out[r];
+    if (out_row < 0) continue;
+    // Every peer's lse, then every peer's part, loaded before any is used: remote shared
+    // memory is a round trip of hundreds of cycles, and these overlap only when issued together.
+    float lse[kMaxClusterSplits];
+    float lse_max = kNegInf;
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      lse[s] = s < num_splits ? *cluster_peer(split_lse + r, s) : kNegInf;
+      lse_max = fmaxf(lse_max, lse[s]);
+    }
+    float4 part[kMaxClusterSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      part[s] = lse[s] != kNegInf
+                    ? *reinterpret_cast<const float4*>(cluster_peer(o_scratch + r * kStride + d, s))
+                    : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    float weight_sum = 0.f;
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      const float w = lse[s] == kNegInf ? 0.f : exp2f(lse[s] - lse_max);
+      weight_sum += w;
+      acc.x += w * part[s].x;
+      acc.y += w * part[s].y;
+      acc.z += w * part[s].z;
+      acc.w += w * part[s].w;
+    }
+    const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
+    store_out_vec<T, kHeadDim>(p, out_row, d,
+                               make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv));
+    if (d == 0) {
+      p.lse[out_row] = weight_sum > 0.f ? (lse_max + __log2f(weight_sum)) * kLn2 : kNegInf;
+    }
+  }
+  cluster_sync();  // the other splits read this CTA's shared memory until here
 }
 
 }  // namespace dustin::detail

@@ -200,7 +200,6 @@ def forward_window(
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache.store(layer, pages, slots, k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]))
-        q = q.contiguous()
         k_cache, v_cache = cache.k(layer), cache.v(layer)
         ops.sparse_verify_out(
             q,

@@ -80,9 +80,18 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotate-half of the last dim: ``(x1, x2) -> (-x2, x1)``."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the last dim: normalised in float32 as the reference implementations do,
+    then cast back and scaled by ``weight``."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -92,10 +101,49 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as the reference implementations do, then cast back.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, decode: bool, residual: torch.Tensor | None
+) -> torch.Tensor:
+    """``residual + x @ weight.T`` (no residual: the product alone, e.g. a tensor-parallel
+    rank's partial sum): with ``decode``, one ``ops.decode_linear`` where it applies and pays (a
+    decode step's at most 16 rows, 16-bit, on CUDA, a weight of at most
+    ``DECODE_LINEAR_MAX_WEIGHT_BYTES``), the add fused in; else ``F.linear`` and the add
+    apart."""
+    if decode and _fits_decode_linear(x, weight):
+        return ops.decode_linear(x, weight, residual=residual)
+    y = F.linear(x, weight)
+    return y if residual is None else residual + y
+
+
+def _fused_norm(x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, dict]:
+    """x and ``ops.decode_linear``'s arguments for an RMSNorm of it: the norm fused in, or
+    applied apart where K is past what the kernel normalises on chip."""
+    if x.shape[-1] > ops.DECODE_LINEAR_MAX_NORMED_K:
+        return norm(x), {}
+    return x, {"norm_weight": norm.weight, "norm_eps": norm.eps}
+
+
+#: Largest weight the model hands to ``ops.decode_linear``. In bench_e2e (H100, 7B/0.5B, B 16,
+#: 2026-12-08) the 0.5B draft's projections (1.6-17.4 MB) through it took the draft phase from
+#: 5.37 to 4.93 ms, while the 7B's q/k/v (33 MB) and o (25.7 MB) through it, all larger ones
+#: apart, made plain decoding slower (15.59 to 15.83 ms): from a few tens of MB on cuBLAS streams
+#: the weight faster (bench_decode_linear: 0.76-0.96x alone), and the glue fused into the
+#: kernel, which the bench's compiled peer keeps apart, the compiled model fuses elsewhere.
+DECODE_LINEAR_MAX_WEIGHT_BYTES = 20 << 20
+
+
+def _fits_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    k = x.shape[-1]
+    return (
+        x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and k % 8 == 0
+        and x.numel() <= ops.DECODE_LINEAR_MAX_ROWS * k
+        and weight.numel() * weight.element_size() <= DECODE_LINEAR_MAX_WEIGHT_BYTES
+    )
 
 
 def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
@@ -132,26 +180,49 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+        self.decode_linear = False  # projections of decode steps through ops.decode_linear
 
-    def fuse_projections(self) -> None:
-        """q, k and v from one GEMM (``_fuse_linears``). Do it once the weights are in place:
+    def fuse_projections(self, decode_linear: bool = False) -> None:
+        """q, k and v from one GEMM (``_fuse_linears``); with ``decode_linear``, that GEMM and
+        o_proj run as ``ops.decode_linear`` at decode sizes. Do it once the weights are in place:
         moving the module afterwards moves the views, not the fused copy."""
         self.fused_qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.decode_linear = decode_linear
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of hidden states ``x [B, n, H]``."""
+    def project(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor):
+        """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of ``norm(x)``, ``x [B, n, H]``."""
         b, n, _ = x.shape
+        # D a multiple of 8: the kernel rotates 4 columns of each half-head per tile.
+        rotated = (
+            self.decode_linear
+            and self.head_dim % 8 == 0
+            and _fits_decode_linear(x, self.fused_qkv[0])
+        )
         if self.fused_qkv is None:
+            x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             weight, bias, sizes = self.fused_qkv
-            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+            if rotated:  # one launch: norm, projection, bias and RoPE of q and k
+                x, fused = _fused_norm(x, norm)
+                rope_columns = (self.num_heads + self.num_kv_heads) * self.head_dim
+                qkv = ops.decode_linear(
+                    x, weight, bias, **fused, rope=(cos, sin), rope_columns=rope_columns
+                )
+            else:
+                qkv = F.linear(norm(x), weight, bias)
+            q, k, v = qkv.split(sizes, dim=-1)
         q = q.view(b, n, self.num_heads, self.head_dim)
         k = k.view(b, n, self.num_kv_heads, self.head_dim)
         v = v.view(b, n, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        if not rotated:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         return q, k, v
+
+    def output(self, attn_out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """o_proj of the attention output ``[B, n, Hq * D]`` (plus ``residual``)."""
+        return _linear(attn_out, self.o_proj.weight, self.decode_linear, residual)
 
 
 class MLP(nn.Module):
@@ -161,18 +232,30 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+        self.decode_linear = False
 
-    def fuse_projections(self) -> None:
-        """gate and up from one GEMM (``_fuse_linears``), as ``Attention.fuse_projections``."""
+    def fuse_projections(self, decode_linear: bool = False) -> None:
+        """gate and up from one GEMM (``_fuse_linears``), as ``Attention.fuse_projections``; with
+        ``decode_linear``, at decode sizes the norm, that GEMM and the activation are one
+        ``ops.decode_linear`` (gated), and down_proj with the residual add another."""
         self.fused_gate_up = _fuse_linears(self.gate_proj, self.up_proj)
+        self.decode_linear = decode_linear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+    def forward(
+        self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``residual + MLP(norm(x))`` (no residual: the MLP's output alone)."""
+        if self.decode_linear and _fits_decode_linear(x, self.fused_gate_up[0]):  # set with it
+            x, fused = _fused_norm(x, norm)
+            hidden = ops.decode_linear(x, self.fused_gate_up[0], gated=True, **fused)
+        elif self.fused_gate_up is None:
+            x = norm(x)
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             weight, _, sizes = self.fused_gate_up
-            gate, up = F.linear(x, weight).split(sizes, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = F.linear(norm(x), weight).split(sizes, dim=-1)
+            hidden = F.silu(gate) * up
+        return _linear(hidden, self.down_proj.weight, self.decode_linear, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -187,20 +270,21 @@ class DecoderLayer(nn.Module):
     # sizes each layer is a few dozen tiny kernels, which cost more than its weights' read.
     def attention_input(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v of the residual stream ``h``: RMSNorm, projections, RoPE."""
-        return self.self_attn.project(self.input_layernorm(h), cos, sin)
+        return self.self_attn.project(h, self.input_layernorm, cos, sin)
 
     def mlp_block(self, h: torch.Tensor, attn_sum: torch.Tensor):
         """``(h + attn_sum, MLP output)``: the residual stream after the attention's projected
         output ``attn_sum`` (summed over tensor-parallel ranks) and the MLP's output on it (one
         rank's partial sum under tensor parallelism)."""
         h = h + attn_sum
-        return h, self.mlp(self.post_attention_layernorm(h))
+        return h, self.mlp(h, self.post_attention_layernorm)
 
     def layer_output(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """The residual stream after o_proj of the attention output ``[B, n, Hq * D]`` and the
-        MLP, on one rank (no tensor parallelism): one compiled region."""
-        h, mlp_out = self.mlp_block(h, self.self_attn.o_proj(attn_out))
-        return h + mlp_out
+        MLP, on one rank (no tensor parallelism): one compiled region. Both residual adds go to
+        the projections, so at decode sizes the region is three ``ops.decode_linear`` calls."""
+        h = self.self_attn.output(attn_out, residual=h)
+        return self.mlp(h, self.post_attention_layernorm, residual=h)
 
 
 class Transformer(nn.Module):
@@ -282,10 +366,16 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(config).to(device)
         return model.eval().requires_grad_(False)
 
-    def compile_layers(self, backend: str = "inductor") -> Transformer:
+    def compile_layers(self, backend: str = "inductor", decode_linear: bool = True) -> Transformer:
         """Fewer, fused kernels per layer: q/k/v and gate/up each become one GEMM
         (``fuse_projections``), and the glue around attention (norms, projections, RoPE,
-        residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer.
+        residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer, and so
+        are the RoPE tables and the final norm with the LM head (``logits``). With
+        ``decode_linear`` (the default), windows of at most 16 rows in all (decode and draft
+        steps) run their projections as ``ops.decode_linear`` on CUDA, each norm fused into the
+        projection after it, q/k/v with RoPE, gate/up with its activation, o and down with the
+        residual add, so no compiled kernel is left at those sizes; longer ones (prefill, wide
+        verification) keep cuBLAS and the compiled glue.
 
         Attention and the cache writes stay outside, so the ops, the block lists and CUDA-graph
         capture work as before. One compiled graph serves every layer (the layers are inputs, not
@@ -299,8 +389,8 @@ class Transformer(nn.Module):
         own, then the compiled residual add, norm and MLP (``DecoderLayer.mlp_block``).
         """
         for layer in self.layers:
-            layer.self_attn.fuse_projections()
-            layer.mlp.fuse_projections()
+            layer.self_attn.fuse_projections(decode_linear)
+            layer.mlp.fuse_projections(decode_linear)
         # Both models of a pair, windows of 1 and of gamma + 1, prefill chunks: more variants
         # than the default limit of 8 compiled graphs per function.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -313,6 +403,9 @@ class Transformer(nn.Module):
             )
         else:
             self._mlp_block = torch.compile(DecoderLayer.mlp_block, dynamic=True, backend=backend)
+        # Eager, the RoPE tables and the final norm are a dozen tiny kernels per forward.
+        self._rope = torch.compile(self._rope, dynamic=True, backend=backend)
+        self.logits = torch.compile(self.logits, dynamic=True, backend=backend)
         return self
 
     @property
@@ -405,7 +498,7 @@ class Transformer(nn.Module):
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.write(layer, k, v)
             out, _ = ops.sparse_verify(
-                q.contiguous(),
+                q,  # any strides: a view of the fused q/k/v projection's output
                 cache.k(layer),
                 cache.v(layer),
                 cache.block_table,
@@ -515,7 +608,7 @@ class Transformer(nn.Module):
             if self.parallel is None:
                 h = self._layer_output(layer, h, out)
             else:  # o_proj and down_proj give partial sums over the ranks: one all-reduce each
-                attn_sum = self.parallel.all_reduce(layer.self_attn.o_proj(out))
+                attn_sum = self.parallel.all_reduce(layer.self_attn.output(out))
                 h, mlp_out = self._mlp_block(layer, h, attn_sum)
                 h = h + self.parallel.all_reduce(mlp_out)
         return h, queries

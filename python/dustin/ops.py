@@ -19,8 +19,10 @@ import torch
 from dustin import _C
 
 __all__ = [
+    "DECODE_LINEAR_MAX_ROWS",
     "SUPPORTED",
     "block_scores",
+    "decode_linear",
     "dense_block_lists",
     "select_blocks",
     "select_blocks_out",
@@ -32,8 +34,13 @@ __all__ = [
 ]
 
 #: What the built kernels support: ``head_dims``, ``max_group_size``, ``max_query_len``,
-#: ``page_sizes`` (inclusive range), ``cuda_dtypes`` and ``cpu_dtypes``.
+#: ``max_score_rows``, ``decode_linear_max_rows``, ``page_sizes`` (inclusive range),
+#: ``cuda_dtypes`` and ``cpu_dtypes``.
 SUPPORTED = MappingProxyType(dict(_C.SUPPORTED))
+#: Most rows (the product of x's leading dims) ``decode_linear`` takes.
+DECODE_LINEAR_MAX_ROWS = SUPPORTED["decode_linear_max_rows"]
+#: Most K ``decode_linear`` takes with ``norm_weight`` on CUDA.
+DECODE_LINEAR_MAX_NORMED_K = SUPPORTED["decode_linear_max_normed_k"]
 
 
 def _validate_on_host(validate: bool, tensor: torch.Tensor) -> bool:
@@ -428,6 +435,84 @@ def store_kv(
     if _validate_on_host(validate, k_cache):
         _C.validate_store_kv(k, v, k_cache, v_cache, pages, slots, kv_layout)
     torch.ops.dustin.store_kv(k, v, k_cache, v_cache, pages, slots, kv_layout)
+
+
+def decode_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gated: bool = False,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_columns: int = 0,
+) -> torch.Tensor:
+    """The linear layer of a decode step: ``x @ weight.T + bias`` for at most 16 rows of x, in one
+    launch that streams the weight once (a library GEMM's tiles are made for many rows, and for
+    long K it splits K and reduces in a second launch).
+
+    With ``gated``, ``weight`` stacks a gate and an up projection (``[2I, K]``, as a fused
+    gate/up weight does) and the result is ``silu(x @ gate.T) * (x @ up.T)`` ``[..., I]``, the
+    MLP's activation, without writing the two halves out first. Products accumulate in float32
+    and round once, to x's dtype. No host synchronisation: a CUDA graph can capture it.
+
+    The glue of a decoder layer can ride along, so that it costs no launch of its own:
+    ``norm_weight`` applies an RMSNorm to x first (the products read ``x * norm_weight``
+    rounded to the dtype; the float32 sums are scaled by ``rsqrt(mean(x**2) + norm_eps)`` of
+    each row, before bias and activation), ``residual`` is added to the rounded result
+    (``residual + y`` as a separate add would round it), and ``rope`` rotates the first
+    ``rope_columns`` columns (q and k of a fused q/k/v projection; not with gated or residual)
+    as RoPE's rotate-half convention does, heads of ``D = cos.shape[-1]``: the rounded result
+    ``v`` becomes ``v * cos + rotate_half(v) * sin`` per head, rounded once.
+
+    Args:
+        x: ``[..., K]`` bf16 | fp16 (fp32 too on CPU) with at most 16 rows (the product of the
+            leading dims), innermost stride 1; on CUDA K a multiple of 8 and x 16-byte aligned.
+        weight: ``[N, K]`` dtype and device of x, innermost stride 1, row stride a multiple of 8
+            elements on CUDA (``nn.Linear.weight`` is).
+        bias: ``[N]`` contiguous, or None.
+        gated: see above; N must be even.
+        norm_weight: ``[K]`` contiguous, or None for no norm; on CUDA 16-byte aligned, and K at
+            most ``DECODE_LINEAR_MAX_NORMED_K`` (2048: each CTA normalises x in shared memory).
+        norm_eps: the RMSNorm's epsilon, finite and >= 0.
+        residual: shaped like the result, innermost stride 1, or None.
+        rope: ``(cos, sin)``, each ``[..., D]`` with x's leading dims (one row of angles per
+            row of x: ``[B, n, 1, D]`` as a model's RoPE tables are works), innermost stride 1,
+            one row stride, D a multiple of 8 dividing N; or None.
+        rope_columns: how many leading columns rotate, a multiple of D (with ``rope``).
+
+    Returns:
+        ``[..., N]``, or ``[..., N / 2]`` when gated, contiguous.
+
+    Raises:
+        TypeError: a dtype is wrong.
+        ValueError: more than 16 rows, or any other argument breaks the contract.
+        NotImplementedError: float32 on CUDA, or a norm with K above 2048 there.
+
+    Example:
+        >>> h = decode_linear(x, mlp.fused_gate_up_weight, gated=True)  # [16, I]
+        >>> h = decode_linear(x, w_qkv, b_qkv, norm_weight=norm.weight, norm_eps=norm.eps)
+        >>> qkv = decode_linear(x, w_qkv, b_qkv, rope=(cos, sin), rope_columns=(hq + hkv) * d)
+    """
+    lead = x.shape[:-1]
+    if residual is not None:
+        residual = residual.reshape(-1, residual.shape[-1])
+    cos, sin = (None, None) if rope is None else (t.reshape(-1, t.shape[-1]) for t in rope)
+    y = torch.ops.dustin.decode_linear(
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        bias,
+        gated,
+        norm_weight,
+        norm_eps,
+        residual,
+        cos,
+        sin,
+        rope_columns,
+    )
+    return y.view(*lead, y.shape[-1])
 
 
 def dense_block_lists(
