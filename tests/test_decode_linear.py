@@ -358,7 +358,9 @@ def test_model_layers_through_decode_linear_match_the_plain_path(tmp_path, monke
     condition is lifted for the test) with its norms, activation and residual adds fused, against
     the same model on F.linear and separate norms: the same logits up to float32 rounding, and
     not bit-identical ones (the fused path ran)."""
-    monkeypatch.setattr(model_module, "_fits_decode_linear", lambda x, weight: x.shape[:-1].numel() <= 16)
+    monkeypatch.setattr(
+        model_module, "_fits_decode_linear", lambda x, weight: x.shape[:-1].numel() <= 16
+    )
     directory = save_tiny(tmp_path, "qwen2")
     config, state_dict, _ = load_checkpoint(directory)
     tokens = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))

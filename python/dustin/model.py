@@ -129,9 +129,10 @@ def _fused_norm(x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, dict]:
 #: Largest weight the model hands to ``ops.decode_linear``. In bench_e2e (H100, 7B/0.5B, B 16,
 #: 2026-12-08) the 0.5B draft's projections (1.6-17.4 MB) through it took the draft phase from
 #: 5.37 to 4.93 ms, while the 7B's q/k/v (33 MB) and o (25.7 MB) through it, all larger ones
-#: apart, made plain decoding slower (15.59 to 15.83 ms): from a few tens of MB on cuBLAS streams
-#: the weight faster (bench_decode_linear: 0.76-0.96x alone), and the glue fused into the
-#: kernel, which the bench's compiled peer keeps apart, the compiled model fuses elsewhere.
+#: apart, made plain decoding slower (15.59 to 15.83 ms). Weights that large cuBLAS streams
+#: faster (bench_decode_linear: the kernel alone 0.76-0.98x on the 7B's), and much of the glue
+#: the kernel fuses the compiled model fuses on its own (the bench's compiled peer keeps it
+#: apart, so its fused speedups overstate the model's).
 DECODE_LINEAR_MAX_WEIGHT_BYTES = 20 << 20
 
 
@@ -372,10 +373,11 @@ class Transformer(nn.Module):
         residual adds, MLP) is compiled with ``torch.compile`` in two regions per layer, and so
         are the RoPE tables and the final norm with the LM head (``logits``). With
         ``decode_linear`` (the default), windows of at most 16 rows in all (decode and draft
-        steps) run their projections as ``ops.decode_linear`` on CUDA, each norm fused into the
+        steps) run their projections of weights up to ``DECODE_LINEAR_MAX_WEIGHT_BYTES`` (a
+        small draft's, not a 7B's) as ``ops.decode_linear`` on CUDA, each norm fused into the
         projection after it, q/k/v with RoPE, gate/up with its activation, o and down with the
-        residual add, so no compiled kernel is left at those sizes; longer ones (prefill, wide
-        verification) keep cuBLAS and the compiled glue.
+        residual add, so no compiled kernel is left at those sizes; longer windows (prefill,
+        wide verification) and larger weights keep cuBLAS and the compiled glue.
 
         Attention and the cache writes stay outside, so the ops, the block lists and CUDA-graph
         capture work as before. One compiled graph serves every layer (the layers are inputs, not
