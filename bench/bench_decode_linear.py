@@ -5,7 +5,7 @@ Qwen2.5-7B, bf16.
 
 Per model: q/k/v fused (with bias), o, gate/up fused (gated: dustin also applies silu(gate) * up;
 the peer is the GEMM alone, its best case), down, and the LM head (Qwen2.5's 151936 rows: the
-model keeps cuBLAS for it so far; this row says whether it should not). Bytes are the weight read once (plus x and y).
+model keeps cuBLAS for it, which this row checks). Bytes are the weight read once (plus x and y).
 The fused columns time each projection with the layer glue it takes in the model: the RMSNorm
 before q/k/v and gate/up (where K allows it), RoPE of q and k, the residual add after o and
 down; their peer is the same glue compiled with torch.compile around F.linear, as
@@ -19,6 +19,7 @@ is read again, as in a decode step whose layers each have their own weights.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 from pathlib import Path
@@ -29,29 +30,39 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dustin  # noqa: F401  (registers torch.ops.dustin)
 from dustin import ops
+from dustin.config import ModelConfig
 from dustin.model import rms_norm, rotate_half
 
-from bench.common import L2_ROTATE_BYTES, Report, ceiling_note, pct_of_ceiling, tbps, time_cuda
+from bench.bench_e2e import DRAFT_0_5B, PAIRS
+from bench.common import (
+    L2_ROTATE_BYTES,
+    Report,
+    ceiling_note,
+    pct_of_ceiling,
+    rotating,
+    tbps,
+    time_cuda,
+)
 
 DTYPE = torch.bfloat16
-VOCAB = 151936  # Qwen2.5's LM head rows
-# (hidden, q heads, KV heads, head dim, intermediate) of each model.
+# The shapes bench_e2e runs.
 MODELS = {
-    "qwen2.5-0.5b": (896, 14, 2, 64, 4864),
-    "qwen2.5-coder-1.5b": (1536, 12, 2, 128, 8960),
-    "qwen2.5-7b": (3584, 28, 4, 128, 18944),
+    "qwen2.5-0.5b": DRAFT_0_5B,
+    "qwen2.5-coder-1.5b": PAIRS["qwen2.5-coder-1.5b/0.5b"][0],
+    "qwen2.5-7b": PAIRS["qwen2.5-7b/0.5b"][0],
 }
 
 
-def projections(hidden, heads, kv_heads, head_dim, intermediate):
-    """(name, N, K, bias, gated) of one layer's projections (``MODELS``' tuple)."""
-    qkv = (heads + 2 * kv_heads) * head_dim
+def projections(config: ModelConfig):
+    """(name, N, K, bias, gated) of one layer's projections, and the LM head."""
+    hidden, head_dim = config.hidden_size, config.head_dim
+    qkv = (config.num_heads + 2 * config.num_kv_heads) * head_dim
     return [
-        ("qkv", qkv, hidden, True, False),
-        ("o", hidden, heads * head_dim, False, False),
-        ("gate_up", 2 * intermediate, hidden, False, True),
-        ("down", hidden, intermediate, False, False),
-        ("lm_head", VOCAB, hidden, False, False),
+        ("qkv", qkv, hidden, config.attention_bias, False),
+        ("o", hidden, config.num_heads * head_dim, False, False),
+        ("gate_up", 2 * config.intermediate_size, hidden, False, True),
+        ("down", hidden, config.intermediate_size, False, False),
+        ("lm_head", config.vocab_size, hidden, False, False),
     ]
 
 
@@ -59,27 +70,33 @@ def time_both(x, weights, bias, gated, glue=None):
     """Timings of decode_linear and of F.linear, each call on the next copy of the weight; with
     ``glue`` (decode_linear's keyword arguments, from ``model_glue``) both take it: fused into
     decode_linear, compiled around F.linear."""
-    turn = itertools.count()
     glue = glue or {}
-
-    def dustin_call():
-        ops.decode_linear(x, weights[next(turn) % len(weights)], bias, gated, **glue)
-
-    def cublas_call():
-        if glue:
-            peer_glue(x, weights[next(turn) % len(weights)], bias, gated, **glue)
-        else:
-            F.linear(x, weights[next(turn) % len(weights)], bias)
-
-    return time_cuda(dustin_call, reps=9), time_cuda(cublas_call, reps=9)
+    dustin_calls = [
+        functools.partial(ops.decode_linear, x, w, bias, gated, **glue) for w in weights
+    ]
+    if glue:
+        peer_calls = [functools.partial(peer_glue, x, w, bias, gated, **glue) for w in weights]
+    else:
+        peer_calls = [functools.partial(F.linear, x, w, bias) for w in weights]
+    return time_cuda(rotating(dustin_calls), reps=9), time_cuda(rotating(peer_calls), reps=9)
 
 
 @torch.compile(dynamic=True)
-def peer_glue(x, weight, bias, gated, norm_weight=None, residual=None, rope=None, rope_columns=0):
+def peer_glue(
+    x,
+    weight,
+    bias,
+    gated,
+    norm_weight=None,
+    norm_eps=1e-6,
+    residual=None,
+    rope=None,
+    rope_columns=0,
+):
     """F.linear with the model's glue around it (and the activation when gated), as compiled
     without decode_linear."""
     if norm_weight is not None:
-        x = rms_norm(x, norm_weight, NORM_EPS)
+        x = rms_norm(x, norm_weight, norm_eps)
     y = F.linear(x, weight, bias)
     if gated:
         gate, up = y.chunk(2, dim=-1)
@@ -92,23 +109,21 @@ def peer_glue(x, weight, bias, gated, norm_weight=None, residual=None, rope=None
     return y if residual is None else residual + y
 
 
-NORM_EPS = 1e-6
-
-
-def model_glue(model, proj, rows, k, columns, gen):
+def model_glue(config: ModelConfig, proj, rows, k, columns, gen):
     """decode_linear's keyword arguments for the glue the model fuses into this projection
     (for the LM head: the final norm, which it would fuse)."""
-    _, heads, kv_heads, head_dim, _ = MODELS[model]
     if proj in ("o", "down"):
         return {"residual": torch.randn(rows, columns, device="cuda", generator=gen).to(DTYPE)}
     glue = {}
     if k <= ops.DECODE_LINEAR_MAX_NORMED_K:
         glue["norm_weight"] = torch.rand(k, device="cuda", generator=gen).add_(0.5).to(DTYPE)
+        glue["norm_eps"] = config.rms_norm_eps
     if proj == "qkv":
+        head_dim = config.head_dim
         angles = torch.rand(rows, head_dim // 2, device="cuda", generator=gen) * 1000
         angles = torch.cat((angles, angles), dim=-1)
         glue["rope"] = (angles.cos().to(DTYPE), angles.sin().to(DTYPE))
-        glue["rope_columns"] = (heads + kv_heads) * head_dim
+        glue["rope_columns"] = (config.num_heads + config.num_kv_heads) * head_dim
     return glue
 
 
@@ -158,7 +173,7 @@ def main() -> None:
     report.notes.append(ceiling_note())
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model, rows in itertools.product(MODELS, row_counts):
-        for proj, n, k, has_bias, gated in projections(*MODELS[model]):
+        for proj, n, k, has_bias, gated in projections(MODELS[model]):
             weight_bytes = n * k * 2
             copies = max(2, -(-L2_ROTATE_BYTES // weight_bytes))
             weights = [
@@ -181,7 +196,7 @@ def main() -> None:
             out_columns = n // 2 if gated else n
             moved = weight_bytes + rows * (k + out_columns) * 2
             ours, peer = time_both(x, weights, bias, gated)
-            glue = model_glue(model, proj, rows, k, out_columns, gen)
+            glue = model_glue(MODELS[model], proj, rows, k, out_columns, gen)
             fused = peer_fused = None
             if glue:
                 fused, peer_fused = time_both(x, weights, bias, gated, glue)

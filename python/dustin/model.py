@@ -193,17 +193,16 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor):
         """q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` of ``norm(x)``, ``x [B, n, H]``."""
         b, n, _ = x.shape
-        # D a multiple of 8: the kernel rotates 4 columns of each half-head per tile.
-        rotated = (
-            self.decode_linear
-            and self.head_dim % 8 == 0
-            and _fits_decode_linear(x, self.fused_qkv[0])
-        )
+        rotated = False
         if self.fused_qkv is None:
             x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             weight, bias, sizes = self.fused_qkv
+            # D a multiple of 8: the kernel rotates 4 columns of each half-head per tile.
+            rotated = (
+                self.decode_linear and self.head_dim % 8 == 0 and _fits_decode_linear(x, weight)
+            )
             if rotated:  # one launch: norm, projection, bias and RoPE of q and k
                 x, fused = _fused_norm(x, norm)
                 rope_columns = (self.num_heads + self.num_kv_heads) * self.head_dim
@@ -246,16 +245,17 @@ class MLP(nn.Module):
         self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``residual + MLP(norm(x))`` (no residual: the MLP's output alone)."""
-        if self.decode_linear and _fits_decode_linear(x, self.fused_gate_up[0]):  # set with it
-            x, fused = _fused_norm(x, norm)
-            hidden = ops.decode_linear(x, self.fused_gate_up[0], gated=True, **fused)
-        elif self.fused_gate_up is None:
+        if self.fused_gate_up is None:
             x = norm(x)
             hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             weight, _, sizes = self.fused_gate_up
-            gate, up = F.linear(norm(x), weight).split(sizes, dim=-1)
-            hidden = F.silu(gate) * up
+            if self.decode_linear and _fits_decode_linear(x, weight):
+                x, fused = _fused_norm(x, norm)
+                hidden = ops.decode_linear(x, weight, gated=True, **fused)
+            else:
+                gate, up = F.linear(norm(x), weight).split(sizes, dim=-1)
+                hidden = F.silu(gate) * up
         return _linear(hidden, self.down_proj.weight, self.decode_linear, residual)
 
 

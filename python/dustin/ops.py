@@ -19,6 +19,7 @@ import torch
 from dustin import _C
 
 __all__ = [
+    "DECODE_LINEAR_MAX_NORMED_K",
     "DECODE_LINEAR_MAX_ROWS",
     "SUPPORTED",
     "block_scores",
@@ -34,8 +35,8 @@ __all__ = [
 ]
 
 #: What the built kernels support: ``head_dims``, ``max_group_size``, ``max_query_len``,
-#: ``max_score_rows``, ``decode_linear_max_rows``, ``page_sizes`` (inclusive range),
-#: ``cuda_dtypes`` and ``cpu_dtypes``.
+#: ``max_score_rows``, ``decode_linear_max_rows``, ``decode_linear_max_normed_k``,
+#: ``page_sizes`` (inclusive range), ``cuda_dtypes`` and ``cpu_dtypes``.
 SUPPORTED = MappingProxyType(dict(_C.SUPPORTED))
 #: Most rows (the product of x's leading dims) ``decode_linear`` takes.
 DECODE_LINEAR_MAX_ROWS = SUPPORTED["decode_linear_max_rows"]
